@@ -1,0 +1,107 @@
+//! The real `uffd-server` binary, run as a child process with its log captured to a file.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use uffd_server::server::{query_stats, StatsResponse, CONTROL_SOCKET};
+
+/// Path of a binary of this workspace, next to the test executable's `deps/` directory.
+/// `cargo build --workspace --bins` (part of the README's test command) builds them.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first with `cargo build --workspace --bins` (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+pub struct ServerProcess {
+    child: Child,
+    pub socket_dir: PathBuf,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ServerProcess {
+    /// Starts `uffd-server serve` for `snapshots` (name, memory file) with `extra` arguments and
+    /// waits until it listens.
+    pub fn start(snapshots: &[(&str, &Path)], extra: &[&str]) -> ServerProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket_dir = dir.path().join("sockets");
+        let log = dir.path().join("server.log");
+        let mut cmd = Command::new(workspace_binary("uffd-server"));
+        cmd.arg("serve").arg("--socket-dir").arg(&socket_dir);
+        for (name, path) in snapshots {
+            cmd.arg("--snapshot").arg(format!("{name}={}", path.display()));
+        }
+        cmd.args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        let child = cmd.spawn().expect("spawn uffd-server");
+        let mut server = ServerProcess {
+            child,
+            socket_dir,
+            log,
+            _dir: dir,
+        };
+        server.wait_until_listening(snapshots.iter().map(|(n, _)| *n));
+        server
+    }
+
+    fn wait_until_listening<'a>(&mut self, names: impl Iterator<Item = &'a str>) {
+        let mut paths: Vec<PathBuf> = names.map(|n| self.socket(n)).collect();
+        paths.push(self.socket_dir.join(CONTROL_SOCKET));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !paths.iter().all(|p| p.exists()) || query_stats(&self.socket_dir).is_err() {
+            assert!(self.is_running(), "uffd-server exited at start:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "uffd-server did not listen in time:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn socket(&self, name: &str) -> PathBuf {
+        self.socket_dir.join(format!("{name}.sock"))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` `count` times; panics with the log on timeout.
+    pub fn wait_for_log(&self, needle: &str, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.log().matches(needle).count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {count}× `{needle}` in the log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stats(&self) -> StatsResponse {
+        query_stats(&self.socket_dir).expect("query stats")
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

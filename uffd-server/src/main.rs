@@ -1,0 +1,195 @@
+//! `uffd-server`: serve guest memory of microVMs from in-memory snapshots over Firecracker's
+//! UFFD socket protocol.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use uffd_server::fault_loop::{FaultConfig, DEFAULT_FAULT_AROUND_PAGES};
+use uffd_server::server::{query_stats, Server, ServerConfig};
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve VMs restored from snapshots; one socket per snapshot: SOCKET_DIR/NAME.sock.
+    Serve(ServeArgs),
+    /// Print the counters of every VM of a running server (live and recently ended).
+    Stats {
+        /// The running server's --socket-dir.
+        #[arg(long)]
+        socket_dir: PathBuf,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Directory for the sockets (created if missing): NAME.sock per snapshot, control.sock.
+    #[arg(long)]
+    socket_dir: PathBuf,
+    /// A snapshot memory file (Firecracker layout), as NAME=PATH. Repeatable.
+    #[arg(long = "snapshot", value_name = "NAME=PATH")]
+    snapshots: Vec<String>,
+    /// A directory of snapshots: each NAME.mem file, and each NAME/ directory holding `mem`.
+    #[arg(long)]
+    snapshot_dir: Option<PathBuf>,
+    /// RAM budget for snapshots held in memory (e.g. 8G, 512M); idle ones are evicted beyond it.
+    #[arg(long, default_value = "16G", value_parser = parse_bytes)]
+    cache_bytes: u64,
+    /// Serve the aligned cluster of this many 4 KiB pages around each fault (power of two, 1..=512).
+    #[arg(long, default_value_t = DEFAULT_FAULT_AROUND_PAGES)]
+    fault_around: u64,
+    /// Only let peers with this uid attach (SO_PEERCRED). Repeatable; default: anyone who can
+    /// open the 0600 sockets.
+    #[arg(long = "allow-uid")]
+    allow_uids: Vec<u32>,
+    /// How long a connecting VMM may take to send its handshake.
+    #[arg(long, default_value_t = 10_000)]
+    handshake_timeout_ms: u64,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::Stats { socket_dir, json } => stats(&socket_dir, json),
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    if !args.fault_around.is_power_of_two() || args.fault_around > 512 {
+        bail!(
+            "--fault-around must be a power of two between 1 and 512, got {}",
+            args.fault_around
+        );
+    }
+    let mut snapshots = Vec::new();
+    for spec in &args.snapshots {
+        let (name, path) = spec
+            .split_once('=')
+            .with_context(|| format!("--snapshot `{spec}`: expected NAME=PATH"))?;
+        snapshots.push((name.to_string(), PathBuf::from(path)));
+    }
+    if let Some(dir) = &args.snapshot_dir {
+        snapshots.extend(scan_snapshot_dir(dir)?);
+    }
+    let config = ServerConfig {
+        socket_dir: args.socket_dir,
+        snapshots,
+        cache_bytes: args.cache_bytes,
+        fault: FaultConfig {
+            fault_around_pages: args.fault_around,
+        },
+        allow_uids: args.allow_uids,
+        handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
+    };
+    let server = Server::bind(config.clone()).context("cannot start the server")?;
+    for (name, path) in &config.snapshots {
+        tracing::info!(
+            snapshot = name,
+            memory_file = %path.display(),
+            socket = %config.socket_dir.join(format!("{name}.sock")).display(),
+            "serving"
+        );
+    }
+    server.run().context("server stopped")
+}
+
+fn scan_snapshot_dir(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read --snapshot-dir {}", dir.display()))? {
+        let path = entry?.path();
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()).map(str::to_string) else {
+            continue;
+        };
+        if path.is_dir() && path.join("mem").is_file() {
+            found.push((stem, path.join("mem")));
+        } else if path.is_file() && path.extension().is_some_and(|e| e == "mem") {
+            found.push((stem, path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+fn stats(socket_dir: &Path, json: bool) -> Result<()> {
+    let response =
+        query_stats(socket_dir).with_context(|| format!("cannot query the server at {}", socket_dir.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&response)?);
+        return Ok(());
+    }
+    println!(
+        "snapshots loaded: {:?} ({} MiB resident)",
+        response.snapshots_loaded,
+        response.snapshot_resident_bytes >> 20
+    );
+    println!(
+        "{:>5} {:<16} {:>8} {:>9} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9}  state",
+        "vm", "snapshot", "pid", "seconds", "faults", "copied_pgs", "zero_pgs", "removed", "p50_us", "p99_us"
+    );
+    for vm in &response.vms {
+        let c = &vm.counters;
+        println!(
+            "{:>5} {:<16} {:>8} {:>9.3} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9}  {}",
+            vm.id,
+            vm.snapshot,
+            vm.peer_pid,
+            vm.seconds,
+            c.faults,
+            c.copied_pages,
+            c.zeropage_pages + c.zero_copied_pages,
+            c.removed_faults,
+            c.fault_latency_p50_us,
+            c.fault_latency_p99_us,
+            vm.ended.as_deref().unwrap_or("running")
+        );
+    }
+    Ok(())
+}
+
+/// Parses `4096`, `64K`, `512M`, `16G` (binary units).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 10),
+        Some('M') => (&s[..s.len() - 1], 20),
+        Some('G') => (&s[..s.len() - 1], 30),
+        Some('T') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 512M, 16G)"))?;
+    n.checked_shl(shift)
+        .filter(|v| v >> shift == n)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
+        assert_eq!(parse_bytes("16g"), Ok(16 << 30));
+        assert!(parse_bytes("12X").is_err());
+        assert!(parse_bytes("99999999999T").is_err());
+    }
+}

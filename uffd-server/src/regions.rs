@@ -1,0 +1,241 @@
+//! The region map: which part of the snapshot file backs which range of the VMM's address space.
+//!
+//! Built once per VM from the handshake and validated against the snapshot before the first
+//! fault is served: after that, every fault address either maps to exactly one file range that
+//! lies inside the snapshot, or to nothing.
+
+use crate::addr::{FileOffset, HostAddr, PageSize};
+use serde::Serialize;
+
+/// One guest memory region as the VMM mapped it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Region {
+    pub host: HostAddr,
+    pub size: u64,
+    pub file_offset: FileOffset,
+    pub page_size: PageSize,
+}
+
+impl Region {
+    pub fn host_end(&self) -> u64 {
+        self.host.0 + self.size
+    }
+
+    pub fn contains(&self, addr: HostAddr) -> bool {
+        addr.0 >= self.host.0 && addr.0 < self.host_end()
+    }
+
+    /// The file offset backing `addr`; `addr` must lie in the region.
+    pub fn file_offset_of(&self, addr: HostAddr) -> FileOffset {
+        debug_assert!(self.contains(addr));
+        FileOffset(self.file_offset.0 + (addr.0 - self.host.0))
+    }
+}
+
+/// Why a region list was refused. Indexes are positions in the VMM's JSON array.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegionError {
+    #[error("the region list is empty")]
+    Empty,
+    #[error("region {index}: size is 0")]
+    ZeroSize { index: usize },
+    #[error("region {index}: base_host_virt_addr {addr:#x} is not aligned to its page size {page_size}")]
+    UnalignedAddr { index: usize, addr: u64, page_size: u64 },
+    #[error("region {index}: size {size:#x} is not a multiple of its page size {page_size}")]
+    UnalignedSize { index: usize, size: u64, page_size: u64 },
+    #[error("region {index}: offset {offset:#x} is not aligned to its page size {page_size}")]
+    UnalignedOffset { index: usize, offset: u64, page_size: u64 },
+    #[error("region {index}: base_host_virt_addr + size or offset + size overflows")]
+    Overflow { index: usize },
+    #[error("region {index}: offset + size = {end:#x} is past the end of the memory file ({file_len:#x} bytes)")]
+    PastEndOfFile { index: usize, end: u64, file_len: u64 },
+    #[error("regions {first} and {second} overlap in the VMM's address space (base_host_virt_addr)")]
+    OverlappingHost { first: usize, second: usize },
+    #[error("regions {first} and {second} overlap in the memory file (offset)")]
+    OverlappingFile { first: usize, second: usize },
+}
+
+/// Validated regions, sorted by host address.
+#[derive(Clone, Debug)]
+pub struct RegionMap {
+    regions: Vec<Region>,
+}
+
+impl RegionMap {
+    /// Validates `regions` (in the VMM's order) against a memory file of `file_len` bytes.
+    pub fn new(regions: Vec<Region>, file_len: u64) -> Result<Self, RegionError> {
+        if regions.is_empty() {
+            return Err(RegionError::Empty);
+        }
+        for (index, r) in regions.iter().enumerate() {
+            let page = r.page_size.bytes();
+            if r.size == 0 {
+                return Err(RegionError::ZeroSize { index });
+            }
+            if !r.host.is_aligned(page) {
+                let addr = r.host.0;
+                return Err(RegionError::UnalignedAddr {
+                    index,
+                    addr,
+                    page_size: page,
+                });
+            }
+            if r.size % page != 0 {
+                let size = r.size;
+                return Err(RegionError::UnalignedSize {
+                    index,
+                    size,
+                    page_size: page,
+                });
+            }
+            if r.file_offset.0 % page != 0 {
+                let offset = r.file_offset.0;
+                return Err(RegionError::UnalignedOffset {
+                    index,
+                    offset,
+                    page_size: page,
+                });
+            }
+            let file_end = r.file_offset.0.checked_add(r.size);
+            if r.host.0.checked_add(r.size).is_none() || file_end.is_none() {
+                return Err(RegionError::Overflow { index });
+            }
+            let end = file_end.unwrap_or(u64::MAX);
+            if end > file_len {
+                return Err(RegionError::PastEndOfFile { index, end, file_len });
+            }
+        }
+        check_disjoint(&regions, |r| (r.host.0, r.host_end()))
+            .map_err(|(first, second)| RegionError::OverlappingHost { first, second })?;
+        check_disjoint(&regions, |r| (r.file_offset.0, r.file_offset.0 + r.size))
+            .map_err(|(first, second)| RegionError::OverlappingFile { first, second })?;
+        let mut regions = regions;
+        regions.sort_by_key(|r| r.host);
+        Ok(RegionMap { regions })
+    }
+
+    /// The region containing `addr`, if any (a VM has a handful of regions: a scan is fastest).
+    pub fn find(&self, addr: HostAddr) -> Option<&Region> {
+        self.regions.iter().find(|r| r.contains(addr))
+    }
+
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+}
+
+/// Returns the first pair (by original index) of overlapping `[start, end)` ranges.
+fn check_disjoint(regions: &[Region], range: impl Fn(&Region) -> (u64, u64)) -> Result<(), (usize, usize)> {
+    let mut order: Vec<usize> = (0..regions.len()).collect();
+    order.sort_by_key(|&i| range(&regions[i]).0);
+    for pair in order.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        if range(&regions[b]).0 < range(&regions[a]).1 {
+            return Err((a.min(b), a.max(b)));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::{BASE_PAGE, HUGE_PAGE};
+
+    fn region(host: u64, size: u64, offset: u64) -> Region {
+        Region {
+            host: HostAddr(host),
+            size,
+            file_offset: FileOffset(offset),
+            page_size: PageSize::Base,
+        }
+    }
+
+    #[test]
+    fn accepts_two_regions_around_a_gap_and_finds_addresses() {
+        let map = RegionMap::new(
+            vec![region(0x20_0000, 0x4000, 0x4000), region(0x10_0000, 0x4000, 0)],
+            0x8000,
+        )
+        .expect("valid");
+        assert_eq!(map.regions()[0].host, HostAddr(0x10_0000), "sorted by host address");
+        let r = map.find(HostAddr(0x20_1234)).expect("inside second region");
+        assert_eq!(r.file_offset_of(HostAddr(0x20_1234)), FileOffset(0x5234));
+        assert!(map.find(HostAddr(0x10_4000)).is_none(), "the gap maps to nothing");
+        assert_eq!(map.total_bytes(), 0x8000);
+    }
+
+    #[test]
+    fn refuses_each_invalid_layout_with_its_reason() {
+        let file = 16 * BASE_PAGE;
+        let cases = [
+            (vec![], RegionError::Empty),
+            (vec![region(0x1000, 0, 0)], RegionError::ZeroSize { index: 0 }),
+            (
+                vec![region(0x1800, 0x1000, 0)],
+                RegionError::UnalignedAddr {
+                    index: 0,
+                    addr: 0x1800,
+                    page_size: BASE_PAGE,
+                },
+            ),
+            (
+                vec![region(0x1000, 0x1800, 0)],
+                RegionError::UnalignedSize {
+                    index: 0,
+                    size: 0x1800,
+                    page_size: BASE_PAGE,
+                },
+            ),
+            (
+                vec![region(0x1000, 0x1000, 0x800)],
+                RegionError::UnalignedOffset {
+                    index: 0,
+                    offset: 0x800,
+                    page_size: BASE_PAGE,
+                },
+            ),
+            (
+                vec![region(0x1000, 0x2000, file - 0x1000)],
+                RegionError::PastEndOfFile {
+                    index: 0,
+                    end: file + 0x1000,
+                    file_len: file,
+                },
+            ),
+            (
+                vec![region(0x1000, 0x2000, 0), region(0x2000, 0x1000, 0x2000)],
+                RegionError::OverlappingHost { first: 0, second: 1 },
+            ),
+            (
+                vec![region(0x1000, 0x2000, 0), region(0x9000, 0x1000, 0x1000)],
+                RegionError::OverlappingFile { first: 0, second: 1 },
+            ),
+            (
+                vec![region(u64::MAX - 0xfff, 0x2000, 0)],
+                RegionError::Overflow { index: 0 },
+            ),
+        ];
+        for (regions, expected) in cases {
+            assert_eq!(RegionMap::new(regions, file).unwrap_err(), expected);
+        }
+    }
+
+    #[test]
+    fn huge_page_regions_must_be_2mib_aligned() {
+        let mut r = region(HUGE_PAGE + BASE_PAGE, HUGE_PAGE, 0);
+        r.page_size = PageSize::Huge;
+        let err = RegionMap::new(vec![r], HUGE_PAGE).unwrap_err();
+        assert!(matches!(
+            err,
+            RegionError::UnalignedAddr {
+                page_size: HUGE_PAGE,
+                ..
+            }
+        ));
+    }
+}

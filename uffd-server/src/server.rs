@@ -1,0 +1,354 @@
+//! The server: one listening socket per snapshot (Firecracker knows only a socket path), one
+//! thread per attached VM, and a control socket that reports every VM's counters.
+//!
+//! A connection's failure — a bad handshake, a refused peer, a VMM that dies — is logged with
+//! that VM's id and peer pid and ends that connection only; nothing here can stop the others.
+
+use crate::fault_loop::{FaultConfig, FaultLoop, VmEnd};
+use crate::handshake::{self, HandshakeError};
+use crate::regions::{RegionError, RegionMap};
+use crate::snapshot::SnapshotError;
+use crate::stats::{VmStats, VmStatsReport};
+use crate::store::SnapshotStore;
+use crate::uffd_io::Userfaultfd;
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use serde::{Deserialize, Serialize};
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Name of the control socket in the socket directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
+/// Ended VMs kept for the stats endpoint.
+const ENDED_VMS_KEPT: usize = 1024;
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub socket_dir: PathBuf,
+    /// (name, memory file) pairs; the socket of `name` is `socket_dir/name.sock`.
+    pub snapshots: Vec<(String, PathBuf)>,
+    /// RAM budget for loaded snapshots; idle ones are evicted beyond it.
+    pub cache_bytes: u64,
+    pub fault: FaultConfig,
+    /// When non-empty, only peers with one of these uids may attach.
+    pub allow_uids: Vec<u32>,
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("no snapshot given")]
+    NoSnapshots,
+    #[error("snapshot name `{0}` is not valid: use letters, digits, '.', '_' and '-'")]
+    BadName(String),
+    #[error("snapshot name `{0}` is given twice")]
+    DuplicateName(String),
+    #[error("cannot create socket directory {0}: {1}")]
+    SocketDir(PathBuf, io::Error),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(PathBuf, io::Error),
+}
+
+/// Why a connection was refused before its fault loop started.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("cannot read peer credentials: {0}")]
+    PeerCredentials(nix::Error),
+    #[error("peer uid {0} is not allowed (--allow-uid)")]
+    UidNotAllowed(u32),
+    #[error("handshake refused: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("handshake refused: {0}")]
+    Regions(#[from] RegionError),
+    #[error("{0}")]
+    Snapshot(#[from] SnapshotError),
+    #[error("cannot use the userfaultfd: {0}")]
+    Uffd(nix::Error),
+}
+
+/// One attached VM, as the stats endpoint sees it.
+pub struct VmRecord {
+    pub id: u64,
+    pub snapshot: String,
+    pub peer_pid: i32,
+    started: Instant,
+    pub stats: VmStats,
+    end: Mutex<Option<(String, Duration)>>,
+}
+
+/// What the control socket answers: every live VM and the most recent ended ones.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatsResponse {
+    pub snapshots_loaded: Vec<String>,
+    pub snapshot_resident_bytes: u64,
+    pub vms: Vec<VmReport>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmReport {
+    pub id: u64,
+    pub snapshot: String,
+    pub peer_pid: i32,
+    /// None while the VM is attached.
+    pub ended: Option<String>,
+    pub seconds: f64,
+    pub counters: VmStatsReport,
+}
+
+#[derive(Default)]
+struct Registry {
+    next_id: AtomicU64,
+    vms: Mutex<Vec<Arc<VmRecord>>>,
+}
+
+impl Registry {
+    fn add(&self, record: Arc<VmRecord>) {
+        let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        let ended = vms.iter().filter(|v| v.ended().is_some()).count();
+        if ended >= ENDED_VMS_KEPT {
+            if let Some(oldest) = vms.iter().position(|v| v.ended().is_some()) {
+                vms.remove(oldest);
+            }
+        }
+        vms.push(record);
+    }
+
+    fn reports(&self) -> Vec<VmReport> {
+        let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        vms.iter().map(|v| v.report()).collect()
+    }
+}
+
+impl VmRecord {
+    fn ended(&self) -> Option<(String, Duration)> {
+        self.end.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn report(&self) -> VmReport {
+        let ended = self.ended();
+        let seconds = ended.as_ref().map_or(self.started.elapsed(), |(_, d)| *d).as_secs_f64();
+        VmReport {
+            id: self.id,
+            snapshot: self.snapshot.clone(),
+            peer_pid: self.peer_pid,
+            ended: ended.map(|(why, _)| why),
+            seconds,
+            counters: self.stats.report(),
+        }
+    }
+}
+
+/// A server with all its sockets bound, ready to run.
+pub struct Server {
+    config: ServerConfig,
+    store: Arc<SnapshotStore>,
+    registry: Arc<Registry>,
+    listeners: Vec<(String, UnixListener)>,
+    control: UnixListener,
+}
+
+impl Server {
+    /// Validates the configuration and binds every socket (mode 0600; a stale socket file from
+    /// an earlier run is replaced).
+    pub fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+        if config.snapshots.is_empty() {
+            return Err(ServerError::NoSnapshots);
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (name, _) in &config.snapshots {
+            if !is_valid_name(name) {
+                return Err(ServerError::BadName(name.clone()));
+            }
+            if !names.insert(name.clone()) {
+                return Err(ServerError::DuplicateName(name.clone()));
+            }
+        }
+        std::fs::create_dir_all(&config.socket_dir)
+            .map_err(|e| ServerError::SocketDir(config.socket_dir.clone(), e))?;
+        let listeners = config
+            .snapshots
+            .iter()
+            .map(|(name, _)| {
+                Ok((
+                    name.clone(),
+                    bind_private(&config.socket_dir.join(format!("{name}.sock")))?,
+                ))
+            })
+            .collect::<Result<Vec<_>, ServerError>>()?;
+        let control = bind_private(&config.socket_dir.join(CONTROL_SOCKET))?;
+        let store = Arc::new(SnapshotStore::new(config.snapshots.clone(), config.cache_bytes));
+        Ok(Server {
+            config,
+            store,
+            registry: Arc::default(),
+            listeners,
+            control,
+        })
+    }
+
+    /// Loads what fits in the budget, then serves until the process is killed.
+    pub fn run(self) -> io::Result<()> {
+        for result in self.store.preload() {
+            if let Err(e) = result {
+                tracing::error!("{e}; VMs of this snapshot will be refused until it loads");
+            }
+        }
+        let mut threads = Vec::new();
+        for (name, listener) in self.listeners {
+            let ctx = Arc::new(AttachContext {
+                snapshot: name.clone(),
+                config: self.config.clone(),
+                store: Arc::clone(&self.store),
+                registry: Arc::clone(&self.registry),
+            });
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("accept-{name}"))
+                    .spawn(move || accept_loop(listener, ctx))?,
+            );
+        }
+        let (store, registry) = (self.store, self.registry);
+        threads.push(std::thread::Builder::new().name("control".into()).spawn(move || {
+            for stream in self.control.incoming() {
+                let response = StatsResponse {
+                    snapshots_loaded: store.loaded(),
+                    snapshot_resident_bytes: store.resident_bytes(),
+                    vms: registry.reports(),
+                };
+                if let Err(e) = stream.and_then(|mut s| {
+                    serde_json::to_writer(&mut s, &response)?;
+                    s.flush()
+                }) {
+                    tracing::warn!("stats request failed: {e}");
+                }
+            }
+        })?);
+        for thread in threads {
+            let _ = thread.join();
+        }
+        Ok(())
+    }
+}
+
+/// Reads the stats of a running server through its control socket.
+pub fn query_stats(socket_dir: &Path) -> io::Result<StatsResponse> {
+    let stream = UnixStream::connect(socket_dir.join(CONTROL_SOCKET))?;
+    serde_json::from_reader(stream).map_err(io::Error::other)
+}
+
+fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != CONTROL_SOCKET.trim_end_matches(".sock")
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+fn bind_private(path: &Path) -> Result<UnixListener, ServerError> {
+    let bind_err = |e| ServerError::Bind(path.to_path_buf(), e);
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::info!(path = %path.display(), "replaced a stale socket file"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    Ok(listener)
+}
+
+struct AttachContext {
+    snapshot: String,
+    config: ServerConfig,
+    store: Arc<SnapshotStore>,
+    registry: Arc<Registry>,
+}
+
+fn accept_loop(listener: UnixListener, ctx: Arc<AttachContext>) {
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                // EMFILE and friends are transient: back off instead of spinning.
+                tracing::error!(snapshot = ctx.snapshot, "accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let id = ctx.registry.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let ctx = Arc::clone(&ctx);
+        let spawned = std::thread::Builder::new().name(format!("vm-{id}")).spawn(move || {
+            let span = tracing::info_span!("vm", id, snapshot = ctx.snapshot.as_str());
+            let _enter = span.enter();
+            serve_connection(id, stream, &ctx);
+        });
+        if let Err(e) = spawned {
+            tracing::error!(id, "cannot start a thread for the VM: {e}");
+        }
+    }
+}
+
+fn serve_connection(id: u64, stream: UnixStream, ctx: &AttachContext) {
+    let creds = match getsockopt(&stream, PeerCredentials) {
+        Ok(creds) => creds,
+        Err(e) => {
+            tracing::error!("VM refused: {}", AttachError::PeerCredentials(e));
+            return;
+        }
+    };
+    if let Err(e) = attach(id, creds.pid(), creds.uid(), &stream, ctx) {
+        tracing::error!(peer_pid = creds.pid(), "VM refused: {e}");
+    }
+}
+
+fn attach(id: u64, peer_pid: i32, peer_uid: u32, stream: &UnixStream, ctx: &AttachContext) -> Result<(), AttachError> {
+    if !ctx.config.allow_uids.is_empty() && !ctx.config.allow_uids.contains(&peer_uid) {
+        return Err(AttachError::UidNotAllowed(peer_uid));
+    }
+    // Bounds the wait for the handshake only; the fault loop polls without timeout.
+    let _ = stream.set_read_timeout(Some(ctx.config.handshake_timeout));
+    let handshake = handshake::receive(stream)?;
+    let snapshot = ctx.store.get(&ctx.snapshot)?;
+    let regions = RegionMap::new(handshake.regions, snapshot.len())?;
+    let uffd = Userfaultfd::from_owned(handshake.uffd).map_err(AttachError::Uffd)?;
+    let record = Arc::new(VmRecord {
+        id,
+        snapshot: ctx.snapshot.clone(),
+        peer_pid,
+        started: Instant::now(),
+        stats: VmStats::default(),
+        end: Mutex::new(None),
+    });
+    ctx.registry.add(Arc::clone(&record));
+    tracing::info!(
+        peer_pid,
+        regions = regions.regions().len(),
+        guest_bytes = regions.total_bytes(),
+        "VM attached"
+    );
+    let fault_loop = FaultLoop {
+        uffd: &uffd,
+        socket: stream,
+        regions: &regions,
+        snapshot: &snapshot,
+        config: ctx.config.fault,
+        stats: &record.stats,
+    };
+    let end = fault_loop.run();
+    let elapsed = record.started.elapsed();
+    *record.end.lock().unwrap_or_else(|p| p.into_inner()) = Some((end.to_string(), elapsed));
+    let c = record.stats.report();
+    let level_is_error = matches!(end, VmEnd::Failed(_));
+    let summary = format!(
+        "VM ended ({end}) after {:.3}s: faults={} copied_pages={} copied_bytes={} zeropage_pages={} zero_copied_pages={} removed_faults={} remove_events={} already_present={} fault_p50={}us fault_p99={}us",
+        elapsed.as_secs_f64(), c.faults, c.copied_pages, c.copied_bytes, c.zeropage_pages, c.zero_copied_pages,
+        c.removed_faults, c.remove_events, c.already_present, c.fault_latency_p50_us, c.fault_latency_p99_us
+    );
+    if level_is_error {
+        tracing::error!(peer_pid, "{summary}");
+    } else {
+        tracing::info!(peer_pid, "{summary}");
+    }
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! The only module that talks to a userfaultfd: typed events in, typed ioctl results out.
+//!
+//! The rest of the server names destinations by [`HostAddr`] and never sees a raw pointer.
+//! COPY and ZEROPAGE are safe to call: the kernel only ever *populates missing* pages of ranges
+//! registered on this uffd (an existing page yields EEXIST, never an overwrite), so no memory
+//! that anyone can observe changes under their feet — in the VMM or in this process.
+
+use crate::addr::HostAddr;
+use nix::errno::Errno;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use userfaultfd::{Event, EventBuffer, Uffd};
+use userfaultfd_sys::{
+    uffdio_copy, uffdio_range, uffdio_zeropage, UFFDIO_COPY, UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_WAKE, UFFDIO_ZEROPAGE,
+    UFFDIO_ZEROPAGE_MODE_DONTWAKE,
+};
+
+/// What an ioctl on the uffd can report that the fault loop must act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IoctlError {
+    #[error("the range is already populated (EEXIST)")]
+    Exists,
+    /// A memory-layout event (REMOVE, UNMAP, …) is pending and must be read first; `copied`
+    /// bytes from the start of the range were placed before it stopped.
+    #[error("a memory-layout event is pending; {copied} bytes were placed (EAGAIN)")]
+    Again { copied: u64 },
+    #[error("the VMM's address space is gone (ESRCH)")]
+    VmGone,
+    #[error("the range is not registered on this uffd anymore (ENOENT)")]
+    NotRegistered,
+    #[error("userfaultfd ioctl failed: {0}")]
+    Other(Errno),
+}
+
+impl IoctlError {
+    fn from_errno(errno: Errno, copied: i64) -> Self {
+        match errno {
+            Errno::EEXIST => IoctlError::Exists,
+            Errno::EAGAIN => IoctlError::Again {
+                copied: copied.max(0) as u64,
+            },
+            Errno::ESRCH => IoctlError::VmGone,
+            Errno::ENOENT => IoctlError::NotRegistered,
+            other => IoctlError::Other(other),
+        }
+    }
+}
+
+/// An event read from the uffd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UffdEvent {
+    /// A thread touched a missing page at `addr`.
+    Fault { addr: HostAddr, write: bool },
+    /// `madvise(MADV_DONTNEED/REMOVE)` (a balloon, free-page reporting): the range must read as
+    /// zeros from now on.
+    Remove { start: HostAddr, end: HostAddr },
+    /// The VMM unmapped a range (only with UFFD_FEATURE_EVENT_UNMAP, which Firecracker does not set).
+    Unmap { start: HostAddr, end: HostAddr },
+    /// The VMM moved a range (only with UFFD_FEATURE_EVENT_REMAP).
+    Remap { from: HostAddr, to: HostAddr, len: u64 },
+    /// The VMM forked (only with UFFD_FEATURE_EVENT_FORK); the child's uffd was closed.
+    Fork,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("the uffd reported end of file")]
+    Eof,
+    #[error("reading the uffd failed: {0}")]
+    Read(String),
+}
+
+/// A VM's userfaultfd. Always non-blocking: the fault loop polls it together with the VMM socket.
+pub struct Userfaultfd {
+    uffd: Uffd,
+}
+
+impl Userfaultfd {
+    /// Takes ownership of a uffd received from a VMM and makes it non-blocking (a blocking uffd
+    /// reports POLLERR to poll, so a VMM that sent one would otherwise never be served).
+    pub fn from_owned(fd: OwnedFd) -> Result<Self, Errno> {
+        let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        // SAFETY: `into_raw_fd` hands over sole ownership of an open fd, which `Uffd` closes on drop.
+        let uffd = unsafe { <Uffd as std::os::fd::FromRawFd>::from_raw_fd(fd.into_raw_fd()) };
+        Ok(Userfaultfd { uffd })
+    }
+
+    pub fn as_raw_fd(&self) -> i32 {
+        self.uffd.as_raw_fd()
+    }
+
+    /// Reads every pending event (never blocks) and appends them to `out`.
+    pub fn read_events(&self, buf: &mut EventBuffer, out: &mut Vec<UffdEvent>) -> Result<(), ReadError> {
+        let events = self.uffd.read_events(buf).map_err(|e| match e {
+            userfaultfd::Error::ReadEof => ReadError::Eof,
+            other => ReadError::Read(other.to_string()),
+        })?;
+        for event in events {
+            let event = event.map_err(|e| ReadError::Read(e.to_string()))?;
+            out.push(match event {
+                Event::Pagefault { rw, addr, .. } => UffdEvent::Fault {
+                    addr: HostAddr(addr as u64),
+                    write: rw == userfaultfd::ReadWrite::Write,
+                },
+                Event::Remove { start, end } => UffdEvent::Remove {
+                    start: HostAddr(start as u64),
+                    end: HostAddr(end as u64),
+                },
+                Event::Unmap { start, end } => UffdEvent::Unmap {
+                    start: HostAddr(start as u64),
+                    end: HostAddr(end as u64),
+                },
+                Event::Remap { from, to, len } => UffdEvent::Remap {
+                    from: HostAddr(from as u64),
+                    to: HostAddr(to as u64),
+                    len: len as u64,
+                },
+                Event::Fork { .. } => UffdEvent::Fork, // the child's Uffd is dropped (closed) here
+            });
+        }
+        Ok(())
+    }
+
+    /// Places `src` at `dst` (page aligned, length a multiple of the region's page size).
+    /// Returns the bytes placed. Without `wake`, threads waiting on the range stay asleep until
+    /// [`Userfaultfd::wake`].
+    pub fn copy(&self, src: &[u8], dst: HostAddr, wake: bool) -> Result<u64, IoctlError> {
+        let mut arg = uffdio_copy {
+            dst: dst.0,
+            src: src.as_ptr() as u64,
+            len: src.len() as u64,
+            mode: if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE },
+            copy: 0,
+        };
+        // SAFETY: `arg` is a valid uffdio_copy for the duration of the call; the kernel reads
+        // `src.len()` bytes from a live slice and writes only `arg.copy`. Destination pages are
+        // populated only if missing (see the module comment), so no observable memory changes.
+        let ret = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_COPY as _, &mut arg) };
+        if ret == 0 {
+            Ok(arg.copy as u64)
+        } else {
+            Err(IoctlError::from_errno(Errno::last(), arg.copy))
+        }
+    }
+
+    /// Maps the zero page over `[dst, dst + len)` (anonymous memory only: not hugetlbfs).
+    pub fn zeropage(&self, dst: HostAddr, len: u64, wake: bool) -> Result<u64, IoctlError> {
+        let mut arg = uffdio_zeropage {
+            range: uffdio_range { start: dst.0, len },
+            mode: if wake { 0 } else { UFFDIO_ZEROPAGE_MODE_DONTWAKE },
+            zeropage: 0,
+        };
+        // SAFETY: as for `copy`: a valid argument struct, and only missing pages are populated.
+        let ret = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut arg) };
+        if ret == 0 {
+            Ok(arg.zeropage as u64)
+        } else {
+            Err(IoctlError::from_errno(Errno::last(), arg.zeropage))
+        }
+    }
+
+    /// Wakes threads waiting for faults in `[dst, dst + len)`.
+    pub fn wake(&self, dst: HostAddr, len: u64) -> Result<(), IoctlError> {
+        let mut arg = uffdio_range { start: dst.0, len };
+        // SAFETY: a valid uffdio_range; UFFDIO_WAKE changes no memory.
+        let ret = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_WAKE as _, &mut arg) };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(IoctlError::from_errno(Errno::last(), 0))
+        }
+    }
+}
