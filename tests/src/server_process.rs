@@ -5,11 +5,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use uffd_server::server::{query_stats, StatsResponse, CONTROL_SOCKET};
 
-/// Path of a binary of this workspace, next to the test executable's `deps/` directory.
-/// `cargo build --workspace --bins` (part of the README's test command) builds them.
+/// Path of a binary of this workspace in the current executable's `target/<profile>/` (tests and
+/// benches run from its `deps/`). `cargo build --workspace --bins` (part of the README's
+/// commands) builds them.
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let mut dir = exe.parent().expect("executable directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>");
+    }
     let path = dir.join(name);
     assert!(
         path.is_file(),
