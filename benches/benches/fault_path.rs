@@ -6,7 +6,7 @@
 //! once and times every touch; rounds alternate so that machine noise hits both alike.
 //! The server runs with `--fault-around 1`, so both place exactly one page per fault.
 //!
-//! Run: `./x bench -- fault_path` (or `cargo bench -p benches --bench fault_path`).
+//! Run: `./x bench --bench fault_path` (or `cargo bench -p benches --bench fault_path`).
 
 use e2e::fake_vmm::{create_uffd, handshake_json, send_message, GuestMemory, PAGE};
 use e2e::server_process::ServerProcess;
