@@ -336,3 +336,57 @@ fn regions_of_the_standard_layout_have_a_gap() {
     assert_eq!(b.addr - (a.addr + a.size), GAP);
     assert_eq!(b.file_offset, a.size);
 }
+
+#[test]
+fn one_process_serves_several_snapshots_each_on_its_socket() {
+    require_userfaultfd();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let python = SnapshotFile::random(dir.path(), "python.mem", 4 * MIB, 0.3, 10);
+    let node = SnapshotFile::random(dir.path(), "node.mem", 6 * MIB, 0.3, 11);
+    let server = ServerProcess::start(&[("python", &python.path), ("node", &node.path)], &[]);
+    for (name, snap) in [("python", &python), ("node", &node)] {
+        let vmm = FakeVmm::attach(&server.socket(name), snap.bytes.len()).expect("attach");
+        vmm.touch_all(2, false);
+        vmm.assert_matches(&snap.bytes);
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(server.socket("node"))
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "sockets are private to the server's user");
+}
+
+#[test]
+fn peers_outside_allow_uid_are_refused_and_stats_command_reports_vms() {
+    require_userfaultfd();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snap = snapshot(&dir, 4 * MIB, 12);
+    let our_uid = nix::unistd::getuid().as_raw();
+    let strict = ServerProcess::start(&[("vm", &snap.path)], &["--allow-uid", &(our_uid + 1).to_string()]);
+    let refused = FakeVmm::attach(&strict.socket("vm"), snap.bytes.len()).expect("connect");
+    strict.wait_for_log(&format!("peer uid {our_uid} is not allowed"), 1);
+    let mut buf = [0u8; 1];
+    // Refused before the handshake is read: the unread message makes the close a reset.
+    match (&refused.socket).read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the server must hang up on a refused peer, got {other:?}"),
+    }
+
+    let open = ServerProcess::start(&[("vm", &snap.path)], &["--allow-uid", &our_uid.to_string()]);
+    let vmm = FakeVmm::attach(&open.socket("vm"), snap.bytes.len()).expect("attach");
+    vmm.touch_all(1, false);
+    vmm.assert_matches(&snap.bytes);
+    let output = Command::new(workspace_binary("uffd-server"))
+        .args(["stats", "--json", "--socket-dir"])
+        .arg(&open.socket_dir)
+        .output()
+        .expect("run stats");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("stats JSON");
+    let vm = &json["vms"][0];
+    assert_eq!(vm["peer_pid"], std::process::id());
+    assert_eq!(vm["ended"], serde_json::Value::Null, "still attached");
+    assert!(vm["counters"]["faults"].as_u64().expect("faults") > 0);
+}
