@@ -1,0 +1,326 @@
+//! The working-set file: magic, version, payload length, checksum, then the postcard-encoded
+//! working set (which carries the identity of its snapshot).
+//!
+//! ```text
+//! 0   8  magic "UFFDWSET"
+//! 8   4  version (u32 LE)
+//! 12  8  payload length (u64 LE)
+//! 20  8  FNV-1a 64 of the payload (u64 LE)
+//! 28  …  postcard(WorkingSet)
+//! ```
+//!
+//! Reading never trusts the file: each way it can be wrong is its own error, and the caller
+//! treats every one as a lost hint. Writing is atomic (temp file, fsync, rename, fsync of the
+//! directory), and merging a run holds an exclusive lock on `FILE.lock`, so two VMs ending at
+//! once both land. Nothing is thrown away: an unreadable file is kept as `FILE.corrupt`, and a
+//! file of another snapshot is never overwritten.
+
+use crate::identity::SnapshotIdentity;
+use crate::record::Run;
+use crate::working_set::WorkingSet;
+use nix::fcntl::{Flock, FlockArg};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+pub const MAGIC: [u8; 8] = *b"UFFDWSET";
+pub const VERSION: u32 = 1;
+const HEADER: usize = 28;
+/// A working set of every page of a 64 GiB guest is ~300 MiB; anything claiming more is corrupt.
+const MAX_PAYLOAD: u64 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("no working-set file at {0}")]
+    Missing(PathBuf),
+    #[error("cannot read working-set file {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("truncated: {len} bytes, the header says {expected}")]
+    Truncated { len: u64, expected: u64 },
+    #[error("not a working-set file (bad magic)")]
+    BadMagic,
+    #[error("version {0} is not supported (this build reads version {VERSION})")]
+    UnsupportedVersion(u32),
+    #[error("checksum mismatch (stored {stored:#018x}, computed {computed:#018x}): the file is corrupt")]
+    Checksum { stored: u64, computed: u64 },
+    #[error("payload does not decode: {0}")]
+    Decode(#[from] postcard::Error),
+    #[error("it belongs to another snapshot ({file:?}; this snapshot is {snapshot:?})")]
+    OtherSnapshot {
+        file: SnapshotIdentity,
+        snapshot: SnapshotIdentity,
+    },
+}
+
+pub fn encode(set: &WorkingSet) -> Result<Vec<u8>, postcard::Error> {
+    let payload = postcard::to_stdvec(set)?;
+    let mut out = Vec::with_capacity(HEADER + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crate::fnv1a(crate::FNV_OFFSET, &payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Decodes a file's bytes and checks that it belongs to `snapshot`.
+pub fn decode(bytes: &[u8], snapshot: &SnapshotIdentity) -> Result<WorkingSet, FormatError> {
+    let field = |range: std::ops::Range<usize>| -> Result<&[u8], FormatError> {
+        bytes.get(range).ok_or(FormatError::Truncated {
+            len: bytes.len() as u64,
+            expected: HEADER as u64,
+        })
+    };
+    if field(0..8)? != MAGIC {
+        return Err(FormatError::BadMagic);
+    }
+    let u32_at = |at: usize| -> Result<u32, FormatError> {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(field(at..at + 4)?);
+        Ok(u32::from_le_bytes(b))
+    };
+    let u64_at = |at: usize| -> Result<u64, FormatError> {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(field(at..at + 8)?);
+        Ok(u64::from_le_bytes(b))
+    };
+    let version = u32_at(8)?;
+    if version != VERSION {
+        return Err(FormatError::UnsupportedVersion(version));
+    }
+    let (len, stored) = (u64_at(12)?, u64_at(20)?);
+    let expected = HEADER as u64 + len.min(MAX_PAYLOAD);
+    if bytes.len() as u64 != expected || len > MAX_PAYLOAD {
+        return Err(FormatError::Truncated {
+            len: bytes.len() as u64,
+            expected: HEADER as u64 + len,
+        });
+    }
+    let payload = &bytes[HEADER..];
+    let computed = crate::fnv1a(crate::FNV_OFFSET, payload);
+    if computed != stored {
+        return Err(FormatError::Checksum { stored, computed });
+    }
+    let set: WorkingSet = postcard::from_bytes(payload)?;
+    if set.identity != *snapshot {
+        return Err(FormatError::OtherSnapshot {
+            file: set.identity,
+            snapshot: *snapshot,
+        });
+    }
+    Ok(set)
+}
+
+pub fn load(path: &Path, snapshot: &SnapshotIdentity) -> Result<WorkingSet, FormatError> {
+    let bytes = std::fs::read(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => FormatError::Missing(path.to_path_buf()),
+        _ => FormatError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
+    decode(&bytes, snapshot)
+}
+
+/// Writes `set` to `path` atomically: readers see the old file or the new one, never a mix.
+pub fn write_atomic(path: &Path, set: &WorkingSet) -> io::Result<()> {
+    let bytes = encode(set).map_err(io::Error::other)?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::other("working-set path has no file name"))?;
+    let tmp = dir.join(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
+    let mut file = File::create(&tmp)?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}
+
+/// What merging a run into a file found there.
+#[derive(Debug)]
+pub struct Merged {
+    /// Runs in the file now.
+    pub runs: u32,
+    /// Why the previous content was not used (it was kept as `FILE.corrupt`), if it was not.
+    pub replaced: Option<FormatError>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    #[error("working-set file {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("working-set file {path} was not updated: {source}")]
+    Refused { path: PathBuf, source: FormatError },
+}
+
+/// Merges `run` into the working set stored at `path` (creating it), under an exclusive lock.
+pub fn merge_run(path: &Path, snapshot: &SnapshotIdentity, run: &Run) -> Result<Merged, MergeError> {
+    let io_err = |source| MergeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let lock_path = path.with_file_name(format!(
+        "{}.lock",
+        path.file_name().map_or("ws".into(), |n| n.to_string_lossy())
+    ));
+    let lock_file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err)?;
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| io_err(e.into()))?;
+    let (mut set, replaced) = match load(path, snapshot) {
+        Ok(set) => (set, None),
+        Err(FormatError::Missing(_)) => (WorkingSet::new(*snapshot), None),
+        Err(e @ FormatError::OtherSnapshot { .. }) => {
+            return Err(MergeError::Refused {
+                path: path.into(),
+                source: e,
+            })
+        }
+        Err(e @ FormatError::Io { .. }) => {
+            return Err(MergeError::Refused {
+                path: path.into(),
+                source: e,
+            })
+        }
+        Err(e) => {
+            let corrupt = path.with_file_name(format!(
+                "{}.corrupt",
+                path.file_name().map_or("ws".into(), |n| n.to_string_lossy())
+            ));
+            std::fs::rename(path, &corrupt).map_err(io_err)?;
+            (WorkingSet::new(*snapshot), Some(e))
+        }
+    };
+    set.merge(run);
+    write_atomic(path, &set).map_err(io_err)?;
+    Ok(Merged {
+        runs: set.runs,
+        replaced,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Touch;
+
+    fn identity(fingerprint: u64) -> SnapshotIdentity {
+        SnapshotIdentity {
+            len: 1 << 30,
+            fingerprint,
+        }
+    }
+
+    fn sample() -> WorkingSet {
+        let mut set = WorkingSet::new(identity(1));
+        set.merge(&Run {
+            touches: (0..100)
+                .map(|p| Touch {
+                    page: p * 3,
+                    write: p % 2 == 0,
+                })
+                .collect(),
+        });
+        set.merge(&Run {
+            touches: (50..120)
+                .map(|p| Touch {
+                    page: p * 3,
+                    write: false,
+                })
+                .collect(),
+        });
+        set
+    }
+
+    #[test]
+    fn round_trips() {
+        let set = sample();
+        assert_eq!(
+            decode(&encode(&set).expect("encode"), &identity(1)).expect("decode"),
+            set
+        );
+    }
+
+    #[test]
+    fn each_kind_of_damage_is_its_own_error() {
+        let good = encode(&sample()).expect("encode");
+        let snapshot = identity(1);
+        let truncated = &good[..good.len() - 1];
+        assert!(matches!(
+            decode(truncated, &snapshot),
+            Err(FormatError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode(&good[..10], &snapshot),
+            Err(FormatError::Truncated { .. })
+        ));
+        for bit in [0usize, 9 * 8, 20 * 8, good.len() * 8 - 1, (HEADER + 5) * 8 + 3] {
+            let mut flipped = good.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                decode(&flipped, &snapshot).is_err(),
+                "a flip of bit {bit} went unnoticed"
+            );
+        }
+        let mut payload_flip = good.clone();
+        payload_flip[HEADER + 5] ^= 0x10;
+        assert!(matches!(
+            decode(&payload_flip, &snapshot),
+            Err(FormatError::Checksum { .. })
+        ));
+        let mut version = good.clone();
+        version[8] = 2;
+        assert!(matches!(
+            decode(&version, &snapshot),
+            Err(FormatError::UnsupportedVersion(2))
+        ));
+        assert!(matches!(
+            decode(&good, &identity(2)),
+            Err(FormatError::OtherSnapshot { .. })
+        ));
+        assert!(matches!(
+            decode(b"not a working set at all....", &snapshot),
+            Err(FormatError::BadMagic)
+        ));
+    }
+
+    #[test]
+    fn concurrent_merges_all_land_and_damaged_files_are_kept_aside() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("fn.ws");
+        let snapshot = identity(1);
+        std::thread::scope(|scope| {
+            for t in 0..8u64 {
+                let path = &path;
+                scope.spawn(move || {
+                    let run = Run {
+                        touches: vec![Touch { page: t, write: false }],
+                    };
+                    merge_run(path, &snapshot, &run).expect("merge");
+                });
+            }
+        });
+        let set = load(&path, &snapshot).expect("load");
+        assert_eq!(set.runs, 8);
+        assert_eq!(set.pages.len(), 8, "every run's page is in the union");
+
+        std::fs::write(&path, b"garbage, long enough for a header").expect("damage");
+        let merged = merge_run(&path, &snapshot, &Run::default()).expect("merge over damage");
+        assert!(matches!(merged.replaced, Some(FormatError::BadMagic)));
+        assert_eq!(
+            std::fs::read(dir.path().join("fn.ws.corrupt")).expect("kept"),
+            b"garbage, long enough for a header"
+        );
+        let err = merge_run(&path, &identity(9), &Run::default()).unwrap_err();
+        assert!(err.to_string().contains("belongs to another snapshot"), "{err}");
+        assert_eq!(load(&path, &snapshot).expect("untouched").runs, 1);
+    }
+}

@@ -1,0 +1,54 @@
+//! Which snapshot a working set belongs to: its size and a cheap fingerprint.
+//!
+//! The fingerprint hashes 64 pages sampled evenly across the file (always the first and the
+//! last) plus the length: 256 KiB read, whatever the snapshot's size, which is cheap enough to
+//! compute at every server start. A different snapshot of the same size that agrees on all 64
+//! pages would go undetected; the cost is a useless prefetch, never a wrong byte (the server
+//! serves pages from the snapshot, not from the working set).
+
+use serde::{Deserialize, Serialize};
+
+const SAMPLES: u64 = 64;
+const PAGE: u64 = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotIdentity {
+    pub len: u64,
+    pub fingerprint: u64,
+}
+
+impl SnapshotIdentity {
+    /// The identity of a snapshot whose bytes are `memory`.
+    pub fn of(memory: &[u8]) -> SnapshotIdentity {
+        let len = memory.len() as u64;
+        let pages = len.div_ceil(PAGE);
+        let mut hash = crate::fnv1a(crate::FNV_OFFSET, &len.to_le_bytes());
+        let samples = SAMPLES.min(pages);
+        for i in 0..samples {
+            let page = if samples > 1 {
+                i * (pages - 1) / (samples - 1)
+            } else {
+                0
+            };
+            let start = (page * PAGE) as usize;
+            let end = (start + PAGE as usize).min(memory.len());
+            hash = crate::fnv1a(hash, &memory[start..end]);
+        }
+        SnapshotIdentity { len, fingerprint: hash }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampled_pages_and_length_change_the_identity() {
+        let a = vec![1u8; 1 << 20];
+        let mut b = a.clone();
+        b[(1 << 20) - 1] = 2; // the last page is always sampled
+        assert_ne!(SnapshotIdentity::of(&a), SnapshotIdentity::of(&b));
+        assert_ne!(SnapshotIdentity::of(&a), SnapshotIdentity::of(&a[..1 << 19]));
+        assert_eq!(SnapshotIdentity::of(&a), SnapshotIdentity::of(&a.clone()));
+    }
+}

@@ -1,0 +1,213 @@
+//! The working set of a snapshot: the union of the pages its runs touched, with per-page
+//! statistics, so a plan can prefer pages most runs need, in the order they need them.
+//!
+//! REAP keeps only the first run; a working set that shifts between runs then falls back to
+//! demand paging. Here every run is merged, and the first run is kept too (the `reap` policy).
+
+use crate::identity::SnapshotIdentity;
+use crate::record::Run;
+use crate::PageIndex;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What the runs that touched a page have in common.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageStats {
+    /// Runs that touched the page.
+    pub runs: u32,
+    /// Sum of its first-touch ranks over those runs (mean = rank_sum / runs).
+    pub rank_sum: u64,
+    pub min_rank: u32,
+    /// Number (1-based) of the last run that touched it.
+    pub last_run: u32,
+    /// Runs whose first access to it was a write.
+    pub writes: u32,
+}
+
+impl PageStats {
+    pub fn mean_rank(&self) -> f64 {
+        self.rank_sum as f64 / f64::from(self.runs.max(1))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkingSet {
+    pub identity: SnapshotIdentity,
+    /// Runs merged so far.
+    pub runs: u32,
+    /// The first run's pages in first-touch order (what REAP would prefetch).
+    pub first_run: Vec<PageIndex>,
+    pub pages: BTreeMap<PageIndex, PageStats>,
+}
+
+impl WorkingSet {
+    pub fn new(identity: SnapshotIdentity) -> WorkingSet {
+        WorkingSet {
+            identity,
+            runs: 0,
+            first_run: Vec::new(),
+            pages: BTreeMap::new(),
+        }
+    }
+
+    /// Merges one run as a union.
+    pub fn merge(&mut self, run: &Run) {
+        self.runs += 1;
+        if self.runs == 1 {
+            self.first_run = run.touches.iter().map(|t| t.page).collect();
+        }
+        for (rank, touch) in run.touches.iter().enumerate() {
+            let rank = u32::try_from(rank).unwrap_or(u32::MAX);
+            let stats = self.pages.entry(touch.page).or_insert(PageStats {
+                runs: 0,
+                rank_sum: 0,
+                min_rank: rank,
+                last_run: 0,
+                writes: 0,
+            });
+            stats.runs += 1;
+            stats.rank_sum += u64::from(rank);
+            stats.min_rank = stats.min_rank.min(rank);
+            stats.last_run = self.runs;
+            stats.writes += u32::from(touch.write);
+        }
+    }
+
+    /// Merges another working set of the same snapshot (two servers' files, say): runs add up,
+    /// per-page statistics combine as if every run had been merged here.
+    pub fn merge_set(&mut self, other: &WorkingSet) {
+        let offset = self.runs;
+        if self.runs == 0 {
+            self.first_run = other.first_run.clone();
+        }
+        self.runs += other.runs;
+        for (&page, theirs) in &other.pages {
+            let shifted = PageStats {
+                last_run: theirs.last_run + offset,
+                ..*theirs
+            };
+            self.pages
+                .entry(page)
+                .and_modify(|mine| {
+                    mine.runs += theirs.runs;
+                    mine.rank_sum += theirs.rank_sum;
+                    mine.min_rank = mine.min_rank.min(theirs.min_rank);
+                    mine.last_run = shifted.last_run;
+                    mine.writes += theirs.writes;
+                })
+                .or_insert(shifted);
+        }
+    }
+
+    /// Pages touched in at least `min_frequency` (0..=1) of the runs — 0 selects the union —
+    /// ordered by mean first-touch rank (ties: lower page first).
+    pub fn select(&self, min_frequency: f64) -> Vec<(PageIndex, f64)> {
+        let needed = (min_frequency.clamp(0.0, 1.0) * f64::from(self.runs)).ceil().max(1.0);
+        let mut pages: Vec<(PageIndex, f64)> = self
+            .pages
+            .iter()
+            .filter(|(_, s)| f64::from(s.runs) >= needed)
+            .map(|(&p, s)| (p, s.mean_rank()))
+            .collect();
+        pages.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+        pages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Touch;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    fn run(pages: &[u64]) -> Run {
+        Run {
+            touches: pages
+                .iter()
+                .map(|&page| Touch {
+                    page,
+                    write: page % 2 == 1,
+                })
+                .collect(),
+        }
+    }
+
+    fn identity() -> SnapshotIdentity {
+        SnapshotIdentity {
+            len: 1 << 20,
+            fingerprint: 7,
+        }
+    }
+
+    /// Runs of distinct pages, as a recorder produces them.
+    fn runs() -> impl Strategy<Value = Vec<Vec<u64>>> {
+        proptest::collection::vec(
+            proptest::collection::btree_set(0u64..100, 0..30).prop_shuffle_pages(),
+            1..8,
+        )
+    }
+
+    trait Shuffle {
+        fn prop_shuffle_pages(self) -> BoxedStrategy<Vec<u64>>;
+    }
+
+    impl<S: Strategy<Value = BTreeSet<u64>> + 'static> Shuffle for S {
+        fn prop_shuffle_pages(self) -> BoxedStrategy<Vec<u64>> {
+            self.prop_map(|s| s.into_iter().collect::<Vec<_>>())
+                .prop_shuffle()
+                .boxed()
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn union_counts_and_ranks_match_a_direct_computation(runs in runs()) {
+            let mut set = WorkingSet::new(identity());
+            for r in &runs {
+                set.merge(&run(r));
+            }
+            prop_assert_eq!(set.runs as usize, runs.len());
+            prop_assert_eq!(&set.first_run, &runs[0]);
+            let union: BTreeSet<u64> = runs.iter().flatten().copied().collect();
+            prop_assert_eq!(set.pages.keys().copied().collect::<BTreeSet<_>>(), union.clone());
+            for page in union {
+                let ranks: Vec<usize> = runs.iter().filter_map(|r| r.iter().position(|&p| p == page)).collect();
+                let s = set.pages[&page];
+                prop_assert_eq!(s.runs as usize, ranks.len());
+                prop_assert_eq!(s.rank_sum as usize, ranks.iter().sum::<usize>());
+                prop_assert_eq!(s.min_rank as usize, *ranks.iter().min().unwrap_or(&0));
+                let last = runs.iter().rposition(|r| r.contains(&page)).map_or(0, |i| i + 1);
+                prop_assert_eq!(s.last_run as usize, last);
+                prop_assert_eq!(s.writes as usize, if page % 2 == 1 { ranks.len() } else { 0 });
+            }
+        }
+
+        #[test]
+        fn frequency_filter_and_order(runs in runs(), min_frequency in 0.0f64..=1.0) {
+            let mut set = WorkingSet::new(identity());
+            for r in &runs {
+                set.merge(&run(r));
+            }
+            let selected = set.select(min_frequency);
+            let needed = ((min_frequency * runs.len() as f64).ceil() as usize).max(1);
+            let expected: BTreeSet<u64> = set.pages.iter().filter(|(_, s)| s.runs as usize >= needed).map(|(&p, _)| p).collect();
+            prop_assert_eq!(selected.iter().map(|&(p, _)| p).collect::<BTreeSet<_>>(), expected);
+            prop_assert!(selected.windows(2).all(|w| w[0].1 < w[1].1 || (w[0].1 == w[1].1 && w[0].0 < w[1].0)));
+            // The union (0) is a superset of every stricter selection.
+            prop_assert!(set.select(0.0).len() >= selected.len());
+        }
+
+        #[test]
+        fn merging_sets_equals_merging_their_runs(runs in runs(), split in 0usize..8) {
+            let split = split.min(runs.len());
+            let (mut all, mut left, mut right) = (WorkingSet::new(identity()), WorkingSet::new(identity()), WorkingSet::new(identity()));
+            for (i, r) in runs.iter().enumerate() {
+                all.merge(&run(r));
+                if i < split { left.merge(&run(r)) } else { right.merge(&run(r)) }
+            }
+            left.merge_set(&right);
+            prop_assert_eq!(left, all);
+        }
+    }
+}
