@@ -34,11 +34,16 @@ impl ServerProcess {
     /// Starts `uffd-server serve` for `snapshots` (name, memory file) with `extra` arguments and
     /// waits until it listens.
     pub fn start(snapshots: &[(&str, &Path)], extra: &[&str]) -> ServerProcess {
+        Self::start_command("serve", snapshots, extra)
+    }
+
+    /// As [`ServerProcess::start`], for another subcommand taking the same arguments (`record`).
+    pub fn start_command(command: &str, snapshots: &[(&str, &Path)], extra: &[&str]) -> ServerProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket_dir = dir.path().join("sockets");
         let log = dir.path().join("server.log");
         let mut cmd = Command::new(workspace_binary("uffd-server"));
-        cmd.arg("serve").arg("--socket-dir").arg(&socket_dir);
+        cmd.arg(command).arg("--socket-dir").arg(&socket_dir);
         for (name, path) in snapshots {
             cmd.arg("--snapshot").arg(format!("{name}={}", path.display()));
         }

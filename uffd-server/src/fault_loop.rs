@@ -13,6 +13,7 @@ use crate::snapshot::Snapshot;
 use crate::stats::VmStats;
 use crate::uffd_io::{IoctlError, ReadError, UffdEvent, Userfaultfd};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use prefetch::record::{RecordWindow, Recorder, Run};
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
@@ -81,6 +82,14 @@ pub struct FaultLoop<'a> {
     pub snapshot: &'a Snapshot,
     pub config: FaultConfig,
     pub stats: &'a VmStats,
+    /// Record this run's first touches within the window (`record` mode).
+    pub record: Option<RecordWindow>,
+}
+
+/// How a VM's loop ended, and what it recorded.
+pub struct VmOutcome {
+    pub end: VmEnd,
+    pub run: Option<Run>,
 }
 
 struct LoopState {
@@ -88,6 +97,7 @@ struct LoopState {
     faults: VecDeque<(HostAddr, bool)>,
     events: Vec<UffdEvent>,
     buf: EventBuffer,
+    recorder: Option<Recorder>,
 }
 
 enum Ready {
@@ -98,13 +108,22 @@ enum Ready {
 
 impl FaultLoop<'_> {
     /// Serves the VM until it ends.
-    pub fn run(&self) -> VmEnd {
+    pub fn run(&self) -> VmOutcome {
         let mut state = LoopState {
             removed: RemovedRanges::default(),
             faults: VecDeque::new(),
             events: Vec::with_capacity(64),
             buf: EventBuffer::new(64),
+            recorder: self.record.map(Recorder::new),
         };
+        let end = self.serve_until_end(&mut state);
+        VmOutcome {
+            end,
+            run: state.recorder.map(Recorder::finish),
+        }
+    }
+
+    fn serve_until_end(&self, state: &mut LoopState) -> VmEnd {
         loop {
             match self.wait() {
                 Ok(Ready::Events) => {}
@@ -112,11 +131,11 @@ impl FaultLoop<'_> {
                 Ok(Ready::UffdHangup) => return VmEnd::UffdHangup,
                 Err(end) => return end,
             }
-            if let Err(end) = self.read_events(&mut state) {
+            if let Err(end) = self.read_events(state) {
                 return end;
             }
             while let Some((addr, write)) = state.faults.pop_front() {
-                if let Err(end) = self.serve_fault(&mut state, addr, write) {
+                if let Err(end) = self.serve_fault(state, addr, write) {
                     return end;
                 }
             }
@@ -207,6 +226,9 @@ impl FaultLoop<'_> {
         };
         let unit = region.page_size.bytes();
         let page = addr.align_down(unit);
+        if let Some(recorder) = state.recorder.as_mut() {
+            recorder.record(region.file_offset_of(addr).0 / BASE_PAGE, write);
+        }
         loop {
             match self.place_around(state, region, page, write) {
                 Ok(()) => break,

@@ -3,10 +3,11 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use prefetch::record::RecordWindow;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use uffd_server::fault_loop::{FaultConfig, DEFAULT_FAULT_AROUND_PAGES};
-use uffd_server::server::{query_stats, Server, ServerConfig};
+use uffd_server::server::{query_stats, Recording, Server, ServerConfig};
 
 #[derive(Parser)]
 #[command(version, about)]
@@ -19,6 +20,9 @@ struct Cli {
 enum Command {
     /// Serve VMs restored from snapshots; one socket per snapshot: SOCKET_DIR/NAME.sock.
     Serve(ServeArgs),
+    /// Serve on demand (no prefetch) and record each VM's first touches; when a VM ends, merge
+    /// its run into the working-set file (union over runs, see docs/working-set-format.md).
+    Record(RecordArgs),
     /// Print the counters of every VM of a running server (live and recently ended).
     Stats {
         /// The running server's --socket-dir.
@@ -28,6 +32,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct RecordArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// The working-set file to create or merge into (one snapshot per file).
+    #[arg(long)]
+    working_set: PathBuf,
+    /// Stop recording a VM after this many first touches.
+    #[arg(long)]
+    record_max_faults: Option<usize>,
+    /// Stop recording a VM this long after it attached.
+    #[arg(long)]
+    record_max_ms: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -65,12 +84,25 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(args, None),
+        Command::Record(args) => {
+            let window = RecordWindow {
+                max_faults: args.record_max_faults,
+                max_duration: args.record_max_ms.map(Duration::from_millis),
+            };
+            serve(
+                args.serve,
+                Some(Recording {
+                    working_set: args.working_set,
+                    window,
+                }),
+            )
+        }
         Command::Stats { socket_dir, json } => stats(&socket_dir, json),
     }
 }
 
-fn serve(args: ServeArgs) -> Result<()> {
+fn serve(args: ServeArgs, recording: Option<Recording>) -> Result<()> {
     if !args.fault_around.is_power_of_two() || args.fault_around > 512 {
         bail!(
             "--fault-around must be a power of two between 1 and 512, got {}",
@@ -96,6 +128,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         },
         allow_uids: args.allow_uids,
         handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
+        recording,
     };
     let server = Server::bind(config.clone()).context("cannot start the server")?;
     for (name, path) in &config.snapshots {

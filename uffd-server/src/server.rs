@@ -4,14 +4,18 @@
 //! A connection's failure — a bad handshake, a refused peer, a VMM that dies — is logged with
 //! that VM's id and peer pid and ends that connection only; nothing here can stop the others.
 
-use crate::fault_loop::{FaultConfig, FaultLoop, VmEnd};
+use crate::addr::FileOffset;
+use crate::fault_loop::{FaultConfig, FaultLoop, VmEnd, VmOutcome};
 use crate::handshake::{self, HandshakeError};
 use crate::regions::{RegionError, RegionMap};
+use crate::snapshot::Snapshot;
 use crate::snapshot::SnapshotError;
 use crate::stats::{VmStats, VmStatsReport};
 use crate::store::SnapshotStore;
 use crate::uffd_io::Userfaultfd;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use prefetch::identity::SnapshotIdentity;
+use prefetch::record::{RecordWindow, Run};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -37,6 +41,14 @@ pub struct ServerConfig {
     /// When non-empty, only peers with one of these uids may attach.
     pub allow_uids: Vec<u32>,
     pub handshake_timeout: Duration,
+    /// `record` mode: each VM's first touches are merged into a working-set file when it ends.
+    pub recording: Option<Recording>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Recording {
+    pub working_set: PathBuf,
+    pub window: RecordWindow,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +59,8 @@ pub enum ServerError {
     BadName(String),
     #[error("snapshot name `{0}` is given twice")]
     DuplicateName(String),
+    #[error("recording into one working-set file needs exactly one snapshot, got {0}")]
+    RecordingNeedsOneSnapshot(usize),
     #[error("cannot create socket directory {0}: {1}")]
     SocketDir(PathBuf, io::Error),
     #[error("cannot listen on {0}: {1}")]
@@ -157,6 +171,9 @@ impl Server {
     pub fn bind(config: ServerConfig) -> Result<Server, ServerError> {
         if config.snapshots.is_empty() {
             return Err(ServerError::NoSnapshots);
+        }
+        if config.recording.is_some() && config.snapshots.len() != 1 {
+            return Err(ServerError::RecordingNeedsOneSnapshot(config.snapshots.len()));
         }
         let mut names = std::collections::BTreeSet::new();
         for (name, _) in &config.snapshots {
@@ -334,8 +351,9 @@ fn attach(id: u64, peer_pid: i32, peer_uid: u32, stream: &UnixStream, ctx: &Atta
         snapshot: &snapshot,
         config: ctx.config.fault,
         stats: &record.stats,
+        record: ctx.config.recording.as_ref().map(|r| r.window),
     };
-    let end = fault_loop.run();
+    let VmOutcome { end, run } = fault_loop.run();
     let elapsed = record.started.elapsed();
     *record.end.lock().unwrap_or_else(|p| p.into_inner()) = Some((end.to_string(), elapsed));
     let c = record.stats.report();
@@ -350,5 +368,25 @@ fn attach(id: u64, peer_pid: i32, peer_uid: u32, stream: &UnixStream, ctx: &Atta
     } else {
         tracing::info!(peer_pid, "{summary}");
     }
+    if let (Some(run), Some(recording)) = (run, &ctx.config.recording) {
+        save_run(&snapshot, &recording.working_set, &run);
+    }
     Ok(())
+}
+
+/// Merges a recorded run into the working-set file; a failure loses this run's hint only.
+fn save_run(snapshot: &Snapshot, path: &Path, run: &Run) {
+    let Some(memory) = snapshot.bytes(FileOffset(0), snapshot.len()) else {
+        return;
+    };
+    let identity = SnapshotIdentity::of(memory);
+    match prefetch::format::merge_run(path, &identity, run) {
+        Ok(merged) => {
+            if let Some(why) = merged.replaced {
+                tracing::warn!(path = %path.display(), "previous working-set file unusable ({why}); kept as .corrupt, started anew");
+            }
+            tracing::info!(path = %path.display(), runs = merged.runs, touches = run.touches.len(), "run merged into the working set");
+        }
+        Err(e) => tracing::error!("run not recorded: {e}"),
+    }
 }
