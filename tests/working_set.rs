@@ -6,6 +6,7 @@ use e2e::require_userfaultfd;
 use e2e::server_process::ServerProcess;
 use e2e::snapshot_file::SnapshotFile;
 use prefetch::identity::SnapshotIdentity;
+use prefetch::record::{Run, Touch};
 use prefetch::working_set::WorkingSet;
 use std::path::{Path, PathBuf};
 
@@ -141,4 +142,187 @@ fn a_damaged_working_set_file_is_kept_aside_and_the_vm_is_served() {
     server.wait_for_log("run merged into the working set", 1);
     assert!(dir.path().join("fn.ws.corrupt").exists());
     assert_eq!(load(&ws, &snap).runs, 1);
+}
+
+/// Writes a working set of `runs` (file pages in first-touch order) for `snap` at `path`.
+fn write_working_set(path: &Path, snap: &SnapshotFile, runs: &[Vec<u64>]) {
+    let mut set = WorkingSet::new(SnapshotIdentity::of(&snap.bytes));
+    for pages in runs {
+        set.merge(&Run {
+            touches: pages.iter().map(|&page| Touch { page, write: false }).collect(),
+        });
+    }
+    prefetch::format::write_atomic(path, &set).expect("write working set");
+}
+
+fn serve_with(snap: &SnapshotFile, ws: &Path, extra: &[&str]) -> ServerProcess {
+    let mut args = vec!["--working-set", ws.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    ServerProcess::start(&[("fn", &snap.path)], &args)
+}
+
+#[test]
+fn every_policy_serves_every_byte_while_the_guest_touches_from_several_threads() {
+    require_userfaultfd();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snap = SnapshotFile::random(dir.path(), "fn.mem", 32 * MIB, 0.3, 31);
+    let pages = snap.pages() as u64;
+    let ws = dir.path().join("fn.ws");
+    // First run: every 3rd page of the first half; second run shifts to the second half.
+    let first: Vec<u64> = (0..pages / 2).step_by(3).collect();
+    let second: Vec<u64> = (pages / 2..pages).step_by(3).collect();
+    write_working_set(&ws, &snap, &[first.clone(), second.clone()]);
+
+    for policy in ["none", "eager", "reap", "union"] {
+        let server = serve_with(&snap, &ws, &["--prefetch", policy]);
+        let vmm = FakeVmm::attach(&server.socket("fn"), snap.bytes.len()).expect("attach");
+        vmm.touch_all(4, true);
+        vmm.assert_matches(&snap.bytes);
+        drop(vmm);
+        server.wait_for_log("VM ended", 1);
+        let c = server.stats().vms[0].counters.clone();
+        let placed = c.prefetched_pages + c.prefetch_present_pages;
+        match policy {
+            "none" => assert_eq!(c.prefetch_planned_pages, 0),
+            "eager" => assert_eq!(
+                (c.prefetch_planned_pages, c.prefetched_pages),
+                (pages, pages),
+                "all before any fault"
+            ),
+            "reap" => {
+                assert!(c.prefetch_planned_pages >= first.len() as u64 && c.prefetch_planned_pages < pages / 2 + 8);
+                assert_eq!(
+                    c.prefetched_pages, c.prefetch_planned_pages,
+                    "installed before any fault"
+                );
+            }
+            "union" => {
+                assert!(c.prefetch_planned_pages >= (first.len() + second.len()) as u64);
+                assert!(placed <= c.prefetch_planned_pages && c.prefetched_pages > 0);
+            }
+            _ => unreachable!(),
+        }
+        eprintln!("{policy}: {c:?}");
+    }
+}
+
+#[test]
+fn unusable_working_set_files_are_ignored_with_the_reason_and_the_vm_is_served() {
+    require_userfaultfd();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snap = SnapshotFile::random(dir.path(), "fn.mem", 4 * MIB, 0.3, 32);
+    let other = SnapshotFile::random(dir.path(), "other.mem", 4 * MIB, 0.3, 33);
+    let ws = dir.path().join("fn.ws");
+    write_working_set(&ws, &snap, &[(0..200).collect()]);
+    let good = std::fs::read(&ws).expect("read");
+    let other_ws = dir.path().join("other.ws");
+    write_working_set(&other_ws, &other, &[(0..200).collect()]);
+
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0x04;
+    let mut version = good.clone();
+    version[8] = 9;
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        ("truncated", good[..good.len() - 10].to_vec(), "truncated"),
+        ("flipped bit", flipped, "checksum mismatch"),
+        ("wrong version", version, "version 9 is not supported"),
+        (
+            "other snapshot's file",
+            std::fs::read(&other_ws).expect("read"),
+            "belongs to another snapshot",
+        ),
+    ];
+    for (case, bytes, reason) in cases {
+        std::fs::write(&ws, &bytes).expect("write case");
+        let server = serve_with(&snap, &ws, &["--prefetch", "union"]);
+        let vmm = FakeVmm::attach(&server.socket("fn"), snap.bytes.len()).expect("attach");
+        vmm.touch_all(2, false);
+        vmm.assert_matches(&snap.bytes);
+        drop(vmm);
+        server.wait_for_log("VM ended", 1);
+        server.wait_for_log("working set not used, serving without its prefetch", 1);
+        server.wait_for_log(reason, 1);
+        assert_eq!(
+            server.stats().vms[0].counters.prefetched_pages,
+            0,
+            "{case}: nothing prefetched"
+        );
+        eprintln!("ignored as expected: {case}");
+    }
+}
+
+#[test]
+fn a_demand_fault_outside_the_set_is_served_while_a_large_prefetch_is_running() {
+    require_userfaultfd();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snap = SnapshotFile::random(dir.path(), "fn.mem", 256 * MIB, 0.0, 34);
+    let ws = dir.path().join("fn.ws");
+    // The set: the whole first region (3/4 of the guest, 48k pages), in page order.
+    let vmm_layout_first_region = (snap.pages() / 4 * 3) as u64;
+    write_working_set(&ws, &snap, &[(0..vmm_layout_first_region).collect()]);
+    // One page per prefetch batch: the plan takes ~50k ioctls, the demand fault one.
+    let server = serve_with(
+        &snap,
+        &ws,
+        &[
+            "--prefetch",
+            "union",
+            "--prefetch-batch-pages",
+            "1",
+            "--bridge-gap-pages",
+            "0",
+        ],
+    );
+    let vmm = FakeVmm::attach(&server.socket("fn"), snap.bytes.len()).expect("attach");
+    let outside = vmm.memory.regions[1];
+    touch(outside.addr + 5 * PAGE, false); // not in the set
+    let last_planned = vmm.memory.regions[0].addr + (vmm_layout_first_region as usize - 1) * PAGE;
+    touch(last_planned, false); // in the set, last in plan order: pulled forward
+    let early = server.stats().vms[0].counters.clone();
+    vmm.touch_all(2, false);
+    vmm.assert_matches(&snap.bytes);
+    drop(vmm);
+    server.wait_for_log("VM ended", 1);
+    let c = server.stats().vms[0].counters.clone();
+
+    assert_eq!(
+        early.faults_outside_plan, 1,
+        "the demand fault outside the set was served…"
+    );
+    assert!(
+        early.faults_during_prefetch >= 1,
+        "…while the prefetch was running: {early:?}"
+    );
+    assert!(
+        early.faults_unreached_plan >= 1,
+        "the last planned page was faulted before its batch ran"
+    );
+    assert!(c.prefetch_done_us > 0, "the prefetch finished afterwards");
+    assert_eq!(c.prefetch_planned_pages, vmm_layout_first_region);
+    assert_eq!(c.prefetched_pages + c.prefetch_present_pages, vmm_layout_first_region);
+}
+
+#[test]
+fn serve_learns_pages_outside_the_set_into_the_file() {
+    require_userfaultfd();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snap = SnapshotFile::random(dir.path(), "fn.mem", 4 * MIB, 0.3, 35);
+    let ws = dir.path().join("fn.ws");
+    write_working_set(&ws, &snap, &[vec![1, 2, 3]]);
+    let server = serve_with(&snap, &ws, &["--prefetch", "union", "--fault-around", "1"]);
+    drop(run_vm(&server, &snap, &[2, 40, 41, 3, 500]));
+    server.wait_for_log("new pages learned into the working set", 1);
+    let set = load(&ws, &snap);
+    assert_eq!(set.runs, 1, "a serve run is not counted as a recorded run");
+    assert_eq!(
+        set.pages.keys().copied().collect::<Vec<_>>(),
+        vec![1, 2, 3, 40, 41, 500]
+    );
+    assert_eq!(set.pages[&40].runs, 1);
+    let ranks: Vec<u32> = [40, 41, 500].iter().map(|p| set.pages[p].min_rank).collect();
+    assert!(
+        ranks.windows(2).all(|w| w[0] < w[1]),
+        "learned in first-touch order: {ranks:?}"
+    );
 }

@@ -8,11 +8,9 @@
 //!
 //! Run: `./x bench --bench fault_path` (or `cargo bench -p benches --bench fault_path`).
 
-use e2e::fake_vmm::{create_uffd, handshake_json, send_message, GuestMemory, PAGE};
+use e2e::fake_vmm::{FakeVmm, GuestMemory, PAGE};
 use e2e::server_process::ServerProcess;
 use e2e::snapshot_file::SnapshotFile;
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 use userfaultfd::{Event, UffdBuilder};
 
@@ -60,16 +58,9 @@ fn raw_round(snapshot: &[u8]) -> Vec<Duration> {
 
 /// The product: the same pages served by the uffd-server process.
 fn server_round(server: &ServerProcess, len: usize) -> Vec<Duration> {
-    let memory = GuestMemory::map(&[len], 0, false).expect("map");
-    let uffd = create_uffd(&memory).expect("uffd");
-    let socket = UnixStream::connect(server.socket("bench")).expect("connect");
-    send_message(
-        &socket,
-        handshake_json(&memory.regions).as_bytes(),
-        Some(uffd.as_raw_fd()),
-    )
-    .expect("handshake");
-    touch_timed(&memory)
+    // FakeVmm waits for the server to let go of the VM before its memory is unmapped.
+    let vmm = FakeVmm::attach_layout(&server.socket("bench"), &[len], 0, false).expect("attach");
+    touch_timed(&vmm.memory)
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> f64 {

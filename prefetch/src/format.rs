@@ -160,51 +160,63 @@ pub enum MergeError {
 
 /// Merges `run` into the working set stored at `path` (creating it), under an exclusive lock.
 pub fn merge_run(path: &Path, snapshot: &SnapshotIdentity, run: &Run) -> Result<Merged, MergeError> {
+    update(path, snapshot, |set| set.merge(run))
+}
+
+/// Adds pages first seen while serving (online refinement) to the working set at `path`.
+pub fn learn(
+    path: &Path,
+    snapshot: &SnapshotIdentity,
+    touches: &[(crate::PageIndex, u32, bool)],
+) -> Result<Merged, MergeError> {
+    update(path, snapshot, |set| set.learn(touches))
+}
+
+/// Read-modify-write of the working set at `path` under `flock(FILE.lock)`.
+fn update(
+    path: &Path,
+    snapshot: &SnapshotIdentity,
+    change: impl FnOnce(&mut WorkingSet),
+) -> Result<Merged, MergeError> {
     let io_err = |source| MergeError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let lock_path = path.with_file_name(format!(
-        "{}.lock",
-        path.file_name().map_or("ws".into(), |n| n.to_string_lossy())
-    ));
     let lock_file = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&lock_path)
+        .open(sibling(path, "lock"))
         .map_err(io_err)?;
     let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| io_err(e.into()))?;
     let (mut set, replaced) = match load(path, snapshot) {
         Ok(set) => (set, None),
         Err(FormatError::Missing(_)) => (WorkingSet::new(*snapshot), None),
-        Err(e @ FormatError::OtherSnapshot { .. }) => {
-            return Err(MergeError::Refused {
-                path: path.into(),
-                source: e,
-            })
-        }
-        Err(e @ FormatError::Io { .. }) => {
+        Err(e @ (FormatError::OtherSnapshot { .. } | FormatError::Io { .. })) => {
             return Err(MergeError::Refused {
                 path: path.into(),
                 source: e,
             })
         }
         Err(e) => {
-            let corrupt = path.with_file_name(format!(
-                "{}.corrupt",
-                path.file_name().map_or("ws".into(), |n| n.to_string_lossy())
-            ));
-            std::fs::rename(path, &corrupt).map_err(io_err)?;
+            std::fs::rename(path, sibling(path, "corrupt")).map_err(io_err)?;
             (WorkingSet::new(*snapshot), Some(e))
         }
     };
-    set.merge(run);
+    change(&mut set);
     write_atomic(path, &set).map_err(io_err)?;
     Ok(Merged {
         runs: set.runs,
         replaced,
     })
+}
+
+/// `FILE.suffix` next to `path`.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let name = path
+        .file_name()
+        .map_or_else(|| "working-set".into(), |n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!("{name}.{suffix}"))
 }
 
 #[cfg(test)]

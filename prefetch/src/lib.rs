@@ -11,6 +11,7 @@
 pub mod format;
 pub mod identity;
 pub mod plan;
+pub mod prefetcher;
 pub mod record;
 pub mod working_set;
 

@@ -73,6 +73,22 @@ impl WorkingSet {
         }
     }
 
+    /// Online refinement: adds `touches` (page, estimated first-touch rank, write) of pages the
+    /// set does not know yet, as seen once in the latest run. A serve run is not counted as a
+    /// run: its prefetched pages never fault, so it cannot say which of them were touched.
+    pub fn learn(&mut self, touches: &[(PageIndex, u32, bool)]) {
+        let last_run = self.runs.max(1);
+        for &(page, rank, write) in touches {
+            self.pages.entry(page).or_insert(PageStats {
+                runs: 1,
+                rank_sum: u64::from(rank),
+                min_rank: rank,
+                last_run,
+                writes: u32::from(write),
+            });
+        }
+    }
+
     /// Merges another working set of the same snapshot (two servers' files, say): runs add up,
     /// per-page statistics combine as if every run had been merged here.
     pub fn merge_set(&mut self, other: &WorkingSet) {
@@ -196,6 +212,25 @@ mod tests {
             prop_assert!(selected.windows(2).all(|w| w[0].1 < w[1].1 || (w[0].1 == w[1].1 && w[0].0 < w[1].0)));
             // The union (0) is a superset of every stricter selection.
             prop_assert!(set.select(0.0).len() >= selected.len());
+        }
+
+        #[test]
+        fn learning_adds_only_unknown_pages(runs in runs(), extra in proptest::collection::vec(0u64..200, 0..40)) {
+            let mut set = WorkingSet::new(identity());
+            for r in &runs {
+                set.merge(&run(r));
+            }
+            let before = set.clone();
+            let touches: Vec<(u64, u32, bool)> = extra.iter().enumerate().map(|(i, &p)| (p, i as u32, false)).collect();
+            set.learn(&touches);
+            prop_assert_eq!(set.runs, before.runs);
+            for (page, stats) in &set.pages {
+                match before.pages.get(page) {
+                    Some(old) => prop_assert_eq!(old, stats),
+                    None => prop_assert!(extra.contains(page) && stats.runs == 1),
+                }
+            }
+            prop_assert!(extra.iter().all(|p| set.pages.contains_key(p)));
         }
 
         #[test]

@@ -161,6 +161,22 @@ pub struct FakeVmm {
     pub memory: GuestMemory,
 }
 
+impl Drop for FakeVmm {
+    /// Hangs up, then waits for the server to hang up too before the memory is unmapped.
+    ///
+    /// Until then the server may still serve a fault event it read earlier, and UFFDIO_COPY
+    /// lands in *any* uffd-registered range of this process at that address (the kernel checks
+    /// only that the range is registered, not with which uffd) — so memory this process maps
+    /// there next, for another VM, would get this VM's pages. A Firecracker process exits
+    /// instead and cannot be hit; a VMM that restores many VMs in one process must wait.
+    fn drop(&mut self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Write);
+        let _ = self.socket.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+        let mut buf = [0u8; 64];
+        while matches!(std::io::Read::read(&mut &self.socket, &mut buf), Ok(n) if n > 0) {}
+    }
+}
+
 impl FakeVmm {
     /// The standard layout for a snapshot of `len` bytes: two regions (3/4 and 1/4 of it) with
     /// a 16 MiB hole between them.
@@ -201,9 +217,20 @@ impl FakeVmm {
             let actual = self.memory.region_bytes(i);
             if actual != expected {
                 let at = actual.iter().zip(expected).position(|(a, b)| a != b).unwrap_or(0);
+                let page = at / PAGE * PAGE;
+                let differing = actual[page..page + PAGE]
+                    .iter()
+                    .zip(&expected[page..page + PAGE])
+                    .filter(|(a, b)| a != b)
+                    .count();
+                let zeros = actual[page..page + PAGE].iter().all(|&b| b == 0);
                 panic!(
-                    "region {i}: guest byte at offset {at:#x} (file offset {:#x}) differs from the snapshot",
-                    r.file_offset + at
+                    "region {i}: guest byte at offset {at:#x} (file offset {:#x}) differs from the snapshot: \
+                     {differing} bytes of that page differ, the guest page is {}; guest {:02x?} snapshot {:02x?}",
+                    r.file_offset + at,
+                    if zeros { "all zeros" } else { "not all zeros" },
+                    &actual[at..(at + 8).min(actual.len())],
+                    &expected[at..(at + 8).min(expected.len())]
                 );
             }
         }

@@ -4,20 +4,25 @@
 //! is the only reliable sign that the VMM is gone (the uffd itself reports nothing when its
 //! process dies). Faults are served in arrival order. Every event read is acted on before the
 //! next `poll`, and a REMOVE is applied before any fault read with it, so a removed page is
-//! never filled from the snapshot.
+//! never filled from the snapshot. Events are read holding the write side of the removed-range
+//! lock, which the prefetcher holds while it places a batch (see `placer`).
 
-use crate::addr::{HostAddr, PageSize, BASE_PAGE, HUGE_PAGE};
-use crate::regions::{Region, RegionMap};
+use crate::addr::{HostAddr, BASE_PAGE};
+use crate::placer::{BatchPlacement, Filled, Placer};
+use crate::regions::Region;
 use crate::removed::RemovedRanges;
-use crate::snapshot::Snapshot;
 use crate::stats::VmStats;
-use crate::uffd_io::{IoctlError, ReadError, UffdEvent, Userfaultfd};
+use crate::uffd_io::{IoctlError, ReadError, UffdEvent};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use prefetch::plan::Batch;
+use prefetch::prefetcher::{BatchPlacer, Placed, PrefetchQueue};
 use prefetch::record::{RecordWindow, Recorder, Run};
+use prefetch::working_set::WorkingSet;
+use prefetch::PageIndex;
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::OnceLock;
+use std::sync::RwLock;
 use std::time::Instant;
 use userfaultfd::EventBuffer;
 
@@ -66,38 +71,40 @@ impl std::fmt::Display for VmEnd {
     }
 }
 
-/// 2 MiB of zeros, the source for zero pages that must be *copied* rather than mapped with
-/// UFFDIO_ZEROPAGE. A zeroed allocation this large is fresh anonymous memory that is never
-/// written, so it costs no RAM.
-fn zeros(len: u64) -> &'static [u8] {
-    static ZEROS: OnceLock<Box<[u8]>> = OnceLock::new();
-    &ZEROS.get_or_init(|| vec![0u8; HUGE_PAGE as usize].into_boxed_slice())[..len as usize]
-}
-
 /// Everything one VM's loop needs. Borrowed: the caller owns the VM's resources and outlives it.
 pub struct FaultLoop<'a> {
-    pub uffd: &'a Userfaultfd,
+    pub placer: Placer<'a>,
     pub socket: &'a UnixStream,
-    pub regions: &'a RegionMap,
-    pub snapshot: &'a Snapshot,
     pub config: FaultConfig,
     pub stats: &'a VmStats,
+    /// Removed ranges, shared with the prefetcher.
+    pub removed: &'a RwLock<RemovedRanges>,
+    /// Batches placed synchronously before any fault is served (the `eager` and `reap` policies).
+    pub install_first: &'a [Batch],
+    /// The background prefetcher's queue (the `union` policy): faults pull batches forward.
+    pub prefetch: Option<&'a PrefetchQueue>,
     /// Record this run's first touches within the window (`record` mode).
     pub record: Option<RecordWindow>,
+    /// Online refinement: demand faults on pages this set does not know are learned.
+    pub learn_from: Option<&'a WorkingSet>,
 }
 
 /// How a VM's loop ended, and what it recorded.
 pub struct VmOutcome {
     pub end: VmEnd,
+    /// `record` mode: the run.
     pub run: Option<Run>,
+    /// Online refinement: (page, estimated first-touch rank, write) of pages new to the set.
+    pub learned: Vec<(PageIndex, u32, bool)>,
 }
 
 struct LoopState {
-    removed: RemovedRanges,
     faults: VecDeque<(HostAddr, bool)>,
     events: Vec<UffdEvent>,
     buf: EventBuffer,
     recorder: Option<Recorder>,
+    learned: Vec<(PageIndex, u32, bool)>,
+    demand_faults: u64,
 }
 
 enum Ready {
@@ -110,17 +117,41 @@ impl FaultLoop<'_> {
     /// Serves the VM until it ends.
     pub fn run(&self) -> VmOutcome {
         let mut state = LoopState {
-            removed: RemovedRanges::default(),
             faults: VecDeque::new(),
             events: Vec::with_capacity(64),
             buf: EventBuffer::new(64),
             recorder: self.record.map(Recorder::new),
+            learned: Vec::new(),
+            demand_faults: 0,
         };
-        let end = self.serve_until_end(&mut state);
+        let end = self
+            .install(&mut state)
+            .err()
+            .unwrap_or_else(|| self.serve_until_end(&mut state));
         VmOutcome {
             end,
             run: state.recorder.map(Recorder::finish),
+            learned: state.learned,
         }
+    }
+
+    /// Places `install_first` before serving any fault; faults arriving meanwhile wait.
+    fn install(&self, state: &mut LoopState) -> Result<(), VmEnd> {
+        let placement = BatchPlacement {
+            placer: self.placer,
+            removed: self.removed,
+            stats: self.stats,
+        };
+        for batch in self.install_first {
+            loop {
+                match placement.place(batch) {
+                    Placed::Done => break,
+                    Placed::Retry => self.read_events(state)?, // a REMOVE is pending: read it
+                    Placed::Stop => return Err(VmEnd::AddressSpaceGone),
+                }
+            }
+        }
+        Ok(())
     }
 
     fn serve_until_end(&self, state: &mut LoopState) -> VmEnd {
@@ -143,8 +174,8 @@ impl FaultLoop<'_> {
     }
 
     fn wait(&self) -> Result<Ready, VmEnd> {
-        // SAFETY: the raw fd belongs to `self.uffd`, which outlives this borrow.
-        let uffd_fd = unsafe { BorrowedFd::borrow_raw(self.uffd.as_raw_fd()) };
+        // SAFETY: the raw fd belongs to the placer's uffd, which outlives this borrow.
+        let uffd_fd = unsafe { BorrowedFd::borrow_raw(self.placer.uffd.as_raw_fd()) };
         let mut fds = [
             PollFd::new(uffd_fd, PollFlags::POLLIN),
             PollFd::new(self.socket.as_fd(), PollFlags::POLLIN),
@@ -191,8 +222,10 @@ impl FaultLoop<'_> {
 
     /// Reads all pending events: layout events take effect at once, faults are queued.
     fn read_events(&self, state: &mut LoopState) -> Result<(), VmEnd> {
+        // Held from before the read until removed ranges are marked (see the module comment).
+        let mut removed = self.removed.write().unwrap_or_else(|p| p.into_inner());
         state.events.clear();
-        match self.uffd.read_events(&mut state.buf, &mut state.events) {
+        match self.placer.uffd.read_events(&mut state.buf, &mut state.events) {
             Ok(()) => {}
             Err(ReadError::Eof) => return Err(VmEnd::UffdHangup),
             Err(e) => return Err(VmEnd::Failed(e.to_string())),
@@ -203,16 +236,14 @@ impl FaultLoop<'_> {
                 UffdEvent::Remove { start, end } | UffdEvent::Unmap { start, end } => {
                     VmStats::add(&self.stats.remove_events, 1);
                     tracing::debug!(%start, %end, "range removed: it will read as zeros");
-                    state.removed.insert(start, end);
+                    removed.insert(start, end);
                 }
                 UffdEvent::Remap { from, to, len } => {
                     // Firecracker never enables REMAP; serving a moved range would need a
                     // region map update we cannot validate. Refuse loudly.
                     tracing::error!(%from, %to, len, "VMM remapped guest memory; remapped pages are not served");
                 }
-                UffdEvent::Fork => {
-                    tracing::warn!("VMM forked; the child's userfaultfd is not served")
-                }
+                UffdEvent::Fork => tracing::warn!("VMM forked; the child's userfaultfd is not served"),
             }
         }
         Ok(())
@@ -220,17 +251,14 @@ impl FaultLoop<'_> {
 
     fn serve_fault(&self, state: &mut LoopState, addr: HostAddr, write: bool) -> Result<(), VmEnd> {
         let started = Instant::now();
-        let Some(region) = self.regions.find(addr) else {
+        let Some(region) = self.placer.regions.find(addr) else {
             tracing::error!(%addr, "fault outside every region of the handshake; cannot serve it");
             return Ok(());
         };
-        let unit = region.page_size.bytes();
-        let page = addr.align_down(unit);
-        if let Some(recorder) = state.recorder.as_mut() {
-            recorder.record(region.file_offset_of(addr).0 / BASE_PAGE, write);
-        }
+        let page = addr.align_down(region.page_size.bytes());
+        self.note_demand(state, region.file_offset_of(addr).0 / BASE_PAGE, write);
         loop {
-            match self.place_around(state, region, page, write) {
+            match self.place_around(region, page, write) {
                 Ok(()) => break,
                 Err(IoctlError::Again { .. }) => self.read_events(state)?,
                 Err(IoctlError::VmGone) => return Err(VmEnd::AddressSpaceGone),
@@ -245,23 +273,54 @@ impl FaultLoop<'_> {
         Ok(())
     }
 
+    /// Bookkeeping of a demand fault on file page `page`: recording, the prefetch plan's view
+    /// of it (pulling its batch forward), online refinement.
+    fn note_demand(&self, state: &mut LoopState, page: PageIndex, write: bool) {
+        if let Some(recorder) = state.recorder.as_mut() {
+            recorder.record(page, write);
+        }
+        let mut rank_estimate = state.demand_faults;
+        state.demand_faults += 1;
+        if let Some(queue) = self.prefetch {
+            rank_estimate += queue.placed_pages();
+            if !queue.is_finished() {
+                VmStats::add(&self.stats.faults_during_prefetch, 1);
+            }
+            match queue.batch_containing(page) {
+                Some(batch) if !queue.is_done(batch) => {
+                    VmStats::add(&self.stats.faults_unreached_plan, 1);
+                    queue.pull_forward(batch);
+                }
+                Some(_) => {}
+                None => VmStats::add(&self.stats.faults_outside_plan, 1),
+            }
+        }
+        if let Some(set) = self.learn_from {
+            if !set.pages.contains_key(&page) {
+                state
+                    .learned
+                    .push((page, u32::try_from(rank_estimate).unwrap_or(u32::MAX), write));
+            }
+        }
+    }
+
     /// Places the fault's cluster, falling back to the faulting page alone when part of the
     /// cluster is already present or removed, and waking the page if it is already there.
-    fn place_around(&self, state: &LoopState, region: &Region, page: HostAddr, write: bool) -> Result<(), IoctlError> {
+    fn place_around(&self, region: &Region, page: HostAddr, write: bool) -> Result<(), IoctlError> {
+        let removed = self.removed.read().unwrap_or_else(|p| p.into_inner());
         let unit = region.page_size.bytes();
         let (start, len) = self.cluster(region, page);
-        let whole_cluster = len > unit && !state.removed.overlaps(start, len);
-        if whole_cluster {
-            match self.place(state, region, start, len, write) {
+        if len > unit && !removed.overlaps(start, len) {
+            match self.place(&removed, region, start, len, write) {
                 Err(IoctlError::Exists) => {} // a neighbour is present: serve the page alone
                 other => return other,
             }
         }
-        match self.place(state, region, page, unit, write) {
+        match self.place(&removed, region, page, unit, write) {
             Err(IoctlError::Exists) => {
                 // Placed meanwhile by someone else, possibly without waking our thread.
                 VmStats::add(&self.stats.already_present, 1);
-                self.uffd.wake(page, unit)
+                self.placer.uffd.wake(page, unit)
             }
             other => other,
         }
@@ -269,52 +328,33 @@ impl FaultLoop<'_> {
 
     /// The aligned fault-around cluster containing `page`, clipped to its region.
     fn cluster(&self, region: &Region, page: HostAddr) -> (HostAddr, u64) {
-        let unit = region.page_size.bytes();
-        let size = (self.config.fault_around_pages * BASE_PAGE).max(unit);
+        let size = (self.config.fault_around_pages * BASE_PAGE).max(region.page_size.bytes());
         let start = page.align_down(size).0.max(region.host.0);
         let end = (page.align_down(size).0 + size).min(region.host_end());
         (HostAddr(start), end - start)
     }
 
-    /// Places `[start, start + len)`: zeros where removed or all-zero in the snapshot, else
-    /// the snapshot's bytes.
+    /// Places `[start, start + len)`: zeros where removed, else the snapshot's content.
     fn place(
         &self,
-        state: &LoopState,
+        removed: &RemovedRanges,
         region: &Region,
         start: HostAddr,
         len: u64,
         write: bool,
     ) -> Result<(), IoctlError> {
-        let pages = len / BASE_PAGE;
-        if state.removed.overlaps(start, len) {
+        let filled = if removed.overlaps(start, len) {
             VmStats::add(&self.stats.removed_faults, 1);
-            return self.place_zeros(region.page_size, start, len, write);
-        }
-        let offset = region.file_offset_of(start);
-        if self.snapshot.is_zero(offset, len) {
-            return self.place_zeros(region.page_size, start, len, write);
-        }
-        let Some(src) = self.snapshot.bytes(offset, len) else {
-            // Cannot happen: regions were validated against the snapshot's length.
-            return Err(IoctlError::Other(nix::errno::Errno::EFAULT));
-        };
-        self.uffd.copy(src, start, true)?;
-        VmStats::add(&self.stats.copied_pages, pages);
-        Ok(())
-    }
-
-    /// A read fault maps the zero page; a write fault would then take a second (CoW) fault, so
-    /// it gets a copy of zeros instead (measured 2× cheaper). hugetlbfs has no ZEROPAGE.
-    fn place_zeros(&self, page_size: PageSize, start: HostAddr, len: u64, write: bool) -> Result<(), IoctlError> {
-        let pages = len / BASE_PAGE;
-        if write || page_size == PageSize::Huge {
-            self.uffd.copy(zeros(len), start, true)?;
-            VmStats::add(&self.stats.zero_copied_pages, pages);
+            self.placer.zeros(region.page_size, start, len, write)?
         } else {
-            self.uffd.zeropage(start, len, true)?;
-            VmStats::add(&self.stats.zeropage_pages, pages);
-        }
+            self.placer.snapshot_range(region, start, len, write)?
+        };
+        let counter = match filled {
+            Filled::Copied => &self.stats.copied_pages,
+            Filled::ZeroMapped => &self.stats.zeropage_pages,
+            Filled::ZeroCopied => &self.stats.zero_copied_pages,
+        };
+        VmStats::add(counter, len / BASE_PAGE);
         Ok(())
     }
 }

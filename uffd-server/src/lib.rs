@@ -8,6 +8,7 @@
 pub mod addr;
 pub mod fault_loop;
 pub mod handshake;
+pub mod placer;
 pub mod regions;
 pub mod removed;
 pub mod server;

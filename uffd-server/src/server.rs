@@ -4,25 +4,30 @@
 //! A connection's failure — a bad handshake, a refused peer, a VMM that dies — is logged with
 //! that VM's id and peer pid and ends that connection only; nothing here can stop the others.
 
-use crate::addr::FileOffset;
+use crate::addr::BASE_PAGE;
 use crate::fault_loop::{FaultConfig, FaultLoop, VmEnd, VmOutcome};
 use crate::handshake::{self, HandshakeError};
+use crate::placer::{BatchPlacement, Placer};
 use crate::regions::{RegionError, RegionMap};
+use crate::removed::RemovedRanges;
 use crate::snapshot::Snapshot;
 use crate::snapshot::SnapshotError;
 use crate::stats::{VmStats, VmStatsReport};
 use crate::store::SnapshotStore;
 use crate::uffd_io::Userfaultfd;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-use prefetch::identity::SnapshotIdentity;
+use prefetch::plan::{plan, Batch, BatchKind, PlanConfig};
+use prefetch::prefetcher::PrefetchQueue;
 use prefetch::record::{RecordWindow, Run};
+use prefetch::working_set::WorkingSet;
+use prefetch::PageIndex;
 use serde::{Deserialize, Serialize};
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 /// Name of the control socket in the socket directory.
@@ -41,14 +46,35 @@ pub struct ServerConfig {
     /// When non-empty, only peers with one of these uids may attach.
     pub allow_uids: Vec<u32>,
     pub handshake_timeout: Duration,
-    /// `record` mode: each VM's first touches are merged into a working-set file when it ends.
-    pub recording: Option<Recording>,
+    /// The working-set file of the (single) snapshot: recorded into, prefetched from, refined.
+    pub working_set: Option<PathBuf>,
+    pub mode: Mode,
 }
 
-#[derive(Clone, Debug)]
-pub struct Recording {
-    pub working_set: PathBuf,
-    pub window: RecordWindow,
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    /// Serve, prefetching by `policy`; with a working set, demand faults on pages new to it are
+    /// merged into it when the VM ends (online refinement).
+    Serve {
+        policy: PrefetchPolicy,
+        min_frequency: f64,
+        plan: PlanConfig,
+    },
+    /// Serve on demand and merge each VM's first touches into the working set as a run.
+    Record { window: RecordWindow },
+}
+
+/// What is brought in ahead of the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrefetchPolicy {
+    /// Nothing: every page comes by demand fault (lazy).
+    None,
+    /// The whole snapshot, before the first fault is served (SnapFaaS).
+    Eager,
+    /// The first recorded run, synchronously before the first fault is served (REAP).
+    Reap,
+    /// The union over recorded runs, in the background in first-touch order (ours).
+    Union,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,8 +85,10 @@ pub enum ServerError {
     BadName(String),
     #[error("snapshot name `{0}` is given twice")]
     DuplicateName(String),
-    #[error("recording into one working-set file needs exactly one snapshot, got {0}")]
-    RecordingNeedsOneSnapshot(usize),
+    #[error("a working-set file belongs to exactly one snapshot, got {0} snapshots")]
+    WorkingSetNeedsOneSnapshot(usize),
+    #[error("{0:?} needs a working set (--working-set)")]
+    PolicyNeedsWorkingSet(PrefetchPolicy),
     #[error("cannot create socket directory {0}: {1}")]
     SocketDir(PathBuf, io::Error),
     #[error("cannot listen on {0}: {1}")]
@@ -172,8 +200,17 @@ impl Server {
         if config.snapshots.is_empty() {
             return Err(ServerError::NoSnapshots);
         }
-        if config.recording.is_some() && config.snapshots.len() != 1 {
-            return Err(ServerError::RecordingNeedsOneSnapshot(config.snapshots.len()));
+        if config.working_set.is_some() && config.snapshots.len() != 1 {
+            return Err(ServerError::WorkingSetNeedsOneSnapshot(config.snapshots.len()));
+        }
+        if let Mode::Serve {
+            policy: policy @ (PrefetchPolicy::Reap | PrefetchPolicy::Union),
+            ..
+        } = config.mode
+        {
+            if config.working_set.is_none() {
+                return Err(ServerError::PolicyNeedsWorkingSet(policy));
+            }
         }
         let mut names = std::collections::BTreeSet::new();
         for (name, _) in &config.snapshots {
@@ -344,16 +381,65 @@ fn attach(id: u64, peer_pid: i32, peer_uid: u32, stream: &UnixStream, ctx: &Atta
         guest_bytes = regions.total_bytes(),
         "VM attached"
     );
-    let fault_loop = FaultLoop {
+    let prepared = prepare(ctx, &snapshot, &regions);
+    let planned = prepared
+        .install
+        .iter()
+        .chain(prepared.queue.iter().flat_map(|q| q.batches()))
+        .map(|b| b.pages)
+        .sum();
+    VmStats::add(&record.stats.prefetch_planned_pages, planned);
+    let removed = RwLock::new(RemovedRanges::default());
+    let placer = Placer {
         uffd: &uffd,
-        socket: stream,
         regions: &regions,
         snapshot: &snapshot,
-        config: ctx.config.fault,
-        stats: &record.stats,
-        record: ctx.config.recording.as_ref().map(|r| r.window),
     };
-    let VmOutcome { end, run } = fault_loop.run();
+    let stats = &record.stats;
+    let VmOutcome { end, run, learned } = std::thread::scope(|scope| {
+        if let Some(queue) = &prepared.queue {
+            let placement = BatchPlacement {
+                placer,
+                removed: &removed,
+                stats,
+            };
+            let started = record.started;
+            let spawned = std::thread::Builder::new()
+                .name(format!("prefetch-{id}"))
+                .spawn_scoped(scope, move || {
+                    queue.run(&placement);
+                    if queue.is_finished() {
+                        VmStats::add(&stats.prefetch_done_us, started.elapsed().as_micros() as u64);
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!("cannot start the prefetch thread, serving on demand only: {e}");
+            }
+        }
+        let fault_loop = FaultLoop {
+            placer,
+            socket: stream,
+            config: ctx.config.fault,
+            stats,
+            removed: &removed,
+            install_first: &prepared.install,
+            prefetch: prepared.queue.as_ref(),
+            record: match ctx.config.mode {
+                Mode::Record { window } => Some(window),
+                Mode::Serve { .. } => None,
+            },
+            learn_from: prepared.working_set.as_ref(),
+        };
+        let outcome = fault_loop.run();
+        if let Some(queue) = &prepared.queue {
+            queue.stop();
+        }
+        outcome
+    });
+    // Let go of the VM before the slow part (the working-set file): a VMM that maps memory again
+    // in the same process waits for this hang-up (docs/protocol.md).
+    drop(uffd);
+    let _ = stream.shutdown(std::net::Shutdown::Both);
     let elapsed = record.started.elapsed();
     *record.end.lock().unwrap_or_else(|p| p.into_inner()) = Some((end.to_string(), elapsed));
     let c = record.stats.report();
@@ -368,25 +454,115 @@ fn attach(id: u64, peer_pid: i32, peer_uid: u32, stream: &UnixStream, ctx: &Atta
     } else {
         tracing::info!(peer_pid, "{summary}");
     }
-    if let (Some(run), Some(recording)) = (run, &ctx.config.recording) {
-        save_run(&snapshot, &recording.working_set, &run);
+    if let Some(path) = &ctx.config.working_set {
+        save_learning(&snapshot, path, run.as_ref(), &learned);
     }
     Ok(())
 }
 
-/// Merges a recorded run into the working-set file; a failure loses this run's hint only.
-fn save_run(snapshot: &Snapshot, path: &Path, run: &Run) {
-    let Some(memory) = snapshot.bytes(FileOffset(0), snapshot.len()) else {
-        return;
+/// What a VM gets before its fault loop starts.
+struct Prepared {
+    /// Placed synchronously before the first fault is served.
+    install: Vec<Batch>,
+    /// Placed in the background.
+    queue: Option<PrefetchQueue>,
+    /// The set demand faults are checked against for online refinement (`serve` only).
+    working_set: Option<WorkingSet>,
+}
+
+/// Loads the working set (a lost hint is logged, never an error to the VM) and plans.
+fn prepare(ctx: &AttachContext, snapshot: &Snapshot, regions: &RegionMap) -> Prepared {
+    let mut prepared = Prepared {
+        install: Vec::new(),
+        queue: None,
+        working_set: None,
     };
-    let identity = SnapshotIdentity::of(memory);
-    match prefetch::format::merge_run(path, &identity, run) {
+    let Mode::Serve {
+        policy,
+        min_frequency,
+        plan: plan_config,
+    } = ctx.config.mode
+    else {
+        return prepared;
+    };
+    if policy == PrefetchPolicy::Eager {
+        prepared.install = whole_snapshot(regions, plan_config.max_batch_pages);
+    }
+    let Some(path) = &ctx.config.working_set else {
+        return prepared;
+    };
+    let set = match prefetch::format::load(path, &snapshot.identity()) {
+        Ok(set) => set,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "working set not used, serving without its prefetch: {e}");
+            prepared.working_set = Some(WorkingSet::new(snapshot.identity()));
+            return prepared;
+        }
+    };
+    let is_zero = |page: PageIndex| snapshot.is_zero_page(page as usize);
+    match policy {
+        PrefetchPolicy::Reap => {
+            let first_run: Vec<(PageIndex, f64)> =
+                set.first_run.iter().enumerate().map(|(i, &p)| (p, i as f64)).collect();
+            prepared.install = plan(&first_run, is_zero, plan_config);
+        }
+        PrefetchPolicy::Union => {
+            prepared.queue = Some(PrefetchQueue::new(plan(
+                &set.select(min_frequency),
+                is_zero,
+                plan_config,
+            )));
+        }
+        PrefetchPolicy::None | PrefetchPolicy::Eager => {}
+    }
+    tracing::info!(path = %path.display(), runs = set.runs, pages = set.pages.len(), ?policy, "working set loaded");
+    prepared.working_set = Some(set);
+    prepared
+}
+
+/// Every page of every region, in file order, as batches of at most `max_pages`.
+fn whole_snapshot(regions: &RegionMap, max_pages: u64) -> Vec<Batch> {
+    let mut batches = Vec::new();
+    for region in regions.regions() {
+        let (first, end) = (
+            region.file_offset.0 / BASE_PAGE,
+            (region.file_offset.0 + region.size) / BASE_PAGE,
+        );
+        for start in (first..end).step_by(max_pages.max(1) as usize) {
+            let pages = max_pages.min(end - start);
+            batches.push(Batch {
+                first_page: start,
+                pages,
+                kind: BatchKind::Copy,
+                rank: 0.0,
+            });
+        }
+    }
+    batches
+}
+
+/// Merges what a VM taught us into the working-set file; a failure loses this hint only.
+fn save_learning(snapshot: &Snapshot, path: &Path, run: Option<&Run>, learned: &[(PageIndex, u32, bool)]) {
+    let identity = snapshot.identity();
+    let (result, what) = match run {
+        Some(run) => (
+            prefetch::format::merge_run(path, &identity, run),
+            "run merged into the working set",
+        ),
+        None if learned.is_empty() => return,
+        None => (
+            prefetch::format::learn(path, &identity, learned),
+            "new pages learned into the working set",
+        ),
+    };
+    match result {
         Ok(merged) => {
             if let Some(why) = merged.replaced {
                 tracing::warn!(path = %path.display(), "previous working-set file unusable ({why}); kept as .corrupt, started anew");
             }
-            tracing::info!(path = %path.display(), runs = merged.runs, touches = run.touches.len(), "run merged into the working set");
+            let touches = run.map_or(learned.len(), |r| r.touches.len());
+            tracing::info!(path = %path.display(), runs = merged.runs, touches, "{what}");
         }
-        Err(e) => tracing::error!("run not recorded: {e}"),
+        Err(e) => tracing::error!("working set not updated: {e}"),
     }
 }

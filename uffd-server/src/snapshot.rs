@@ -9,6 +9,7 @@ use crate::addr::{FileOffset, BASE_PAGE};
 use bitvec::vec::BitVec;
 use memmap2::{MmapMut, UncheckedAdvice};
 use nix::unistd::{lseek, Whence};
+use prefetch::identity::SnapshotIdentity;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -52,6 +53,7 @@ pub struct Snapshot {
     memory: MmapMut,
     /// One bit per 4 KiB page: set when the page is all zeros.
     zero_pages: BitVec,
+    identity: SnapshotIdentity,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -118,13 +120,20 @@ impl Snapshot {
             }
         }
         release_zero_runs(&memory, &zero_pages);
+        let identity = SnapshotIdentity::of(&memory);
         Ok(Snapshot {
             name: name.into(),
             path: path.into(),
             len,
             memory,
             zero_pages,
+            identity,
         })
+    }
+
+    /// Size and fingerprint, naming the snapshot in working-set files.
+    pub fn identity(&self) -> SnapshotIdentity {
+        self.identity
     }
 
     pub fn name(&self) -> &str {

@@ -65,6 +65,22 @@ pub struct VmStats {
     /// Faults whose page was already present (placed by a concurrent fault or prefetch).
     pub already_present: AtomicU64,
     pub latency: LatencyHistogram,
+    /// Pages the prefetch plan (or synchronous install) holds.
+    pub prefetch_planned_pages: AtomicU64,
+    /// Pages placed by prefetch or synchronous install.
+    pub prefetched_pages: AtomicU64,
+    /// Planned pages found present (a demand fault came first).
+    pub prefetch_present_pages: AtomicU64,
+    /// Planned pages skipped because the guest removed them.
+    pub prefetch_removed_pages: AtomicU64,
+    /// Demand faults while the background prefetch was still running.
+    pub faults_during_prefetch: AtomicU64,
+    /// Demand faults on a planned page whose batch had not run yet (it is pulled forward).
+    pub faults_unreached_plan: AtomicU64,
+    /// Demand faults on pages outside the plan.
+    pub faults_outside_plan: AtomicU64,
+    /// Microseconds from attach until the background prefetch finished (0: not finished).
+    pub prefetch_done_us: AtomicU64,
 }
 
 /// A serialisable view of [`VmStats`].
@@ -80,6 +96,14 @@ pub struct VmStatsReport {
     pub already_present: u64,
     pub fault_latency_p50_us: f64,
     pub fault_latency_p99_us: f64,
+    pub prefetch_planned_pages: u64,
+    pub prefetched_pages: u64,
+    pub prefetch_present_pages: u64,
+    pub prefetch_removed_pages: u64,
+    pub faults_during_prefetch: u64,
+    pub faults_unreached_plan: u64,
+    pub faults_outside_plan: u64,
+    pub prefetch_done_us: u64,
 }
 
 impl VmStats {
@@ -100,6 +124,14 @@ impl VmStats {
             already_present: self.already_present.load(Relaxed),
             fault_latency_p50_us: self.latency.quantile_us(0.5),
             fault_latency_p99_us: self.latency.quantile_us(0.99),
+            prefetch_planned_pages: self.prefetch_planned_pages.load(Relaxed),
+            prefetched_pages: self.prefetched_pages.load(Relaxed),
+            prefetch_present_pages: self.prefetch_present_pages.load(Relaxed),
+            prefetch_removed_pages: self.prefetch_removed_pages.load(Relaxed),
+            faults_during_prefetch: self.faults_during_prefetch.load(Relaxed),
+            faults_unreached_plan: self.faults_unreached_plan.load(Relaxed),
+            faults_outside_plan: self.faults_outside_plan.load(Relaxed),
+            prefetch_done_us: self.prefetch_done_us.load(Relaxed),
         }
     }
 }
