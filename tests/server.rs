@@ -54,21 +54,11 @@ fn zero_pages_are_mapped_with_zeropage_and_data_pages_copied() {
     let stats = server.stats();
     let (read, write) = (&stats.vms[0].counters, &stats.vms[1].counters);
     assert_eq!(
-        (
-            read.faults,
-            read.zeropage_pages,
-            read.copied_pages,
-            read.zero_copied_pages
-        ),
+        (read.faults, read.zeropage_pages, read.copied_pages, read.zero_copied_pages),
         (pages, zero, pages - zero, 0)
     );
     assert_eq!(
-        (
-            write.faults,
-            write.zeropage_pages,
-            write.copied_pages,
-            write.zero_copied_pages
-        ),
+        (write.faults, write.zeropage_pages, write.copied_pages, write.zero_copied_pages),
         (pages, 0, pages - zero, zero)
     );
     assert_eq!(read.copied_bytes, (pages - zero) * PAGE as u64);
@@ -100,11 +90,7 @@ fn removed_ranges_read_as_zeros_not_snapshot_bytes() {
     server.wait_for_log("VM ended", 1);
     let c = &server.stats().vms[0].counters;
     assert_eq!(c.remove_events, 2);
-    assert_eq!(
-        c.removed_faults,
-        5 + 256,
-        "every removed page faulted once and was served as zeros"
-    );
+    assert_eq!(c.removed_faults, 5 + 256, "every removed page faulted once and was served as zeros");
 }
 
 #[test]
@@ -123,11 +109,7 @@ fn sixteen_vms_restore_from_one_snapshot_at_once() {
         }
     });
     server.wait_for_log("VM ended", 16);
-    assert_eq!(
-        server.log().matches("snapshot loaded").count(),
-        1,
-        "one copy of the snapshot serves every VM"
-    );
+    assert_eq!(server.log().matches("snapshot loaded").count(), 1, "one copy of the snapshot serves every VM");
     assert_eq!(server.stats().vms.len(), 16);
 }
 
@@ -141,9 +123,7 @@ fn send_bad_handshake(server: &ServerProcess, payload: &[u8], fd: Option<i32>) {
     }
     socket.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let mut buf = [0u8; 1];
-    let read = (&socket)
-        .read(&mut buf)
-        .expect("the server must close a refused connection");
+    let read = (&socket).read(&mut buf).expect("the server must close a refused connection");
     assert_eq!(read, 0, "nothing is ever sent to a VMM");
 }
 
@@ -170,27 +150,17 @@ fn malformed_handshakes_get_specific_errors_and_other_vms_are_still_served() {
     let valid = handshake_json(&memory.regions).into_bytes();
     let dev_null = std::fs::File::open("/dev/null").expect("/dev/null");
     let mut rng = Rng::new(9);
-    let garbage: Vec<u8> = (0..2048)
-        .map(|_| b"{}[]:,\"abc019 "[(rng.next_u64() % 14) as usize])
-        .collect();
+    let garbage: Vec<u8> = (0..2048).map(|_| b"{}[]:,\"abc019 "[(rng.next_u64() % 14) as usize]).collect();
 
     let cases: Vec<(&str, Vec<u8>, Option<i32>, &str)> = vec![
         ("empty message", vec![], None, "empty handshake"),
         ("no fd", valid.clone(), None, "carried no file descriptor"),
-        (
-            "fd that is not a uffd",
-            valid.clone(),
-            Some(dev_null.as_raw_fd()),
-            "is not a userfaultfd (it is /dev/null)",
-        ),
+        ("fd that is not a uffd", valid.clone(), Some(dev_null.as_raw_fd()), "is not a userfaultfd (it is /dev/null)"),
         ("invalid JSON", b"{not json".to_vec(), fd, "handshake JSON is invalid"),
         (">1 KiB of JSON garbage", garbage, fd, "handshake JSON is invalid"),
         (
             "overlapping regions",
-            json(vec![
-                region_json(base, 2 * MIB, 0, PAGE),
-                region_json(base + MIB, 2 * MIB, 2 * MIB, PAGE),
-            ]),
+            json(vec![region_json(base, 2 * MIB, 0, PAGE), region_json(base + MIB, 2 * MIB, 2 * MIB, PAGE)]),
             fd,
             "regions 0 and 1 overlap in the VMM's address space",
         ),
@@ -200,12 +170,7 @@ fn malformed_handshakes_get_specific_errors_and_other_vms_are_still_served() {
             fd,
             "is past the end of the memory file",
         ),
-        (
-            "unaligned region",
-            json(vec![region_json(base + 512, MIB, 0, PAGE)]),
-            fd,
-            "is not aligned to its page size",
-        ),
+        ("unaligned region", json(vec![region_json(base + 512, MIB, 0, PAGE)]), fd, "is not aligned to its page size"),
         (
             "page size 8192",
             json(vec![region_json(base, MIB, 0, 8192)]),
@@ -251,9 +216,7 @@ fn a_vmm_killed_mid_restore_does_not_disturb_the_others() {
         .spawn()
         .expect("spawn fake-vmm");
     let mut line = String::new();
-    BufReader::new(victim.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read");
+    BufReader::new(victim.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
     assert_eq!(line.trim(), "touching", "the victim is faulting");
     std::thread::scope(|scope| {
         scope.spawn(|| survivor.touch_all(2, false));
@@ -283,10 +246,8 @@ fn ensure_huge_pages(pages: u64) -> bool {
             .unwrap_or(0)
     };
     if free() < pages {
-        let total: u64 = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
+        let total: u64 =
+            std::fs::read_to_string("/proc/sys/vm/nr_hugepages").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
         let _ = std::fs::write("/proc/sys/vm/nr_hugepages", (total + pages - free()).to_string());
     }
     let have = free();
@@ -294,10 +255,7 @@ fn ensure_huge_pages(pages: u64) -> bool {
         return true;
     }
     let why = format!("{pages} free 2 MiB huge pages are needed, {have} could be reserved");
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{why} (.ci/run reserves them as root)"
-    );
+    assert!(std::env::var_os("CI").is_none(), "{why} (.ci/run reserves them as root)");
     eprintln!("SKIPPED: {why}");
     false
 }
@@ -321,10 +279,7 @@ fn hugetlbfs_backed_regions_are_served_in_2mib_pages() {
     let c = &server.stats().vms[0].counters;
     // Two threads may fault on one huge page at once: the second finds it present and is woken.
     assert_eq!(c.faults, 8 + c.already_present, "one served fault per 2 MiB page");
-    assert_eq!(
-        (c.copied_pages, c.zero_copied_pages, c.zeropage_pages),
-        (7 * 512, 512, 0)
-    );
+    assert_eq!((c.copied_pages, c.zero_copied_pages, c.zeropage_pages), (7 * 512, 512, 0));
 }
 
 #[test]
@@ -350,10 +305,7 @@ fn one_process_serves_several_snapshots_each_on_its_socket() {
         vmm.assert_matches(&snap.bytes);
     }
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(server.socket("node"))
-        .expect("socket")
-        .permissions()
-        .mode();
+    let mode = std::fs::metadata(server.socket("node")).expect("socket").permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "sockets are private to the server's user");
 }
 
@@ -364,11 +316,11 @@ fn peers_outside_allow_uid_are_refused_and_stats_command_reports_vms() {
     let snap = snapshot(&dir, 4 * MIB, 12);
     let our_uid = nix::unistd::getuid().as_raw();
     let strict = ServerProcess::start(&[("vm", &snap.path)], &["--allow-uid", &(our_uid + 1).to_string()]);
-    let refused = FakeVmm::attach(&strict.socket("vm"), snap.bytes.len()).expect("connect");
+    // The uid is checked on connect, before any handshake is read.
+    let refused = UnixStream::connect(strict.socket("vm")).expect("connect");
     strict.wait_for_log(&format!("peer uid {our_uid} is not allowed"), 1);
     let mut buf = [0u8; 1];
-    // Refused before the handshake is read: the unread message makes the close a reset.
-    match (&refused.socket).read(&mut buf) {
+    match (&refused).read(&mut buf) {
         Ok(0) => {}
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => panic!("the server must hang up on a refused peer, got {other:?}"),

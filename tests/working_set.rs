@@ -27,8 +27,9 @@ fn run_vm(server: &ServerProcess, snap: &SnapshotFile, pages: &[usize]) -> FakeV
     vmm
 }
 
-/// A 4 MiB snapshot and `uffd-server record` serving it with `--fault-around 1` (one fault per
-/// touched page), recording into `fn.ws`. `prepare` may put a file there first.
+/// A 4 MiB snapshot and `uffd-server record` serving it, recording into `fn.ws`. `prepare` may
+/// put a file there first. No `--fault-around` is given: `record` serves single pages anyway,
+/// which the tests rely on (their pages share 64 KiB clusters).
 struct Recording {
     dir: tempfile::TempDir,
     snap: SnapshotFile,
@@ -41,7 +42,7 @@ fn record(seed: u64, extra: &[&str], prepare: impl FnOnce(&Path)) -> Recording {
     let snap = SnapshotFile::random(dir.path(), "fn.mem", 4 * MIB, 0.3, seed);
     let ws = dir.path().join("fn.ws");
     prepare(&ws);
-    let mut args = vec!["--fault-around", "1", "--working-set", ws.to_str().expect("utf-8 path")];
+    let mut args = vec!["--working-set", ws.to_str().expect("utf-8 path")];
     args.extend_from_slice(extra);
     let server = ServerProcess::start_command("record", &[("fn", &snap.path)], &args);
     Recording { dir, snap, ws, server }
@@ -71,28 +72,14 @@ fn runs_are_merged_as_a_union_with_first_touch_order_and_statistics() {
 
     let set = load(&ws, &snap);
     assert_eq!(set.runs, 2);
-    assert_eq!(
-        set.first_run,
-        vec![10, 3, 7, 200, 5],
-        "the first run, in first-touch order"
-    );
-    assert_eq!(
-        set.pages.keys().copied().collect::<Vec<_>>(),
-        vec![3, 5, 7, 10, 11, 200, 300]
-    );
+    assert_eq!(set.first_run, vec![10, 3, 7, 200, 5], "the first run, in first-touch order");
+    assert_eq!(set.pages.keys().copied().collect::<Vec<_>>(), vec![3, 5, 7, 10, 11, 200, 300]);
     let seven = set.pages[&7];
-    assert_eq!(
-        (seven.runs, seven.rank_sum, seven.min_rank, seven.last_run, seven.writes),
-        (2, 2, 0, 2, 2)
-    );
+    assert_eq!((seven.runs, seven.rank_sum, seven.min_rank, seven.last_run, seven.writes), (2, 2, 0, 2, 2));
     assert_eq!(set.pages[&10].last_run, 1);
     let order: Vec<u64> = set.select(0.0).into_iter().map(|(p, _)| p).collect();
     // Mean ranks: 10→0; 3, 7 ((2+0)/2), 300 → 1 (ties by page); 11→2; 200→3; 5→4.
-    assert_eq!(
-        order,
-        vec![10, 3, 7, 300, 11, 200, 5],
-        "ordered by mean first-touch rank"
-    );
+    assert_eq!(order, vec![10, 3, 7, 300, 11, 200, 5], "ordered by mean first-touch rank");
     assert_eq!(set.select(1.0).into_iter().map(|(p, _)| p).collect::<Vec<_>>(), vec![7]);
 }
 
@@ -102,14 +89,7 @@ fn two_vms_ending_at_once_both_land_and_the_window_bounds_a_run() {
     let dir = tempfile::tempdir().expect("temp dir");
     let snap = SnapshotFile::random(dir.path(), "fn.mem", 4 * MIB, 0.3, 22);
     let ws = dir.path().join("fn.ws");
-    let args = [
-        "--fault-around",
-        "1",
-        "--working-set",
-        ws.to_str().expect("utf-8"),
-        "--record-max-faults",
-        "3",
-    ];
+    let args = ["--fault-around", "1", "--working-set", ws.to_str().expect("utf-8"), "--record-max-faults", "3"];
     let server = ServerProcess::start_command("record", &[("fn", &snap.path)], &args);
 
     let a = run_vm(&server, &snap, &[1, 2, 3, 4, 5]);
@@ -121,19 +101,14 @@ fn two_vms_ending_at_once_both_land_and_the_window_bounds_a_run() {
     server.wait_for_log("run merged into the working set", 2);
     let set = load(&ws, &snap);
     assert_eq!(set.runs, 2, "neither run was lost");
-    assert_eq!(
-        set.pages.keys().copied().collect::<Vec<_>>(),
-        vec![1, 2, 3, 100, 101, 102],
-        "3 faults per run"
-    );
+    assert_eq!(set.pages.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 100, 101, 102], "3 faults per run");
 }
 
 #[test]
 fn a_damaged_working_set_file_is_kept_aside_and_the_vm_is_served() {
     require_userfaultfd();
-    let Recording { dir, snap, ws, server } = record(23, &[], |ws| {
-        std::fs::write(ws, b"UFFDWSET but nothing after the magic").expect("damage")
-    });
+    let Recording { dir, snap, ws, server } =
+        record(23, &[], |ws| std::fs::write(ws, b"UFFDWSET but nothing after the magic").expect("damage"));
     let vmm = FakeVmm::attach(&server.socket("fn"), snap.bytes.len()).expect("attach");
     vmm.touch_all(2, false);
     vmm.assert_matches(&snap.bytes);
@@ -148,9 +123,7 @@ fn a_damaged_working_set_file_is_kept_aside_and_the_vm_is_served() {
 fn write_working_set(path: &Path, snap: &SnapshotFile, runs: &[Vec<u64>]) {
     let mut set = WorkingSet::new(SnapshotIdentity::of(&snap.bytes));
     for pages in runs {
-        set.merge(&Run {
-            touches: pages.iter().map(|&page| Touch { page, write: false }).collect(),
-        });
+        set.merge(&Run { touches: pages.iter().map(|&page| Touch { page, write: false }).collect() });
     }
     prefetch::format::write_atomic(path, &set).expect("write working set");
 }
@@ -184,17 +157,12 @@ fn every_policy_serves_every_byte_while_the_guest_touches_from_several_threads()
         let placed = c.prefetched_pages + c.prefetch_present_pages;
         match policy {
             "none" => assert_eq!(c.prefetch_planned_pages, 0),
-            "eager" => assert_eq!(
-                (c.prefetch_planned_pages, c.prefetched_pages),
-                (pages, pages),
-                "all before any fault"
-            ),
+            "eager" => {
+                assert_eq!((c.prefetch_planned_pages, c.prefetched_pages), (pages, pages), "all before any fault")
+            }
             "reap" => {
                 assert!(c.prefetch_planned_pages >= first.len() as u64 && c.prefetch_planned_pages < pages / 2 + 8);
-                assert_eq!(
-                    c.prefetched_pages, c.prefetch_planned_pages,
-                    "installed before any fault"
-                );
+                assert_eq!(c.prefetched_pages, c.prefetch_planned_pages, "installed before any fault");
             }
             "union" => {
                 assert!(c.prefetch_planned_pages >= (first.len() + second.len()) as u64);
@@ -227,11 +195,7 @@ fn unusable_working_set_files_are_ignored_with_the_reason_and_the_vm_is_served()
         ("truncated", good[..good.len() - 10].to_vec(), "truncated"),
         ("flipped bit", flipped, "checksum mismatch"),
         ("wrong version", version, "version 9 is not supported"),
-        (
-            "other snapshot's file",
-            std::fs::read(&other_ws).expect("read"),
-            "belongs to another snapshot",
-        ),
+        ("other snapshot's file", std::fs::read(&other_ws).expect("read"), "belongs to another snapshot"),
     ];
     for (case, bytes, reason) in cases {
         std::fs::write(&ws, &bytes).expect("write case");
@@ -243,11 +207,7 @@ fn unusable_working_set_files_are_ignored_with_the_reason_and_the_vm_is_served()
         server.wait_for_log("VM ended", 1);
         server.wait_for_log("working set not used, serving without its prefetch", 1);
         server.wait_for_log(reason, 1);
-        assert_eq!(
-            server.stats().vms[0].counters.prefetched_pages,
-            0,
-            "{case}: nothing prefetched"
-        );
+        assert_eq!(server.stats().vms[0].counters.prefetched_pages, 0, "{case}: nothing prefetched");
         eprintln!("ignored as expected: {case}");
     }
 }
@@ -262,18 +222,8 @@ fn a_demand_fault_outside_the_set_is_served_while_a_large_prefetch_is_running() 
     let vmm_layout_first_region = (snap.pages() / 4 * 3) as u64;
     write_working_set(&ws, &snap, &[(0..vmm_layout_first_region).collect()]);
     // One page per prefetch batch: the plan takes ~50k ioctls, the demand fault one.
-    let server = serve_with(
-        &snap,
-        &ws,
-        &[
-            "--prefetch",
-            "union",
-            "--prefetch-batch-pages",
-            "1",
-            "--bridge-gap-pages",
-            "0",
-        ],
-    );
+    let server =
+        serve_with(&snap, &ws, &["--prefetch", "union", "--prefetch-batch-pages", "1", "--bridge-gap-pages", "0"]);
     let vmm = FakeVmm::attach(&server.socket("fn"), snap.bytes.len()).expect("attach");
     let outside = vmm.memory.regions[1];
     touch(outside.addr + 5 * PAGE, false); // not in the set
@@ -286,18 +236,9 @@ fn a_demand_fault_outside_the_set_is_served_while_a_large_prefetch_is_running() 
     server.wait_for_log("VM ended", 1);
     let c = server.stats().vms[0].counters.clone();
 
-    assert_eq!(
-        early.faults_outside_plan, 1,
-        "the demand fault outside the set was served…"
-    );
-    assert!(
-        early.faults_during_prefetch >= 1,
-        "…while the prefetch was running: {early:?}"
-    );
-    assert!(
-        early.faults_unreached_plan >= 1,
-        "the last planned page was faulted before its batch ran"
-    );
+    assert_eq!(early.faults_outside_plan, 1, "the demand fault outside the set was served…");
+    assert!(early.faults_during_prefetch >= 1, "…while the prefetch was running: {early:?}");
+    assert!(early.faults_unreached_plan >= 1, "the last planned page was faulted before its batch ran");
     assert!(c.prefetch_done_us > 0, "the prefetch finished afterwards");
     assert_eq!(c.prefetch_planned_pages, vmm_layout_first_region);
     assert_eq!(c.prefetched_pages + c.prefetch_present_pages, vmm_layout_first_region);
@@ -315,14 +256,17 @@ fn serve_learns_pages_outside_the_set_into_the_file() {
     server.wait_for_log("new pages learned into the working set", 1);
     let set = load(&ws, &snap);
     assert_eq!(set.runs, 1, "a serve run is not counted as a recorded run");
-    assert_eq!(
-        set.pages.keys().copied().collect::<Vec<_>>(),
-        vec![1, 2, 3, 40, 41, 500]
-    );
+    assert_eq!(set.pages.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 40, 41, 500]);
     assert_eq!(set.pages[&40].runs, 1);
     let ranks: Vec<u32> = [40, 41, 500].iter().map(|p| set.pages[p].min_rank).collect();
-    assert!(
-        ranks.windows(2).all(|w| w[0] < w[1]),
-        "learned in first-touch order: {ranks:?}"
-    );
+    assert!(ranks.windows(2).all(|w| w[0] < w[1]), "learned in first-touch order: {ranks:?}");
+
+    // The plan is cached per file version: the rewritten file is planned once more, then
+    // reused by VMs that teach nothing new.
+    assert_eq!(server.log().matches("working set loaded and planned").count(), 1);
+    drop(run_vm(&server, &snap, &[1, 40]));
+    drop(run_vm(&server, &snap, &[2, 500]));
+    server.wait_for_log("VM ended", 3);
+    assert_eq!(server.log().matches("working set loaded and planned").count(), 2);
+    assert_eq!(server.log().matches("new pages learned").count(), 1);
 }

@@ -32,11 +32,7 @@ fn touch_timed(memory: &GuestMemory) -> Vec<Duration> {
 /// The floor: blocking read + one UFFDIO_COPY per fault, on a thread of this process.
 fn raw_round(snapshot: &[u8]) -> Vec<Duration> {
     let memory = GuestMemory::map(&[snapshot.len()], 0, false).expect("map");
-    let uffd = UffdBuilder::new()
-        .close_on_exec(true)
-        .user_mode_only(false)
-        .create()
-        .expect("uffd");
+    let uffd = UffdBuilder::new().close_on_exec(true).user_mode_only(false).create().expect("uffd");
     let region = memory.regions[0];
     uffd.register(region.addr as *mut _, region.size).expect("register");
     std::thread::scope(|scope| {
@@ -82,17 +78,10 @@ fn main() {
     served.sort();
     let (raw50, raw99) = (percentile(&raw, 0.5), percentile(&raw, 0.99));
     let (srv50, srv99) = (percentile(&served, 0.5), percentile(&served, 0.99));
-    println!(
-        "fault_path: {} faults per handler, 4 KiB COPY each, {ROUNDS} alternating rounds",
-        raw.len()
-    );
+    println!("fault_path: {} faults per handler, 4 KiB COPY each, {ROUNDS} alternating rounds", raw.len());
     println!("| handler | p50 µs | p99 µs |");
     println!("|---|---|---|");
     println!("| raw blocking read + UFFDIO_COPY (floor) | {raw50:.2} | {raw99:.2} |");
     println!("| uffd-server (poll + read, --fault-around 1) | {srv50:.2} | {srv99:.2} |");
-    println!(
-        "| ratio server / floor | {:.3}× | {:.3}× |",
-        srv50 / raw50,
-        srv99 / raw99
-    );
+    println!("| ratio server / floor | {:.3}× | {:.3}× |", srv50 / raw50, srv99 / raw99);
 }

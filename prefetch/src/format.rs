@@ -46,10 +46,7 @@ pub enum FormatError {
     #[error("payload does not decode: {0}")]
     Decode(#[from] postcard::Error),
     #[error("it belongs to another snapshot ({file:?}; this snapshot is {snapshot:?})")]
-    OtherSnapshot {
-        file: SnapshotIdentity,
-        snapshot: SnapshotIdentity,
-    },
+    OtherSnapshot { file: SnapshotIdentity, snapshot: SnapshotIdentity },
 }
 
 pub fn encode(set: &WorkingSet) -> Result<Vec<u8>, postcard::Error> {
@@ -66,10 +63,7 @@ pub fn encode(set: &WorkingSet) -> Result<Vec<u8>, postcard::Error> {
 /// Decodes a file's bytes and checks that it belongs to `snapshot`.
 pub fn decode(bytes: &[u8], snapshot: &SnapshotIdentity) -> Result<WorkingSet, FormatError> {
     let field = |range: std::ops::Range<usize>| -> Result<&[u8], FormatError> {
-        bytes.get(range).ok_or(FormatError::Truncated {
-            len: bytes.len() as u64,
-            expected: HEADER as u64,
-        })
+        bytes.get(range).ok_or(FormatError::Truncated { len: bytes.len() as u64, expected: HEADER as u64 })
     };
     if field(0..8)? != MAGIC {
         return Err(FormatError::BadMagic);
@@ -91,10 +85,7 @@ pub fn decode(bytes: &[u8], snapshot: &SnapshotIdentity) -> Result<WorkingSet, F
     let (len, stored) = (u64_at(12)?, u64_at(20)?);
     let expected = HEADER as u64 + len.min(MAX_PAYLOAD);
     if bytes.len() as u64 != expected || len > MAX_PAYLOAD {
-        return Err(FormatError::Truncated {
-            len: bytes.len() as u64,
-            expected: HEADER as u64 + len,
-        });
+        return Err(FormatError::Truncated { len: bytes.len() as u64, expected: HEADER as u64 + len });
     }
     let payload = &bytes[HEADER..];
     let computed = crate::fnv1a(crate::FNV_OFFSET, payload);
@@ -103,10 +94,7 @@ pub fn decode(bytes: &[u8], snapshot: &SnapshotIdentity) -> Result<WorkingSet, F
     }
     let set: WorkingSet = postcard::from_bytes(payload)?;
     if set.identity != *snapshot {
-        return Err(FormatError::OtherSnapshot {
-            file: set.identity,
-            snapshot: *snapshot,
-        });
+        return Err(FormatError::OtherSnapshot { file: set.identity, snapshot: *snapshot });
     }
     Ok(set)
 }
@@ -114,10 +102,7 @@ pub fn decode(bytes: &[u8], snapshot: &SnapshotIdentity) -> Result<WorkingSet, F
 pub fn load(path: &Path, snapshot: &SnapshotIdentity) -> Result<WorkingSet, FormatError> {
     let bytes = std::fs::read(path).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => FormatError::Missing(path.to_path_buf()),
-        _ => FormatError::Io {
-            path: path.to_path_buf(),
-            source,
-        },
+        _ => FormatError::Io { path: path.to_path_buf(), source },
     })?;
     decode(&bytes, snapshot)
 }
@@ -125,13 +110,8 @@ pub fn load(path: &Path, snapshot: &SnapshotIdentity) -> Result<WorkingSet, Form
 /// Writes `set` to `path` atomically: readers see the old file or the new one, never a mix.
 pub fn write_atomic(path: &Path, set: &WorkingSet) -> io::Result<()> {
     let bytes = encode(set).map_err(io::Error::other)?;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::other("working-set path has no file name"))?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| io::Error::other("working-set path has no file name"))?;
     let tmp = dir.join(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
     let mut file = File::create(&tmp)?;
     file.write_all(&bytes)?;
@@ -178,25 +158,15 @@ fn update(
     snapshot: &SnapshotIdentity,
     change: impl FnOnce(&mut WorkingSet),
 ) -> Result<Merged, MergeError> {
-    let io_err = |source| MergeError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let lock_file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(sibling(path, "lock"))
-        .map_err(io_err)?;
+    let io_err = |source| MergeError::Io { path: path.to_path_buf(), source };
+    let lock_file =
+        OpenOptions::new().create(true).truncate(false).write(true).open(sibling(path, "lock")).map_err(io_err)?;
     let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| io_err(e.into()))?;
     let (mut set, replaced) = match load(path, snapshot) {
         Ok(set) => (set, None),
         Err(FormatError::Missing(_)) => (WorkingSet::new(*snapshot), None),
         Err(e @ (FormatError::OtherSnapshot { .. } | FormatError::Io { .. })) => {
-            return Err(MergeError::Refused {
-                path: path.into(),
-                source: e,
-            })
+            return Err(MergeError::Refused { path: path.into(), source: e })
         }
         Err(e) => {
             std::fs::rename(path, sibling(path, "corrupt")).map_err(io_err)?;
@@ -205,17 +175,12 @@ fn update(
     };
     change(&mut set);
     write_atomic(path, &set).map_err(io_err)?;
-    Ok(Merged {
-        runs: set.runs,
-        replaced,
-    })
+    Ok(Merged { runs: set.runs, replaced })
 }
 
 /// `FILE.suffix` next to `path`.
 fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let name = path
-        .file_name()
-        .map_or_else(|| "working-set".into(), |n| n.to_string_lossy().into_owned());
+    let name = path.file_name().map_or_else(|| "working-set".into(), |n| n.to_string_lossy().into_owned());
     path.with_file_name(format!("{name}.{suffix}"))
 }
 
@@ -225,40 +190,20 @@ mod tests {
     use crate::record::Touch;
 
     fn identity(fingerprint: u64) -> SnapshotIdentity {
-        SnapshotIdentity {
-            len: 1 << 30,
-            fingerprint,
-        }
+        SnapshotIdentity { len: 1 << 30, fingerprint }
     }
 
     fn sample() -> WorkingSet {
         let mut set = WorkingSet::new(identity(1));
-        set.merge(&Run {
-            touches: (0..100)
-                .map(|p| Touch {
-                    page: p * 3,
-                    write: p % 2 == 0,
-                })
-                .collect(),
-        });
-        set.merge(&Run {
-            touches: (50..120)
-                .map(|p| Touch {
-                    page: p * 3,
-                    write: false,
-                })
-                .collect(),
-        });
+        set.merge(&Run { touches: (0..100).map(|p| Touch { page: p * 3, write: p % 2 == 0 }).collect() });
+        set.merge(&Run { touches: (50..120).map(|p| Touch { page: p * 3, write: false }).collect() });
         set
     }
 
     #[test]
     fn round_trips() {
         let set = sample();
-        assert_eq!(
-            decode(&encode(&set).expect("encode"), &identity(1)).expect("decode"),
-            set
-        );
+        assert_eq!(decode(&encode(&set).expect("encode"), &identity(1)).expect("decode"), set);
     }
 
     #[test]
@@ -266,42 +211,21 @@ mod tests {
         let good = encode(&sample()).expect("encode");
         let snapshot = identity(1);
         let truncated = &good[..good.len() - 1];
-        assert!(matches!(
-            decode(truncated, &snapshot),
-            Err(FormatError::Truncated { .. })
-        ));
-        assert!(matches!(
-            decode(&good[..10], &snapshot),
-            Err(FormatError::Truncated { .. })
-        ));
+        assert!(matches!(decode(truncated, &snapshot), Err(FormatError::Truncated { .. })));
+        assert!(matches!(decode(&good[..10], &snapshot), Err(FormatError::Truncated { .. })));
         for bit in [0usize, 9 * 8, 20 * 8, good.len() * 8 - 1, (HEADER + 5) * 8 + 3] {
             let mut flipped = good.clone();
             flipped[bit / 8] ^= 1 << (bit % 8);
-            assert!(
-                decode(&flipped, &snapshot).is_err(),
-                "a flip of bit {bit} went unnoticed"
-            );
+            assert!(decode(&flipped, &snapshot).is_err(), "a flip of bit {bit} went unnoticed");
         }
         let mut payload_flip = good.clone();
         payload_flip[HEADER + 5] ^= 0x10;
-        assert!(matches!(
-            decode(&payload_flip, &snapshot),
-            Err(FormatError::Checksum { .. })
-        ));
+        assert!(matches!(decode(&payload_flip, &snapshot), Err(FormatError::Checksum { .. })));
         let mut version = good.clone();
         version[8] = 2;
-        assert!(matches!(
-            decode(&version, &snapshot),
-            Err(FormatError::UnsupportedVersion(2))
-        ));
-        assert!(matches!(
-            decode(&good, &identity(2)),
-            Err(FormatError::OtherSnapshot { .. })
-        ));
-        assert!(matches!(
-            decode(b"not a working set at all....", &snapshot),
-            Err(FormatError::BadMagic)
-        ));
+        assert!(matches!(decode(&version, &snapshot), Err(FormatError::UnsupportedVersion(2))));
+        assert!(matches!(decode(&good, &identity(2)), Err(FormatError::OtherSnapshot { .. })));
+        assert!(matches!(decode(b"not a working set at all....", &snapshot), Err(FormatError::BadMagic)));
     }
 
     #[test]
@@ -313,9 +237,7 @@ mod tests {
             for t in 0..8u64 {
                 let path = &path;
                 scope.spawn(move || {
-                    let run = Run {
-                        touches: vec![Touch { page: t, write: false }],
-                    };
+                    let run = Run { touches: vec![Touch { page: t, write: false }] };
                     merge_run(path, &snapshot, &run).expect("merge");
                 });
             }

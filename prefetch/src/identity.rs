@@ -25,11 +25,7 @@ impl SnapshotIdentity {
         let mut hash = crate::fnv1a(crate::FNV_OFFSET, &len.to_le_bytes());
         let samples = SAMPLES.min(pages);
         for i in 0..samples {
-            let page = if samples > 1 {
-                i * (pages - 1) / (samples - 1)
-            } else {
-                0
-            };
+            let page = if samples > 1 { i * (pages - 1) / (samples - 1) } else { 0 };
             let start = (page * PAGE) as usize;
             let end = (start + PAGE as usize).min(memory.len());
             hash = crate::fnv1a(hash, &memory[start..end]);

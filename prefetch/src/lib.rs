@@ -21,9 +21,7 @@ pub type PageIndex = u64;
 /// FNV-1a, 64 bit: the fingerprint of a snapshot and the checksum of a working-set file. Any
 /// change confined to one byte always changes it (each step is a bijection of the state).
 pub(crate) fn fnv1a(state: u64, bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .fold(state, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+    bytes.iter().fold(state, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;

@@ -20,10 +20,7 @@ pub struct PlanConfig {
 
 impl Default for PlanConfig {
     fn default() -> Self {
-        PlanConfig {
-            bridge_gap_pages: 4,
-            max_batch_pages: 512,
-        }
+        PlanConfig { bridge_gap_pages: 4, max_batch_pages: 512 }
     }
 }
 
@@ -61,12 +58,7 @@ pub fn plan(selected: &[(PageIndex, f64)], is_zero: impl Fn(PageIndex) -> bool, 
             while first < seg_end {
                 let last = (first + max_batch).min(seg_end);
                 if let Some(rank) = ranks.range(first..last).map(|(_, &r)| r).min_by(f64::total_cmp) {
-                    batches.push(Batch {
-                        first_page: first,
-                        pages: last - first,
-                        kind,
-                        rank,
-                    });
+                    batches.push(Batch { first_page: first, pages: last - first, kind, rank });
                 }
                 first = last;
             }
@@ -98,11 +90,7 @@ fn segments(
 ) -> Vec<(PageIndex, PageIndex, BatchKind)> {
     let mut raw: Vec<(PageIndex, PageIndex, BatchKind)> = Vec::new();
     for page in start..end {
-        let kind = if is_zero(page) {
-            BatchKind::Zero
-        } else {
-            BatchKind::Copy
-        };
+        let kind = if is_zero(page) { BatchKind::Zero } else { BatchKind::Copy };
         match raw.last_mut() {
             Some((_, e, k)) if *k == kind => *e = page + 1,
             _ => raw.push((page, page + 1, kind)),
@@ -166,29 +154,12 @@ mod tests {
         // Pages 0..4 and 6..8 selected (gap of 2); 100..120 selected, all zero.
         let mut selected: Vec<(u64, f64)> = (0..4).chain(6..8).map(|p| (p, p as f64)).collect();
         selected.extend((100..120).map(|p| (p, 1.5)));
-        let batches = plan(
-            &selected,
-            |p| p >= 100,
-            PlanConfig {
-                bridge_gap_pages: 2,
-                max_batch_pages: 512,
-            },
-        );
+        let batches = plan(&selected, |p| p >= 100, PlanConfig { bridge_gap_pages: 2, max_batch_pages: 512 });
         assert_eq!(
             batches,
             vec![
-                Batch {
-                    first_page: 0,
-                    pages: 8,
-                    kind: BatchKind::Copy,
-                    rank: 0.0
-                },
-                Batch {
-                    first_page: 100,
-                    pages: 20,
-                    kind: BatchKind::Zero,
-                    rank: 1.5
-                },
+                Batch { first_page: 0, pages: 8, kind: BatchKind::Copy, rank: 0.0 },
+                Batch { first_page: 100, pages: 20, kind: BatchKind::Zero, rank: 1.5 },
             ]
         );
     }

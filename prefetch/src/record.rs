@@ -39,13 +39,7 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn new(window: RecordWindow) -> Recorder {
-        Recorder {
-            window,
-            started: Instant::now(),
-            seen: HashSet::new(),
-            run: Run::default(),
-            closed: false,
-        }
+        Recorder { window, started: Instant::now(), seen: HashSet::new(), run: Run::default(), closed: false }
     }
 
     /// Records a touch of `page` at `now`; repeats of a page are ignored. Returns false once
@@ -54,21 +48,13 @@ impl Recorder {
         if self.closed {
             return false;
         }
-        if self
-            .window
-            .max_duration
-            .is_some_and(|limit| now.duration_since(self.started) >= limit)
-        {
+        if self.window.max_duration.is_some_and(|limit| now.duration_since(self.started) >= limit) {
             self.closed = true;
             return false;
         }
         if self.seen.insert(page) {
             self.run.touches.push(Touch { page, write });
-            if self
-                .window
-                .max_faults
-                .is_some_and(|limit| self.run.touches.len() >= limit)
-            {
+            if self.window.max_faults.is_some_and(|limit| self.run.touches.len() >= limit) {
                 self.closed = true;
             }
         }
@@ -122,16 +108,10 @@ mod tests {
 
     #[test]
     fn time_limit_and_explicit_end_close_the_window() {
-        let mut recorder = Recorder::new(RecordWindow {
-            max_faults: None,
-            max_duration: Some(Duration::from_secs(1)),
-        });
+        let mut recorder = Recorder::new(RecordWindow { max_faults: None, max_duration: Some(Duration::from_secs(1)) });
         let t0 = recorder.started;
         assert!(recorder.record_at(1, false, t0));
-        assert!(
-            !recorder.record_at(2, false, t0 + Duration::from_secs(2)),
-            "past the time limit"
-        );
+        assert!(!recorder.record_at(2, false, t0 + Duration::from_secs(2)), "past the time limit");
         assert!(!recorder.record_at(3, false, t0), "closed for good");
         let mut explicit = Recorder::new(RecordWindow::default());
         explicit.record(7, true);

@@ -51,10 +51,7 @@ impl GuestMemory {
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let memory = GuestMemory {
-            regions: Vec::new(),
-            reservation: (base as usize, total),
-        };
+        let memory = GuestMemory { regions: Vec::new(), reservation: (base as usize, total) };
         let mut memory = memory;
         let mut addr = (base as usize).next_multiple_of(HUGE);
         let mut file_offset = 0;
@@ -66,12 +63,7 @@ impl GuestMemory {
             if mapped == libc::MAP_FAILED {
                 return Err(io::Error::last_os_error());
             }
-            memory.regions.push(GuestRegion {
-                addr,
-                size,
-                file_offset,
-                page_size,
-            });
+            memory.regions.push(GuestRegion { addr, size, file_offset, page_size });
             addr += size + gap;
             file_offset += size;
         }
@@ -97,9 +89,7 @@ impl GuestMemory {
 
     /// Addresses of every 4 KiB page, region by region.
     pub fn page_addrs(&self) -> impl Iterator<Item = usize> + '_ {
-        self.regions
-            .iter()
-            .flat_map(|r| (0..r.size / PAGE).map(move |p| r.addr + p * PAGE))
+        self.regions.iter().flat_map(|r| (0..r.size / PAGE).map(move |p| r.addr + p * PAGE))
     }
 }
 
@@ -137,8 +127,7 @@ pub fn create_uffd(memory: &GuestMemory) -> io::Result<Uffd> {
         .create()
         .map_err(|e| io::Error::other(format!("userfaultfd: {e}")))?;
     for r in &memory.regions {
-        uffd.register(r.addr as *mut _, r.size)
-            .map_err(|e| io::Error::other(format!("UFFDIO_REGISTER: {e}")))?;
+        uffd.register(r.addr as *mut _, r.size).map_err(|e| io::Error::other(format!("UFFDIO_REGISTER: {e}")))?;
     }
     Ok(uffd)
 }
@@ -190,11 +179,7 @@ impl FakeVmm {
         let memory = GuestMemory::map(sizes, gap, huge)?;
         let uffd = create_uffd(&memory)?;
         let socket = UnixStream::connect(socket)?;
-        send_message(
-            &socket,
-            handshake_json(&memory.regions).as_bytes(),
-            Some(uffd.as_raw_fd()),
-        )?;
+        send_message(&socket, handshake_json(&memory.regions).as_bytes(), Some(uffd.as_raw_fd()))?;
         Ok(FakeVmm { socket, uffd, memory })
     }
 
@@ -207,22 +192,15 @@ impl FakeVmm {
 
     /// Panics at the first byte of guest memory that differs from `snapshot`.
     pub fn assert_matches(&self, snapshot: &[u8]) {
-        assert_eq!(
-            self.memory.len(),
-            snapshot.len(),
-            "guest memory and snapshot sizes differ"
-        );
+        assert_eq!(self.memory.len(), snapshot.len(), "guest memory and snapshot sizes differ");
         for (i, r) in self.memory.regions.iter().enumerate() {
             let expected = &snapshot[r.file_offset..r.file_offset + r.size];
             let actual = self.memory.region_bytes(i);
             if actual != expected {
                 let at = actual.iter().zip(expected).position(|(a, b)| a != b).unwrap_or(0);
                 let page = at / PAGE * PAGE;
-                let differing = actual[page..page + PAGE]
-                    .iter()
-                    .zip(&expected[page..page + PAGE])
-                    .filter(|(a, b)| a != b)
-                    .count();
+                let differing =
+                    actual[page..page + PAGE].iter().zip(&expected[page..page + PAGE]).filter(|(a, b)| a != b).count();
                 let zeros = actual[page..page + PAGE].iter().all(|&b| b == 0);
                 panic!(
                     "region {i}: guest byte at offset {at:#x} (file offset {:#x}) differs from the snapshot: \

@@ -53,12 +53,7 @@ impl ServerProcess {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));
         let child = cmd.spawn().expect("spawn uffd-server");
-        let mut server = ServerProcess {
-            child,
-            socket_dir,
-            log,
-            _dir: dir,
-        };
+        let mut server = ServerProcess { child, socket_dir, log, _dir: dir };
         server.wait_until_listening(snapshots.iter().map(|(n, _)| *n));
         server
     }
@@ -69,11 +64,7 @@ impl ServerProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !paths.iter().all(|p| p.exists()) || query_stats(&self.socket_dir).is_err() {
             assert!(self.is_running(), "uffd-server exited at start:\n{}", self.log());
-            assert!(
-                Instant::now() < deadline,
-                "uffd-server did not listen in time:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "uffd-server did not listen in time:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -90,11 +81,7 @@ impl ServerProcess {
     pub fn wait_for_log(&self, needle: &str, count: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.log().matches(needle).count() < count {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {count}× `{needle}` in the log:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "timed out waiting for {count}× `{needle}` in the log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(10));
         }
     }

@@ -1,28 +1,29 @@
-//! The fault loop of one VM: wait for events, apply layout events, serve faults.
+//! The fault loop of one VM: wait for events, apply layout events, serve faults, and prefetch
+//! whenever nothing is pending.
 //!
-//! One thread per VM, blocked in `poll` on the VM's uffd and its VMM socket: the socket closing
-//! is the only reliable sign that the VMM is gone (the uffd itself reports nothing when its
-//! process dies). Faults are served in arrival order. Every event read is acted on before the
-//! next `poll`, and a REMOVE is applied before any fault read with it, so a removed page is
-//! never filled from the snapshot. Events are read holding the write side of the removed-range
-//! lock, which the prefetcher holds while it places a batch (see `placer`).
+//! One thread per VM, in `poll` on the VM's uffd and its VMM socket: the socket closing is the
+//! only reliable sign that the VMM is gone (the uffd itself reports nothing when its process
+//! dies). Faults are served in arrival order, before any prefetch. This thread reads every
+//! event and issues every COPY of its VM, so a REMOVE is marked before anything is placed after
+//! it: a removed page is never filled from the snapshot. While the prefetch plan has work, the
+//! loop polls without waiting and places one small batch per idle turn, so a demand fault
+//! waits for at most that one batch, never for the queue.
 
 use crate::addr::{HostAddr, BASE_PAGE};
-use crate::placer::{BatchPlacement, Filled, Placer};
+use crate::placer::{BatchPlacement, Filled, Placed, Placer};
 use crate::regions::Region;
 use crate::removed::RemovedRanges;
 use crate::stats::VmStats;
 use crate::uffd_io::{IoctlError, ReadError, UffdEvent};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use prefetch::plan::Batch;
-use prefetch::prefetcher::{BatchPlacer, Placed, PrefetchQueue};
+use prefetch::prefetcher::PrefetchSchedule;
 use prefetch::record::{RecordWindow, Recorder, Run};
 use prefetch::working_set::WorkingSet;
 use prefetch::PageIndex;
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::RwLock;
 use std::time::Instant;
 use userfaultfd::EventBuffer;
 
@@ -36,9 +37,7 @@ pub struct FaultConfig {
 
 impl Default for FaultConfig {
     fn default() -> Self {
-        FaultConfig {
-            fault_around_pages: DEFAULT_FAULT_AROUND_PAGES,
-        }
+        FaultConfig { fault_around_pages: DEFAULT_FAULT_AROUND_PAGES }
     }
 }
 
@@ -46,6 +45,14 @@ impl Default for FaultConfig {
 /// pages, and 2 MiB clusters only reach 3.3 µs while copying 32× more per fault — memory a
 /// sparse working set never touches.
 pub const DEFAULT_FAULT_AROUND_PAGES: u64 = 16;
+
+/// While prefetching, the VMM socket is looked at once every this many turns (~2 MiB of
+/// prefetch): it only tells whether the VM is gone.
+const SOCKET_CHECK_TURNS: u32 = 32;
+
+/// How much of the plan a fault that overtook it pulls forward at once (see
+/// `FaultLoop::pull_batch_forward`): ~100 µs of copying, the most another fault can wait.
+pub const PULL_FORWARD_BURST_BYTES: u64 = 256 * 1024;
 
 /// Why a VM's fault loop ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,12 +84,12 @@ pub struct FaultLoop<'a> {
     pub socket: &'a UnixStream,
     pub config: FaultConfig,
     pub stats: &'a VmStats,
-    /// Removed ranges, shared with the prefetcher.
-    pub removed: &'a RwLock<RemovedRanges>,
+    /// When the VM attached (prefetch completion is timed from here).
+    pub attached: Instant,
     /// Batches placed synchronously before any fault is served (the `eager` and `reap` policies).
     pub install_first: &'a [Batch],
-    /// The background prefetcher's queue (the `union` policy): faults pull batches forward.
-    pub prefetch: Option<&'a PrefetchQueue>,
+    /// Batches placed in the background, between events (the `union` policy).
+    pub prefetch: &'a [Batch],
     /// Record this run's first touches within the window (`record` mode).
     pub record: Option<RecordWindow>,
     /// Online refinement: demand faults on pages this set does not know are learned.
@@ -99,6 +106,8 @@ pub struct VmOutcome {
 }
 
 struct LoopState {
+    removed: RemovedRanges,
+    schedule: Option<PrefetchSchedule>,
     faults: VecDeque<(HostAddr, bool)>,
     events: Vec<UffdEvent>,
     buf: EventBuffer,
@@ -107,8 +116,17 @@ struct LoopState {
     demand_faults: u64,
 }
 
+impl LoopState {
+    /// The schedule, while it has batches left.
+    fn prefetching(&mut self) -> Option<&mut PrefetchSchedule> {
+        self.schedule.as_mut().filter(|s| !s.is_finished())
+    }
+}
+
 enum Ready {
     Events,
+    /// Nothing pending (only when polling without waiting).
+    Idle,
     VmmClosed,
     UffdHangup,
 }
@@ -117,6 +135,8 @@ impl FaultLoop<'_> {
     /// Serves the VM until it ends.
     pub fn run(&self) -> VmOutcome {
         let mut state = LoopState {
+            removed: RemovedRanges::default(),
+            schedule: (!self.prefetch.is_empty()).then(|| PrefetchSchedule::new(self.prefetch.to_vec())),
             faults: VecDeque::new(),
             events: Vec::with_capacity(64),
             buf: EventBuffer::new(64),
@@ -124,64 +144,104 @@ impl FaultLoop<'_> {
             learned: Vec::new(),
             demand_faults: 0,
         };
-        let end = self
-            .install(&mut state)
-            .err()
-            .unwrap_or_else(|| self.serve_until_end(&mut state));
-        VmOutcome {
-            end,
-            run: state.recorder.map(Recorder::finish),
-            learned: state.learned,
-        }
+        let end = self.install(&mut state).err().unwrap_or_else(|| self.serve_until_end(&mut state));
+        VmOutcome { end, run: state.recorder.map(Recorder::finish), learned: state.learned }
     }
 
     /// Places `install_first` before serving any fault; faults arriving meanwhile wait.
     fn install(&self, state: &mut LoopState) -> Result<(), VmEnd> {
-        let placement = BatchPlacement {
-            placer: self.placer,
-            removed: self.removed,
-            stats: self.stats,
-        };
-        for batch in self.install_first {
-            loop {
-                match placement.place(batch) {
-                    Placed::Done => break,
-                    Placed::Retry => self.read_events(state)?, // a REMOVE is pending: read it
-                    Placed::Stop => return Err(VmEnd::AddressSpaceGone),
+        self.install_first.iter().try_for_each(|batch| self.place_batch_now(state, batch))
+    }
+
+    /// Places a plan batch, reading events whenever a REMOVE is pending.
+    fn place_batch_now(&self, state: &mut LoopState, batch: &Batch) -> Result<(), VmEnd> {
+        self.place_batch_with(self.placer, state, batch)
+    }
+
+    fn place_batch_with(&self, placer: Placer<'_>, state: &mut LoopState, batch: &Batch) -> Result<(), VmEnd> {
+        loop {
+            let placement = BatchPlacement { placer, removed: &state.removed, stats: self.stats };
+            match placement.place(batch) {
+                Placed::Done => return Ok(()),
+                Placed::Retry => {
+                    self.read_events(state)?;
                 }
+                Placed::Stop => return Err(VmEnd::AddressSpaceGone),
+            }
+        }
+    }
+
+    fn serve_until_end(&self, state: &mut LoopState) -> VmEnd {
+        let mut turn: u32 = 0;
+        loop {
+            turn = turn.wrapping_add(1);
+            let step = if state.prefetching().is_some() && !turn.is_multiple_of(SOCKET_CHECK_TURNS) {
+                // While prefetching, a non-blocking read is the cheapest look for events: a
+                // poll of uffd and socket before every 64 KiB batch measured up to 2× slower
+                // prefetch here. The socket is looked at every SOCKET_CHECK_TURNS turns.
+                match self.serve_events(state) {
+                    Ok(0) => self.prefetch_one(state),
+                    other => other.map(drop),
+                }
+            } else {
+                let wait = if state.prefetching().is_some() { PollTimeout::ZERO } else { PollTimeout::NONE };
+                match self.wait(wait) {
+                    Ok(Ready::Events) => self.serve_events(state).map(drop),
+                    Ok(Ready::Idle) => self.prefetch_one(state),
+                    Ok(Ready::VmmClosed) => return VmEnd::VmmClosed,
+                    Ok(Ready::UffdHangup) => return VmEnd::UffdHangup,
+                    Err(end) => Err(end),
+                }
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// Reads pending events and serves the faults among them; returns how many were read.
+    fn serve_events(&self, state: &mut LoopState) -> Result<usize, VmEnd> {
+        let read = self.read_events(state)?;
+        while let Some((addr, write)) = state.faults.pop_front() {
+            self.serve_fault(state, addr, write)?;
+        }
+        Ok(read)
+    }
+
+    /// Places the next batch of the plan.
+    fn prefetch_one(&self, state: &mut LoopState) -> Result<(), VmEnd> {
+        let Some(batch) = state.prefetching().and_then(|s| s.next_batch()) else {
+            return Ok(());
+        };
+        self.place_planned(state, batch)
+    }
+
+    /// Places plan batch `index` and records it; times the plan when it is the last.
+    fn place_planned(&self, state: &mut LoopState, index: usize) -> Result<(), VmEnd> {
+        self.place_planned_with(self.placer, state, index)
+    }
+
+    fn place_planned_with(&self, placer: Placer<'_>, state: &mut LoopState, index: usize) -> Result<(), VmEnd> {
+        let Some(batch) = state.schedule.as_ref().map(|s| *s.batch(index)) else {
+            return Ok(());
+        };
+        self.place_batch_with(placer, state, &batch)?;
+        if let Some(schedule) = state.schedule.as_mut() {
+            schedule.placed(index);
+            if schedule.is_finished() {
+                VmStats::add(&self.stats.prefetch_done_us, self.attached.elapsed().as_micros().max(1) as u64);
             }
         }
         Ok(())
     }
 
-    fn serve_until_end(&self, state: &mut LoopState) -> VmEnd {
-        loop {
-            match self.wait() {
-                Ok(Ready::Events) => {}
-                Ok(Ready::VmmClosed) => return VmEnd::VmmClosed,
-                Ok(Ready::UffdHangup) => return VmEnd::UffdHangup,
-                Err(end) => return end,
-            }
-            if let Err(end) = self.read_events(state) {
-                return end;
-            }
-            while let Some((addr, write)) = state.faults.pop_front() {
-                if let Err(end) = self.serve_fault(state, addr, write) {
-                    return end;
-                }
-            }
-        }
-    }
-
-    fn wait(&self) -> Result<Ready, VmEnd> {
+    fn wait(&self, timeout: PollTimeout) -> Result<Ready, VmEnd> {
         // SAFETY: the raw fd belongs to the placer's uffd, which outlives this borrow.
         let uffd_fd = unsafe { BorrowedFd::borrow_raw(self.placer.uffd.as_raw_fd()) };
-        let mut fds = [
-            PollFd::new(uffd_fd, PollFlags::POLLIN),
-            PollFd::new(self.socket.as_fd(), PollFlags::POLLIN),
-        ];
+        let mut fds = [PollFd::new(uffd_fd, PollFlags::POLLIN), PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
         loop {
-            match poll(&mut fds, PollTimeout::NONE) {
+            match poll(&mut fds, timeout) {
+                Ok(0) => return Ok(Ready::Idle),
                 Ok(_) => break,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(VmEnd::Failed(format!("poll: {e}"))),
@@ -205,11 +265,7 @@ impl FaultLoop<'_> {
     /// read and dropped so they cannot wake the loop forever.
     fn vmm_closed_or_drained(&self) -> bool {
         let mut buf = [0u8; 256];
-        match nix::sys::socket::recv(
-            self.socket.as_raw_fd(),
-            &mut buf,
-            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-        ) {
+        match nix::sys::socket::recv(self.socket.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
             Ok(0) => true,
             Ok(n) => {
                 tracing::warn!(bytes = n, "unexpected bytes from the VMM after the handshake, ignored");
@@ -221,22 +277,21 @@ impl FaultLoop<'_> {
     }
 
     /// Reads all pending events: layout events take effect at once, faults are queued.
-    fn read_events(&self, state: &mut LoopState) -> Result<(), VmEnd> {
-        // Held from before the read until removed ranges are marked (see the module comment).
-        let mut removed = self.removed.write().unwrap_or_else(|p| p.into_inner());
+    fn read_events(&self, state: &mut LoopState) -> Result<usize, VmEnd> {
         state.events.clear();
         match self.placer.uffd.read_events(&mut state.buf, &mut state.events) {
             Ok(()) => {}
             Err(ReadError::Eof) => return Err(VmEnd::UffdHangup),
             Err(e) => return Err(VmEnd::Failed(e.to_string())),
         }
+        let read = state.events.len();
         for event in state.events.drain(..) {
             match event {
                 UffdEvent::Fault { addr, write } => state.faults.push_back((addr, write)),
                 UffdEvent::Remove { start, end } | UffdEvent::Unmap { start, end } => {
                     VmStats::add(&self.stats.remove_events, 1);
                     tracing::debug!(%start, %end, "range removed: it will read as zeros");
-                    removed.insert(start, end);
+                    state.removed.insert(start, end);
                 }
                 UffdEvent::Remap { from, to, len } => {
                     // Firecracker never enables REMAP; serving a moved range would need a
@@ -246,7 +301,7 @@ impl FaultLoop<'_> {
                 UffdEvent::Fork => tracing::warn!("VMM forked; the child's userfaultfd is not served"),
             }
         }
-        Ok(())
+        Ok(read)
     }
 
     fn serve_fault(&self, state: &mut LoopState, addr: HostAddr, write: bool) -> Result<(), VmEnd> {
@@ -255,16 +310,22 @@ impl FaultLoop<'_> {
             tracing::error!(%addr, "fault outside every region of the handshake; cannot serve it");
             return Ok(());
         };
-        let page = addr.align_down(region.page_size.bytes());
-        self.note_demand(state, region.file_offset_of(addr).0 / BASE_PAGE, write);
-        loop {
-            match self.place_around(region, page, write) {
-                Ok(()) => break,
-                Err(IoctlError::Again { .. }) => self.read_events(state)?,
-                Err(IoctlError::VmGone) => return Err(VmEnd::AddressSpaceGone),
-                Err(e) => {
-                    tracing::error!(%addr, "cannot serve fault: {e}");
-                    break;
+        let unit = region.page_size.bytes();
+        let page = addr.align_down(unit);
+        let file_page = region.file_offset_of(addr).0 / BASE_PAGE;
+        self.note_demand(state, file_page, write);
+        if !self.pull_batch_forward(state, file_page, page, unit)? {
+            loop {
+                match self.place_around(&state.removed, region, page, write) {
+                    Ok(()) => break,
+                    Err(IoctlError::Again { .. }) => {
+                        self.read_events(state)?;
+                    }
+                    Err(IoctlError::VmGone) => return Err(VmEnd::AddressSpaceGone),
+                    Err(e) => {
+                        tracing::error!(%addr, "cannot serve fault: {e}");
+                        break;
+                    }
                 }
             }
         }
@@ -273,50 +334,86 @@ impl FaultLoop<'_> {
         Ok(())
     }
 
+    /// A fault in a plan batch not placed yet: the guest has overtaken the plan. It gets that
+    /// batch and the ones after it in plan order, up to [`PULL_FORWARD_BURST_BYTES`], placed
+    /// without waking and then woken together: one wake-up per burst instead of one per batch
+    /// (measured: a cross-CPU wake-up here costs more than copying a 32 KiB batch). The plan
+    /// goes on after the burst. Returns whether the faulting page is served.
+    fn pull_batch_forward(
+        &self,
+        state: &mut LoopState,
+        file_page: PageIndex,
+        page: HostAddr,
+        unit: u64,
+    ) -> Result<bool, VmEnd> {
+        let Some(schedule) = state.prefetching() else {
+            return Ok(false);
+        };
+        let Some(first) = schedule.batch_containing(file_page).filter(|&b| !schedule.is_placed(b)) else {
+            return Ok(false);
+        };
+        schedule.follow(first);
+        VmStats::add(&self.stats.faults_unreached_plan, 1);
+        let quiet = Placer { wake: false, ..self.placer };
+        let mut burst = vec![first];
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(index) = next {
+            self.place_planned_with(quiet, state, index)?;
+            bytes += state.schedule.as_ref().map_or(0, |s| s.batch(index).pages * BASE_PAGE);
+            next = state.prefetching().filter(|_| bytes < PULL_FORWARD_BURST_BYTES).and_then(|s| s.next_batch());
+            burst.extend(next);
+        }
+        if let Some(schedule) = state.schedule.as_ref() {
+            let placement = BatchPlacement { placer: self.placer, removed: &state.removed, stats: self.stats };
+            burst.iter().for_each(|&index| placement.wake(schedule.batch(index)));
+        }
+        // Placing skips removed ranges: a removed page still needs its zeros.
+        Ok(!state.removed.overlaps(page, unit))
+    }
+
     /// Bookkeeping of a demand fault on file page `page`: recording, the prefetch plan's view
-    /// of it (pulling its batch forward), online refinement.
+    /// of it, online refinement.
     fn note_demand(&self, state: &mut LoopState, page: PageIndex, write: bool) {
         if let Some(recorder) = state.recorder.as_mut() {
             recorder.record(page, write);
         }
         let mut rank_estimate = state.demand_faults;
         state.demand_faults += 1;
-        if let Some(queue) = self.prefetch {
-            rank_estimate += queue.placed_pages();
-            if !queue.is_finished() {
+        if let Some(schedule) = state.schedule.as_ref() {
+            rank_estimate += schedule.placed_pages();
+            if !schedule.is_finished() {
                 VmStats::add(&self.stats.faults_during_prefetch, 1);
             }
-            match queue.batch_containing(page) {
-                Some(batch) if !queue.is_done(batch) => {
-                    VmStats::add(&self.stats.faults_unreached_plan, 1);
-                    queue.pull_forward(batch);
-                }
-                Some(_) => {}
-                None => VmStats::add(&self.stats.faults_outside_plan, 1),
+            if schedule.batch_containing(page).is_none() {
+                VmStats::add(&self.stats.faults_outside_plan, 1);
             }
         }
         if let Some(set) = self.learn_from {
             if !set.pages.contains_key(&page) {
-                state
-                    .learned
-                    .push((page, u32::try_from(rank_estimate).unwrap_or(u32::MAX), write));
+                state.learned.push((page, u32::try_from(rank_estimate).unwrap_or(u32::MAX), write));
             }
         }
     }
 
     /// Places the fault's cluster, falling back to the faulting page alone when part of the
     /// cluster is already present or removed, and waking the page if it is already there.
-    fn place_around(&self, region: &Region, page: HostAddr, write: bool) -> Result<(), IoctlError> {
-        let removed = self.removed.read().unwrap_or_else(|p| p.into_inner());
+    fn place_around(
+        &self,
+        removed: &RemovedRanges,
+        region: &Region,
+        page: HostAddr,
+        write: bool,
+    ) -> Result<(), IoctlError> {
         let unit = region.page_size.bytes();
         let (start, len) = self.cluster(region, page);
         if len > unit && !removed.overlaps(start, len) {
-            match self.place(&removed, region, start, len, write) {
+            match self.place(removed, region, start, len, write) {
                 Err(IoctlError::Exists) => {} // a neighbour is present: serve the page alone
                 other => return other,
             }
         }
-        match self.place(&removed, region, page, unit, write) {
+        match self.place(removed, region, page, unit, write) {
             Err(IoctlError::Exists) => {
                 // Placed meanwhile by someone else, possibly without waking our thread.
                 VmStats::add(&self.stats.already_present, 1);

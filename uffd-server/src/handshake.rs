@@ -51,19 +51,11 @@ pub enum HandshakeError {
     #[error("region {index}: field `{field}` is missing")]
     MissingField { index: usize, field: &'static str },
     #[error("region {index}: field `{field}` must be an unsigned integer, got {value}")]
-    NotUnsigned {
-        index: usize,
-        field: &'static str,
-        value: String,
-    },
+    NotUnsigned { index: usize, field: &'static str, value: String },
     #[error("region {index}: neither `page_size` nor `page_size_kib` is present")]
     MissingPageSize { index: usize },
     #[error("region {index}: `page_size` ({page_size}) and `page_size_kib` ({page_size_kib}) disagree")]
-    PageSizeMismatch {
-        index: usize,
-        page_size: u64,
-        page_size_kib: u64,
-    },
+    PageSizeMismatch { index: usize, page_size: u64, page_size_kib: u64 },
     #[error("region {index}: page size {bytes} is not supported (only 4096 and 2097152)")]
     UnsupportedPageSize { index: usize, bytes: u64 },
 }
@@ -132,11 +124,7 @@ pub fn parse_regions(json: &[u8]) -> Result<Vec<Region>, HandshakeError> {
     let Value::Array(items) = value else {
         return Err(HandshakeError::NotAnArray(json_kind(&value)));
     };
-    items
-        .iter()
-        .enumerate()
-        .map(|(index, item)| parse_region(index, item))
-        .collect()
+    items.iter().enumerate().map(|(index, item)| parse_region(index, item)).collect()
 }
 
 fn parse_region(index: usize, item: &Value) -> Result<Region, HandshakeError> {
@@ -160,22 +148,13 @@ fn parse_region(index: usize, item: &Value) -> Result<Region, HandshakeError> {
     // `page_size_kib` is deprecated and, despite its name, holds bytes; old VMMs send only it.
     let bytes = match (field("page_size")?, field("page_size_kib")?) {
         (Some(page_size), Some(page_size_kib)) if page_size != page_size_kib => {
-            return Err(HandshakeError::PageSizeMismatch {
-                index,
-                page_size,
-                page_size_kib,
-            })
+            return Err(HandshakeError::PageSizeMismatch { index, page_size, page_size_kib })
         }
         (Some(bytes), _) | (None, Some(bytes)) => bytes,
         (None, None) => return Err(HandshakeError::MissingPageSize { index }),
     };
     let page_size = PageSize::from_bytes(bytes).ok_or(HandshakeError::UnsupportedPageSize { index, bytes })?;
-    Ok(Region {
-        host: HostAddr(host),
-        size,
-        file_offset: FileOffset(offset),
-        page_size,
-    })
+    Ok(Region { host: HostAddr(host), size, file_offset: FileOffset(offset), page_size })
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -213,16 +192,12 @@ mod tests {
         assert!(err(r#"[7]"#).contains("region 0: must be a JSON object"));
         assert!(err(r#"[{"size": 4096, "offset": 0, "page_size": 4096}]"#)
             .contains("region 0: field `base_host_virt_addr` is missing"));
-        assert!(
-            err(r#"[{"base_host_virt_addr": 0, "size": -1, "offset": 0, "page_size": 4096}]"#)
-                .contains("region 0: field `size` must be an unsigned integer, got -1")
-        );
+        assert!(err(r#"[{"base_host_virt_addr": 0, "size": -1, "offset": 0, "page_size": 4096}]"#)
+            .contains("region 0: field `size` must be an unsigned integer, got -1"));
         assert!(err(r#"[{"base_host_virt_addr": 0, "size": 4096, "offset": 0}]"#)
             .contains("neither `page_size` nor `page_size_kib`"));
-        assert!(
-            err(r#"[{"base_host_virt_addr": 0, "size": 4096, "offset": 0, "page_size": 8192}]"#)
-                .contains("page size 8192 is not supported")
-        );
+        assert!(err(r#"[{"base_host_virt_addr": 0, "size": 4096, "offset": 0, "page_size": 8192}]"#)
+            .contains("page size 8192 is not supported"));
         assert!(err(
             r#"[{"base_host_virt_addr": 0, "size": 4096, "offset": 0, "page_size": 4096, "page_size_kib": 2097152}]"#
         )

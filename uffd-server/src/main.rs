@@ -26,8 +26,9 @@ enum Command {
         #[command(flatten)]
         prefetch: PrefetchArgs,
     },
-    /// Serve on demand (no prefetch) and record each VM's first touches; when a VM ends, merge
-    /// its run into the working-set file (union over runs, see docs/working-set-format.md).
+    /// Serve on demand (no prefetch, one page per fault so that every touch is seen) and record
+    /// each VM's first touches; when a VM ends, merge its run into the working-set file (union
+    /// over runs, see docs/working-set-format.md).
     Record(RecordArgs),
     /// Print the counters of every VM of a running server (live and recently ended).
     Stats {
@@ -113,16 +114,9 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve { serve: args, prefetch } => {
             if !(0.0..=1.0).contains(&prefetch.min_frequency) {
-                bail!(
-                    "--min-frequency must be between 0 and 1, got {}",
-                    prefetch.min_frequency
-                );
+                bail!("--min-frequency must be between 0 and 1, got {}", prefetch.min_frequency);
             }
-            let default = if prefetch.working_set.is_some() {
-                PrefetchPolicy::Union
-            } else {
-                PrefetchPolicy::None
-            };
+            let default = if prefetch.working_set.is_some() { PrefetchPolicy::Union } else { PrefetchPolicy::None };
             let mode = Mode::Serve {
                 policy: prefetch.prefetch.unwrap_or(default),
                 min_frequency: prefetch.min_frequency,
@@ -146,16 +140,11 @@ fn main() -> Result<()> {
 
 fn serve(args: ServeArgs, working_set: Option<PathBuf>, mode: Mode) -> Result<()> {
     if !args.fault_around.is_power_of_two() || args.fault_around > 512 {
-        bail!(
-            "--fault-around must be a power of two between 1 and 512, got {}",
-            args.fault_around
-        );
+        bail!("--fault-around must be a power of two between 1 and 512, got {}", args.fault_around);
     }
     let mut snapshots = Vec::new();
     for spec in &args.snapshots {
-        let (name, path) = spec
-            .split_once('=')
-            .with_context(|| format!("--snapshot `{spec}`: expected NAME=PATH"))?;
+        let (name, path) = spec.split_once('=').with_context(|| format!("--snapshot `{spec}`: expected NAME=PATH"))?;
         snapshots.push((name.to_string(), PathBuf::from(path)));
     }
     if let Some(dir) = &args.snapshot_dir {
@@ -165,8 +154,10 @@ fn serve(args: ServeArgs, working_set: Option<PathBuf>, mode: Mode) -> Result<()
         socket_dir: args.socket_dir,
         snapshots,
         cache_bytes: args.cache_bytes,
+        // Recording serves single pages: with fault-around, touches of a fault's neighbours
+        // would never fault and the working set would miss them.
         fault: FaultConfig {
-            fault_around_pages: args.fault_around,
+            fault_around_pages: if matches!(mode, Mode::Record { .. }) { 1 } else { args.fault_around },
         },
         allow_uids: args.allow_uids,
         handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
@@ -248,12 +239,8 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         Some('T') => (&s[..s.len() - 1], 40),
         _ => (s, 0),
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (e.g. 512M, 16G)"))?;
-    n.checked_shl(shift)
-        .filter(|v| v >> shift == n)
-        .ok_or_else(|| format!("`{s}` is too large"))
+    let n: u64 = digits.parse().map_err(|_| format!("`{s}` is not a size (e.g. 512M, 16G)"))?;
+    n.checked_shl(shift).filter(|v| v >> shift == n).ok_or_else(|| format!("`{s}` is too large"))
 }
 
 #[cfg(test)]

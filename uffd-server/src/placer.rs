@@ -9,8 +9,7 @@ use crate::snapshot::Snapshot;
 use crate::stats::VmStats;
 use crate::uffd_io::{IoctlError, Userfaultfd};
 use prefetch::plan::Batch;
-use prefetch::prefetcher::{BatchPlacer, Placed};
-use std::sync::{OnceLock, RwLock};
+use std::sync::OnceLock;
 
 /// How a range was filled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +36,9 @@ pub struct Placer<'a> {
     pub uffd: &'a Userfaultfd,
     pub regions: &'a RegionMap,
     pub snapshot: &'a Snapshot,
+    /// Wake threads waiting on a range as soon as it is filled. Off for a burst of batches
+    /// woken together at its end (see `BatchPlacement::wake`).
+    pub wake: bool,
 }
 
 impl Placer<'_> {
@@ -54,11 +56,8 @@ impl Placer<'_> {
             return self.zeros(region.page_size, start, len, write);
         }
         // Regions were validated against the snapshot's length, so the range is always there.
-        let src = self
-            .snapshot
-            .bytes(offset, len)
-            .ok_or(IoctlError::Other(nix::errno::Errno::EFAULT))?;
-        self.uffd.copy(src, start, true)?;
+        let src = self.snapshot.bytes(offset, len).ok_or(IoctlError::Other(nix::errno::Errno::EFAULT))?;
+        self.uffd.copy(src, start, self.wake)?;
         Ok(Filled::Copied)
     }
 
@@ -66,24 +65,33 @@ impl Placer<'_> {
     /// copy of zeros instead (measured 2× cheaper). hugetlbfs has no ZEROPAGE.
     pub fn zeros(&self, page_size: PageSize, start: HostAddr, len: u64, write: bool) -> Result<Filled, IoctlError> {
         if write || page_size == PageSize::Huge {
-            self.uffd.copy(zeros(len), start, true)?;
+            self.uffd.copy(zeros(len), start, self.wake)?;
             Ok(Filled::ZeroCopied)
         } else {
-            self.uffd.zeropage(start, len, true)?;
+            self.uffd.zeropage(start, len, self.wake)?;
             Ok(Filled::ZeroMapped)
         }
     }
 }
 
-/// Places plan batches (file page ranges) for the prefetcher and for synchronous installs.
-///
-/// A batch is placed while holding the read side of `removed`; the fault loop holds the write
-/// side while it reads events. So no batch can land between a REMOVE being read (after which
-/// the VMM zaps the range) and the range being marked: a removed page never gets snapshot
-/// bytes. Batches are small, so the fault loop waits for at most one of them.
+/// What placing a plan batch came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placed {
+    /// Every page of the batch is in: placed now, found present, or skipped as removed.
+    Done,
+    /// A memory-layout event (REMOVE) is pending and must be read first; place it again then
+    /// (pages already in are found present, nothing is placed twice).
+    Retry,
+    /// The VM's address space is gone.
+    Stop,
+}
+
+/// Places plan batches (file page ranges): prefetch, and the synchronous installs of `eager`
+/// and `reap`. Runs on the VM's fault thread, which also reads the events, so a REMOVE is
+/// always marked in `removed` before any later batch is placed.
 pub struct BatchPlacement<'a> {
     pub placer: Placer<'a>,
-    pub removed: &'a RwLock<RemovedRanges>,
+    pub removed: &'a RemovedRanges,
     pub stats: &'a VmStats,
 }
 
@@ -94,6 +102,26 @@ enum Stopped {
 }
 
 impl BatchPlacement<'_> {
+    /// Wakes every thread waiting in `batch` (after placing it without waking).
+    pub fn wake(&self, batch: &Batch) {
+        for (_, start, len) in self.host_pieces(batch) {
+            if let Err(e) = self.placer.uffd.wake(start, len) {
+                tracing::debug!(%start, len, "wake after a burst failed: {e}");
+            }
+        }
+    }
+
+    pub fn place(&self, batch: &Batch) -> Placed {
+        for (region, start, len) in self.host_pieces(batch) {
+            match self.place_piece(&region, start, len) {
+                Ok(()) => {}
+                Err(Stopped::Retry) => return Placed::Retry,
+                Err(Stopped::Gone) => return Placed::Stop,
+            }
+        }
+        Placed::Done
+    }
+
     /// The host pieces of a batch: its file range cut at region boundaries, widened to whole
     /// huge pages in hugetlbfs regions.
     fn host_pieces(&self, batch: &Batch) -> Vec<(Region, HostAddr, u64)> {
@@ -115,8 +143,7 @@ impl BatchPlacement<'_> {
     }
 
     fn place_piece(&self, region: &Region, start: HostAddr, len: u64) -> Result<(), Stopped> {
-        let removed = self.removed.read().unwrap_or_else(|p| p.into_inner());
-        if removed.overlaps(start, len) {
+        if self.removed.overlaps(start, len) {
             // The guest gave (part of) it back; demand faults there are served zeros.
             VmStats::add(&self.stats.prefetch_removed_pages, len / BASE_PAGE);
             return Ok(());
@@ -153,20 +180,5 @@ impl BatchPlacement<'_> {
             }
         }
         Ok(())
-    }
-}
-
-impl BatchPlacer for BatchPlacement<'_> {
-    /// Places every piece of `batch`. On Retry the caller places the whole batch again later:
-    /// pieces already in are then found present, nothing is placed twice.
-    fn place(&self, batch: &Batch) -> Placed {
-        for (region, start, len) in self.host_pieces(batch) {
-            match self.place_piece(&region, start, len) {
-                Ok(()) => {}
-                Err(Stopped::Retry) => return Placed::Retry,
-                Err(Stopped::Gone) => return Placed::Stop,
-            }
-        }
-        Placed::Done
     }
 }

@@ -74,27 +74,15 @@ impl RegionMap {
             }
             if !r.host.is_aligned(page) {
                 let addr = r.host.0;
-                return Err(RegionError::UnalignedAddr {
-                    index,
-                    addr,
-                    page_size: page,
-                });
+                return Err(RegionError::UnalignedAddr { index, addr, page_size: page });
             }
             if r.size % page != 0 {
                 let size = r.size;
-                return Err(RegionError::UnalignedSize {
-                    index,
-                    size,
-                    page_size: page,
-                });
+                return Err(RegionError::UnalignedSize { index, size, page_size: page });
             }
             if r.file_offset.0 % page != 0 {
                 let offset = r.file_offset.0;
-                return Err(RegionError::UnalignedOffset {
-                    index,
-                    offset,
-                    page_size: page,
-                });
+                return Err(RegionError::UnalignedOffset { index, offset, page_size: page });
             }
             let file_end = r.file_offset.0.checked_add(r.size);
             if r.host.0.checked_add(r.size).is_none() || file_end.is_none() {
@@ -147,21 +135,13 @@ mod tests {
     use crate::addr::{BASE_PAGE, HUGE_PAGE};
 
     fn region(host: u64, size: u64, offset: u64) -> Region {
-        Region {
-            host: HostAddr(host),
-            size,
-            file_offset: FileOffset(offset),
-            page_size: PageSize::Base,
-        }
+        Region { host: HostAddr(host), size, file_offset: FileOffset(offset), page_size: PageSize::Base }
     }
 
     #[test]
     fn accepts_two_regions_around_a_gap_and_finds_addresses() {
-        let map = RegionMap::new(
-            vec![region(0x20_0000, 0x4000, 0x4000), region(0x10_0000, 0x4000, 0)],
-            0x8000,
-        )
-        .expect("valid");
+        let map = RegionMap::new(vec![region(0x20_0000, 0x4000, 0x4000), region(0x10_0000, 0x4000, 0)], 0x8000)
+            .expect("valid");
         assert_eq!(map.regions()[0].host, HostAddr(0x10_0000), "sorted by host address");
         let r = map.find(HostAddr(0x20_1234)).expect("inside second region");
         assert_eq!(r.file_offset_of(HostAddr(0x20_1234)), FileOffset(0x5234));
@@ -177,35 +157,19 @@ mod tests {
             (vec![region(0x1000, 0, 0)], RegionError::ZeroSize { index: 0 }),
             (
                 vec![region(0x1800, 0x1000, 0)],
-                RegionError::UnalignedAddr {
-                    index: 0,
-                    addr: 0x1800,
-                    page_size: BASE_PAGE,
-                },
+                RegionError::UnalignedAddr { index: 0, addr: 0x1800, page_size: BASE_PAGE },
             ),
             (
                 vec![region(0x1000, 0x1800, 0)],
-                RegionError::UnalignedSize {
-                    index: 0,
-                    size: 0x1800,
-                    page_size: BASE_PAGE,
-                },
+                RegionError::UnalignedSize { index: 0, size: 0x1800, page_size: BASE_PAGE },
             ),
             (
                 vec![region(0x1000, 0x1000, 0x800)],
-                RegionError::UnalignedOffset {
-                    index: 0,
-                    offset: 0x800,
-                    page_size: BASE_PAGE,
-                },
+                RegionError::UnalignedOffset { index: 0, offset: 0x800, page_size: BASE_PAGE },
             ),
             (
                 vec![region(0x1000, 0x2000, file - 0x1000)],
-                RegionError::PastEndOfFile {
-                    index: 0,
-                    end: file + 0x1000,
-                    file_len: file,
-                },
+                RegionError::PastEndOfFile { index: 0, end: file + 0x1000, file_len: file },
             ),
             (
                 vec![region(0x1000, 0x2000, 0), region(0x2000, 0x1000, 0x2000)],
@@ -215,10 +179,7 @@ mod tests {
                 vec![region(0x1000, 0x2000, 0), region(0x9000, 0x1000, 0x1000)],
                 RegionError::OverlappingFile { first: 0, second: 1 },
             ),
-            (
-                vec![region(u64::MAX - 0xfff, 0x2000, 0)],
-                RegionError::Overflow { index: 0 },
-            ),
+            (vec![region(u64::MAX - 0xfff, 0x2000, 0)], RegionError::Overflow { index: 0 }),
         ];
         for (regions, expected) in cases {
             assert_eq!(RegionMap::new(regions, file).unwrap_err(), expected);
@@ -230,12 +191,6 @@ mod tests {
         let mut r = region(HUGE_PAGE + BASE_PAGE, HUGE_PAGE, 0);
         r.page_size = PageSize::Huge;
         let err = RegionMap::new(vec![r], HUGE_PAGE).unwrap_err();
-        assert!(matches!(
-            err,
-            RegionError::UnalignedAddr {
-                page_size: HUGE_PAGE,
-                ..
-            }
-        ));
+        assert!(matches!(err, RegionError::UnalignedAddr { page_size: HUGE_PAGE, .. }));
     }
 }

@@ -21,13 +21,8 @@ impl RemovedRanges {
             return;
         }
         // Absorb every range that overlaps or touches [start, end).
-        let touching: Vec<(u64, u64)> = self
-            .ranges
-            .range(..=end)
-            .rev()
-            .take_while(|&(_, &e)| e >= start)
-            .map(|(&s, &e)| (s, e))
-            .collect();
+        let touching: Vec<(u64, u64)> =
+            self.ranges.range(..=end).rev().take_while(|&(_, &e)| e >= start).map(|(&s, &e)| (s, e)).collect();
         for (s, e) in touching {
             self.ranges.remove(&s);
             start = start.min(s);
@@ -57,10 +52,7 @@ mod tests {
         r.insert(HostAddr(0x3000), HostAddr(0x5000));
         r.insert(HostAddr(0x8000), HostAddr(0x9000));
         assert!(r.overlaps(HostAddr(0x4000), 0x1000));
-        assert!(
-            !r.overlaps(HostAddr(0x5000), 0x3000),
-            "end is exclusive, gap is not removed"
-        );
+        assert!(!r.overlaps(HostAddr(0x5000), 0x3000), "end is exclusive, gap is not removed");
         assert!(r.overlaps(HostAddr(0x2000), 0x2000), "partial overlap at the start");
         assert!(!r.overlaps(HostAddr(0x1000), 0x2000));
         r.insert(HostAddr(0x5000), HostAddr(0x8000)); // bridges both

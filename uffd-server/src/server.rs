@@ -7,9 +7,8 @@
 use crate::addr::BASE_PAGE;
 use crate::fault_loop::{FaultConfig, FaultLoop, VmEnd, VmOutcome};
 use crate::handshake::{self, HandshakeError};
-use crate::placer::{BatchPlacement, Placer};
+use crate::placer::Placer;
 use crate::regions::{RegionError, RegionMap};
-use crate::removed::RemovedRanges;
 use crate::snapshot::Snapshot;
 use crate::snapshot::SnapshotError;
 use crate::stats::{VmStats, VmStatsReport};
@@ -17,7 +16,6 @@ use crate::store::SnapshotStore;
 use crate::uffd_io::Userfaultfd;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use prefetch::plan::{plan, Batch, BatchKind, PlanConfig};
-use prefetch::prefetcher::PrefetchQueue;
 use prefetch::record::{RecordWindow, Run};
 use prefetch::working_set::WorkingSet;
 use prefetch::PageIndex;
@@ -27,7 +25,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Name of the control socket in the socket directory.
@@ -55,11 +53,7 @@ pub struct ServerConfig {
 pub enum Mode {
     /// Serve, prefetching by `policy`; with a working set, demand faults on pages new to it are
     /// merged into it when the VM ends (online refinement).
-    Serve {
-        policy: PrefetchPolicy,
-        min_frequency: f64,
-        plan: PlanConfig,
-    },
+    Serve { policy: PrefetchPolicy, min_frequency: f64, plan: PlanConfig },
     /// Serve on demand and merge each VM's first touches into the working set as a run.
     Record { window: RecordWindow },
 }
@@ -203,11 +197,7 @@ impl Server {
         if config.working_set.is_some() && config.snapshots.len() != 1 {
             return Err(ServerError::WorkingSetNeedsOneSnapshot(config.snapshots.len()));
         }
-        if let Mode::Serve {
-            policy: policy @ (PrefetchPolicy::Reap | PrefetchPolicy::Union),
-            ..
-        } = config.mode
-        {
+        if let Mode::Serve { policy: policy @ (PrefetchPolicy::Reap | PrefetchPolicy::Union), .. } = config.mode {
             if config.working_set.is_none() {
                 return Err(ServerError::PolicyNeedsWorkingSet(policy));
             }
@@ -226,22 +216,11 @@ impl Server {
         let listeners = config
             .snapshots
             .iter()
-            .map(|(name, _)| {
-                Ok((
-                    name.clone(),
-                    bind_private(&config.socket_dir.join(format!("{name}.sock")))?,
-                ))
-            })
+            .map(|(name, _)| Ok((name.clone(), bind_private(&config.socket_dir.join(format!("{name}.sock")))?)))
             .collect::<Result<Vec<_>, ServerError>>()?;
         let control = bind_private(&config.socket_dir.join(CONTROL_SOCKET))?;
         let store = Arc::new(SnapshotStore::new(config.snapshots.clone(), config.cache_bytes));
-        Ok(Server {
-            config,
-            store,
-            registry: Arc::default(),
-            listeners,
-            control,
-        })
+        Ok(Server { config, store, registry: Arc::default(), listeners, control })
     }
 
     /// Loads what fits in the budget, then serves until the process is killed.
@@ -258,11 +237,10 @@ impl Server {
                 config: self.config.clone(),
                 store: Arc::clone(&self.store),
                 registry: Arc::clone(&self.registry),
+                planned: Mutex::new(None),
             });
             threads.push(
-                std::thread::Builder::new()
-                    .name(format!("accept-{name}"))
-                    .spawn(move || accept_loop(listener, ctx))?,
+                std::thread::Builder::new().name(format!("accept-{name}")).spawn(move || accept_loop(listener, ctx))?,
             );
         }
         let (store, registry) = (self.store, self.registry);
@@ -317,6 +295,8 @@ struct AttachContext {
     config: ServerConfig,
     store: Arc<SnapshotStore>,
     registry: Arc<Registry>,
+    /// The working set as last loaded and planned, with the stamp of the file it came from.
+    planned: Mutex<Option<(FileStamp, Arc<PlannedSet>)>>,
 }
 
 fn accept_loop(listener: UnixListener, ctx: Arc<AttachContext>) {
@@ -375,67 +355,31 @@ fn attach(id: u64, peer_pid: i32, peer_uid: u32, stream: &UnixStream, ctx: &Atta
         end: Mutex::new(None),
     });
     ctx.registry.add(Arc::clone(&record));
-    tracing::info!(
-        peer_pid,
-        regions = regions.regions().len(),
-        guest_bytes = regions.total_bytes(),
-        "VM attached"
-    );
-    let prepared = prepare(ctx, &snapshot, &regions);
-    let planned = prepared
-        .install
-        .iter()
-        .chain(prepared.queue.iter().flat_map(|q| q.batches()))
-        .map(|b| b.pages)
-        .sum();
-    VmStats::add(&record.stats.prefetch_planned_pages, planned);
-    let removed = RwLock::new(RemovedRanges::default());
-    let placer = Placer {
-        uffd: &uffd,
-        regions: &regions,
-        snapshot: &snapshot,
+    tracing::info!(peer_pid, regions = regions.regions().len(), guest_bytes = regions.total_bytes(), "VM attached");
+    let planned = planned_set(ctx, &snapshot);
+    let eager = match ctx.config.mode {
+        Mode::Serve { policy: PrefetchPolicy::Eager, plan, .. } => whole_snapshot(&regions, plan.max_batch_pages),
+        _ => Vec::new(),
     };
-    let stats = &record.stats;
-    let VmOutcome { end, run, learned } = std::thread::scope(|scope| {
-        if let Some(queue) = &prepared.queue {
-            let placement = BatchPlacement {
-                placer,
-                removed: &removed,
-                stats,
-            };
-            let started = record.started;
-            let spawned = std::thread::Builder::new()
-                .name(format!("prefetch-{id}"))
-                .spawn_scoped(scope, move || {
-                    queue.run(&placement);
-                    if queue.is_finished() {
-                        VmStats::add(&stats.prefetch_done_us, started.elapsed().as_micros() as u64);
-                    }
-                });
-            if let Err(e) = spawned {
-                tracing::error!("cannot start the prefetch thread, serving on demand only: {e}");
-            }
-        }
-        let fault_loop = FaultLoop {
-            placer,
-            socket: stream,
-            config: ctx.config.fault,
-            stats,
-            removed: &removed,
-            install_first: &prepared.install,
-            prefetch: prepared.queue.as_ref(),
-            record: match ctx.config.mode {
-                Mode::Record { window } => Some(window),
-                Mode::Serve { .. } => None,
-            },
-            learn_from: prepared.working_set.as_ref(),
-        };
-        let outcome = fault_loop.run();
-        if let Some(queue) = &prepared.queue {
-            queue.stop();
-        }
-        outcome
-    });
+    let install: &[Batch] = if eager.is_empty() { &planned.install } else { &eager };
+    VmStats::add(&record.stats.prefetch_plan_us, record.started.elapsed().as_micros() as u64);
+    let planned_pages = install.iter().chain(&planned.prefetch).map(|b| b.pages).sum();
+    VmStats::add(&record.stats.prefetch_planned_pages, planned_pages);
+    let fault_loop = FaultLoop {
+        placer: Placer { uffd: &uffd, regions: &regions, snapshot: &snapshot, wake: true },
+        socket: stream,
+        config: ctx.config.fault,
+        stats: &record.stats,
+        attached: record.started,
+        install_first: install,
+        prefetch: &planned.prefetch,
+        record: match ctx.config.mode {
+            Mode::Record { window } => Some(window),
+            Mode::Serve { .. } => None,
+        },
+        learn_from: planned.working_set.as_ref(),
+    };
+    let VmOutcome { end, run, learned } = fault_loop.run();
     // Let go of the VM before the slow part (the working-set file): a VMM that maps memory again
     // in the same process waits for this hang-up (docs/protocol.md).
     drop(uffd);
@@ -460,82 +404,92 @@ fn attach(id: u64, peer_pid: i32, peer_uid: u32, stream: &UnixStream, ctx: &Atta
     Ok(())
 }
 
-/// What a VM gets before its fault loop starts.
-struct Prepared {
-    /// Placed synchronously before the first fault is served.
-    install: Vec<Batch>,
-    /// Placed in the background.
-    queue: Option<PrefetchQueue>,
-    /// The set demand faults are checked against for online refinement (`serve` only).
+/// A snapshot's working set as loaded and planned for this server's policy. Shared by every
+/// VM until the file changes: planning is not free (measured ~17 ms for 65 536 pages).
+#[derive(Default)]
+struct PlannedSet {
+    /// The set demand faults are checked against for online refinement.
     working_set: Option<WorkingSet>,
+    /// Placed synchronously before the first fault is served (`reap`).
+    install: Vec<Batch>,
+    /// Placed in the background, between events (`union`).
+    prefetch: Vec<Batch>,
 }
 
-/// Loads the working set (a lost hint is logged, never an error to the VM) and plans.
-fn prepare(ctx: &AttachContext, snapshot: &Snapshot, regions: &RegionMap) -> Prepared {
-    let mut prepared = Prepared {
-        install: Vec::new(),
-        queue: None,
-        working_set: None,
-    };
-    let Mode::Serve {
-        policy,
-        min_frequency,
-        plan: plan_config,
-    } = ctx.config.mode
+/// Changes whenever the working-set file is rewritten (always by rename: a new inode).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    inode: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+fn file_stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some(FileStamp { inode: meta.ino(), len: meta.len(), modified: meta.modified().ok() })
+}
+
+/// The working set for this VM: the cached plan if the file is unchanged, else loaded and
+/// planned anew. A lost hint is logged, never an error to the VM.
+fn planned_set(ctx: &AttachContext, snapshot: &Snapshot) -> Arc<PlannedSet> {
+    let (Some(path), Mode::Serve { policy, min_frequency, plan: plan_config }) =
+        (&ctx.config.working_set, ctx.config.mode)
     else {
-        return prepared;
+        return Arc::default();
     };
-    if policy == PrefetchPolicy::Eager {
-        prepared.install = whole_snapshot(regions, plan_config.max_batch_pages);
+    let stamp = file_stamp(path);
+    let mut cache = ctx.planned.lock().unwrap_or_else(|p| p.into_inner());
+    if let (Some(stamp), Some((cached, planned))) = (stamp, cache.as_ref()) {
+        if *cached == stamp {
+            return Arc::clone(planned);
+        }
     }
-    let Some(path) = &ctx.config.working_set else {
-        return prepared;
-    };
+    let started = Instant::now();
     let set = match prefetch::format::load(path, &snapshot.identity()) {
         Ok(set) => set,
         Err(e) => {
             tracing::warn!(path = %path.display(), "working set not used, serving without its prefetch: {e}");
-            prepared.working_set = Some(WorkingSet::new(snapshot.identity()));
-            return prepared;
+            return Arc::new(PlannedSet {
+                working_set: Some(WorkingSet::new(snapshot.identity())),
+                ..Default::default()
+            });
         }
     };
     let is_zero = |page: PageIndex| snapshot.is_zero_page(page as usize);
+    let mut planned = PlannedSet::default();
     match policy {
         PrefetchPolicy::Reap => {
             let first_run: Vec<(PageIndex, f64)> =
                 set.first_run.iter().enumerate().map(|(i, &p)| (p, i as f64)).collect();
-            prepared.install = plan(&first_run, is_zero, plan_config);
+            planned.install = plan(&first_run, is_zero, plan_config);
         }
-        PrefetchPolicy::Union => {
-            prepared.queue = Some(PrefetchQueue::new(plan(
-                &set.select(min_frequency),
-                is_zero,
-                plan_config,
-            )));
-        }
+        PrefetchPolicy::Union => planned.prefetch = plan(&set.select(min_frequency), is_zero, plan_config),
         PrefetchPolicy::None | PrefetchPolicy::Eager => {}
     }
-    tracing::info!(path = %path.display(), runs = set.runs, pages = set.pages.len(), ?policy, "working set loaded");
-    prepared.working_set = Some(set);
-    prepared
+    tracing::info!(
+        path = %path.display(),
+        runs = set.runs,
+        pages = set.pages.len(),
+        ?policy,
+        batches = planned.install.len() + planned.prefetch.len(),
+        us = started.elapsed().as_micros() as u64,
+        "working set loaded and planned"
+    );
+    planned.working_set = Some(set);
+    let planned = Arc::new(planned);
+    *cache = stamp.map(|stamp| (stamp, Arc::clone(&planned)));
+    planned
 }
 
 /// Every page of every region, in file order, as batches of at most `max_pages`.
 fn whole_snapshot(regions: &RegionMap, max_pages: u64) -> Vec<Batch> {
     let mut batches = Vec::new();
     for region in regions.regions() {
-        let (first, end) = (
-            region.file_offset.0 / BASE_PAGE,
-            (region.file_offset.0 + region.size) / BASE_PAGE,
-        );
+        let (first, end) = (region.file_offset.0 / BASE_PAGE, (region.file_offset.0 + region.size) / BASE_PAGE);
         for start in (first..end).step_by(max_pages.max(1) as usize) {
             let pages = max_pages.min(end - start);
-            batches.push(Batch {
-                first_page: start,
-                pages,
-                kind: BatchKind::Copy,
-                rank: 0.0,
-            });
+            batches.push(Batch { first_page: start, pages, kind: BatchKind::Copy, rank: 0.0 });
         }
     }
     batches
@@ -545,15 +499,9 @@ fn whole_snapshot(regions: &RegionMap, max_pages: u64) -> Vec<Batch> {
 fn save_learning(snapshot: &Snapshot, path: &Path, run: Option<&Run>, learned: &[(PageIndex, u32, bool)]) {
     let identity = snapshot.identity();
     let (result, what) = match run {
-        Some(run) => (
-            prefetch::format::merge_run(path, &identity, run),
-            "run merged into the working set",
-        ),
+        Some(run) => (prefetch::format::merge_run(path, &identity, run), "run merged into the working set"),
         None if learned.is_empty() => return,
-        None => (
-            prefetch::format::learn(path, &identity, learned),
-            "new pages learned into the working set",
-        ),
+        None => (prefetch::format::learn(path, &identity, learned), "new pages learned into the working set"),
     };
     match result {
         Ok(merged) => {

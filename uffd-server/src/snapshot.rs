@@ -23,11 +23,7 @@ const READ_CHUNK: u64 = 4 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("snapshot `{name}`: cannot open memory file {path}: {source}")]
-    Open {
-        name: String,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Open { name: String, path: PathBuf, source: io::Error },
     #[error("snapshot `{name}`: memory file {path} is empty")]
     Empty { name: String, path: PathBuf },
     #[error("snapshot `{name}`: memory file {path} is {len} bytes, not a multiple of 4096 (truncated?)")]
@@ -35,12 +31,7 @@ pub enum SnapshotError {
     #[error("snapshot `{name}`: cannot allocate {len} bytes to hold it: {source}")]
     Allocate { name: String, len: u64, source: io::Error },
     #[error("snapshot `{name}`: reading memory file {path} at offset {offset:#x} failed (truncated while loading?): {source}")]
-    Read {
-        name: String,
-        path: PathBuf,
-        offset: u64,
-        source: io::Error,
-    },
+    Read { name: String, path: PathBuf, offset: u64, source: io::Error },
     #[error("no snapshot named `{0}`")]
     Unknown(String),
 }
@@ -58,45 +49,28 @@ pub struct Snapshot {
 
 impl std::fmt::Debug for Snapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Snapshot")
-            .field("name", &self.name)
-            .field("len", &self.len)
-            .finish()
+        f.debug_struct("Snapshot").field("name", &self.name).field("len", &self.len).finish()
     }
 }
 
 impl Snapshot {
     pub fn load(name: &str, path: &Path) -> Result<Snapshot, SnapshotError> {
-        let open_err = |source| SnapshotError::Open {
-            name: name.into(),
-            path: path.into(),
-            source,
-        };
+        let open_err = |source| SnapshotError::Open { name: name.into(), path: path.into(), source };
         let file = File::open(path).map_err(open_err)?;
         let len = file.metadata().map_err(open_err)?.len();
         if len == 0 {
-            return Err(SnapshotError::Empty {
-                name: name.into(),
-                path: path.into(),
-            });
+            return Err(SnapshotError::Empty { name: name.into(), path: path.into() });
         }
         if len % BASE_PAGE != 0 {
-            return Err(SnapshotError::NotPageMultiple {
-                name: name.into(),
-                path: path.into(),
-                len,
-            });
+            return Err(SnapshotError::NotPageMultiple { name: name.into(), path: path.into(), len });
         }
         let size = usize::try_from(len).map_err(|_| SnapshotError::Allocate {
             name: name.into(),
             len,
             source: io::Error::from(io::ErrorKind::OutOfMemory),
         })?;
-        let mut memory = MmapMut::map_anon(size).map_err(|source| SnapshotError::Allocate {
-            name: name.into(),
-            len,
-            source,
-        })?;
+        let mut memory =
+            MmapMut::map_anon(size).map_err(|source| SnapshotError::Allocate { name: name.into(), len, source })?;
         let pages = size / BASE_PAGE as usize;
         // Every page starts as zero: holes are never read, data pages are cleared as scanned.
         let mut zero_pages = BitVec::repeat(true, pages);
@@ -121,14 +95,7 @@ impl Snapshot {
         }
         release_zero_runs(&memory, &zero_pages);
         let identity = SnapshotIdentity::of(&memory);
-        Ok(Snapshot {
-            name: name.into(),
-            path: path.into(),
-            len,
-            memory,
-            zero_pages,
-            identity,
-        })
+        Ok(Snapshot { name: name.into(), path: path.into(), len, memory, zero_pages, identity })
     }
 
     /// Size and fingerprint, naming the snapshot in working-set files.
@@ -172,9 +139,7 @@ impl Snapshot {
     pub fn is_zero(&self, offset: FileOffset, len: u64) -> bool {
         let first = (offset.0 / BASE_PAGE) as usize;
         let last = offset.0.saturating_add(len).div_ceil(BASE_PAGE) as usize;
-        self.zero_pages
-            .get(first..last.min(self.zero_pages.len()))
-            .is_some_and(|bits| bits.all())
+        self.zero_pages.get(first..last.min(self.zero_pages.len())).is_some_and(|bits| bits.all())
     }
 
     /// Whether the 4 KiB page at `page_index` is all zeros.
@@ -236,9 +201,7 @@ fn release_zero_runs(memory: &MmapMut, zero_pages: &BitVec) {
 
 /// Branch-free OR over small chunks vectorises well; a page is 4096 bytes.
 fn is_zero(bytes: &[u8]) -> bool {
-    bytes
-        .chunks(256)
-        .all(|chunk| chunk.iter().fold(0u8, |acc, &b| acc | b) == 0)
+    bytes.chunks(256).all(|chunk| chunk.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 #[cfg(test)]
@@ -264,15 +227,9 @@ mod tests {
         assert_eq!(snap.zero_page_count(), 257);
         assert_eq!(snap.resident_bytes(), 2 * 4096);
         assert!(!snap.is_zero_page(0) && snap.is_zero_page(1) && snap.is_zero_page(100));
-        assert!(
-            !snap.is_zero(FileOffset(0), 8192),
-            "a range with one data page is not zero"
-        );
+        assert!(!snap.is_zero(FileOffset(0), 8192), "a range with one data page is not zero");
         assert!(snap.is_zero(FileOffset(4096), 4096 * 257));
-        assert_eq!(
-            snap.bytes(FileOffset(258 * 4096), 4096).expect("in range"),
-            &[9u8; 4096][..]
-        );
+        assert_eq!(snap.bytes(FileOffset(258 * 4096), 4096).expect("in range"), &[9u8; 4096][..]);
         assert_eq!(snap.bytes(FileOffset(4096), 4096).expect("in range"), &[0u8; 4096][..]);
         assert!(snap.bytes(FileOffset(258 * 4096), 4097).is_none());
         std::fs::remove_dir_all(&dir).ok();

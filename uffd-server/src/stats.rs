@@ -15,9 +15,7 @@ pub struct LatencyHistogram {
 
 impl Default for LatencyHistogram {
     fn default() -> Self {
-        LatencyHistogram {
-            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-        }
+        LatencyHistogram { buckets: std::array::from_fn(|_| AtomicU64::new(0)) }
     }
 }
 
@@ -75,12 +73,14 @@ pub struct VmStats {
     pub prefetch_removed_pages: AtomicU64,
     /// Demand faults while the background prefetch was still running.
     pub faults_during_prefetch: AtomicU64,
-    /// Demand faults on a planned page whose batch had not run yet (it is pulled forward).
+    /// Demand faults in a plan batch nobody had started: the fault thread placed the batch.
     pub faults_unreached_plan: AtomicU64,
     /// Demand faults on pages outside the plan.
     pub faults_outside_plan: AtomicU64,
     /// Microseconds from attach until the background prefetch finished (0: not finished).
     pub prefetch_done_us: AtomicU64,
+    /// Microseconds spent loading the working set and planning, before the first fault is served.
+    pub prefetch_plan_us: AtomicU64,
 }
 
 /// A serialisable view of [`VmStats`].
@@ -104,6 +104,7 @@ pub struct VmStatsReport {
     pub faults_unreached_plan: u64,
     pub faults_outside_plan: u64,
     pub prefetch_done_us: u64,
+    pub prefetch_plan_us: u64,
 }
 
 impl VmStats {
@@ -132,6 +133,7 @@ impl VmStats {
             faults_unreached_plan: self.faults_unreached_plan.load(Relaxed),
             faults_outside_plan: self.faults_outside_plan.load(Relaxed),
             prefetch_done_us: self.prefetch_done_us.load(Relaxed),
+            prefetch_plan_us: self.prefetch_plan_us.load(Relaxed),
         }
     }
 }

@@ -22,23 +22,9 @@ pub struct SnapshotStore {
 impl SnapshotStore {
     pub fn new(snapshots: impl IntoIterator<Item = (String, PathBuf)>, budget_bytes: u64) -> Self {
         let now = Instant::now();
-        let entries = snapshots
-            .into_iter()
-            .map(|(name, path)| {
-                (
-                    name,
-                    Entry {
-                        path,
-                        loaded: None,
-                        last_used: now,
-                    },
-                )
-            })
-            .collect();
-        SnapshotStore {
-            entries: Mutex::new(entries),
-            budget_bytes,
-        }
+        let entries =
+            snapshots.into_iter().map(|(name, path)| (name, Entry { path, loaded: None, last_used: now })).collect();
+        SnapshotStore { entries: Mutex::new(entries), budget_bytes }
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -51,10 +37,7 @@ impl SnapshotStore {
         for name in self.names() {
             let fits = {
                 let entries = self.lock();
-                let size = entries
-                    .get(&name)
-                    .and_then(|e| std::fs::metadata(&e.path).ok())
-                    .map_or(0, |m| m.len());
+                let size = entries.get(&name).and_then(|e| std::fs::metadata(&e.path).ok()).map_or(0, |m| m.len());
                 resident_bytes(&entries) + size <= self.budget_bytes
             };
             if fits {
@@ -68,9 +51,7 @@ impl SnapshotStore {
     /// two VMs arriving at once load it once; running VMs never take this lock.
     pub fn get(&self, name: &str) -> Result<Arc<Snapshot>, SnapshotError> {
         let mut entries = self.lock();
-        let entry = entries
-            .get_mut(name)
-            .ok_or_else(|| SnapshotError::Unknown(name.into()))?;
+        let entry = entries.get_mut(name).ok_or_else(|| SnapshotError::Unknown(name.into()))?;
         entry.last_used = Instant::now();
         if let Some(snapshot) = &entry.loaded {
             return Ok(Arc::clone(snapshot));
@@ -97,11 +78,7 @@ impl SnapshotStore {
 
     /// Names of the snapshots currently held in memory.
     pub fn loaded(&self) -> Vec<String> {
-        self.lock()
-            .iter()
-            .filter(|(_, e)| e.loaded.is_some())
-            .map(|(n, _)| n.clone())
-            .collect()
+        self.lock().iter().filter(|(_, e)| e.loaded.is_some()).map(|(n, _)| n.clone()).collect()
     }
 
     fn evict_idle(&self, entries: &mut BTreeMap<String, Entry>, keep: &str) {
@@ -125,10 +102,7 @@ impl SnapshotStore {
             if let Some(entry) = entries.get_mut(&victim) {
                 entry.loaded = None;
             }
-            tracing::info!(
-                snapshot = victim,
-                "idle snapshot evicted to stay within the cache budget"
-            );
+            tracing::info!(snapshot = victim, "idle snapshot evicted to stay within the cache budget");
         }
     }
 
@@ -140,11 +114,7 @@ impl SnapshotStore {
 }
 
 fn resident_bytes(entries: &BTreeMap<String, Entry>) -> u64 {
-    entries
-        .values()
-        .filter_map(|e| e.loaded.as_ref())
-        .map(|s| s.resident_bytes())
-        .sum()
+    entries.values().filter_map(|e| e.loaded.as_ref()).map(|s| s.resident_bytes()).sum()
 }
 
 #[cfg(test)]

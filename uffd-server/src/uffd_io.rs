@@ -35,9 +35,7 @@ impl IoctlError {
     fn from_errno(errno: Errno, copied: i64) -> Self {
         match errno {
             Errno::EEXIST => IoctlError::Exists,
-            Errno::EAGAIN => IoctlError::Again {
-                copied: copied.max(0) as u64,
-            },
+            Errno::EAGAIN => IoctlError::Again { copied: copied.max(0) as u64 },
             Errno::ESRCH => IoctlError::VmGone,
             Errno::ENOENT => IoctlError::NotRegistered,
             other => IoctlError::Other(other),
@@ -99,23 +97,18 @@ impl Userfaultfd {
         for event in events {
             let event = event.map_err(|e| ReadError::Read(e.to_string()))?;
             out.push(match event {
-                Event::Pagefault { rw, addr, .. } => UffdEvent::Fault {
-                    addr: HostAddr(addr as u64),
-                    write: rw == userfaultfd::ReadWrite::Write,
-                },
-                Event::Remove { start, end } => UffdEvent::Remove {
-                    start: HostAddr(start as u64),
-                    end: HostAddr(end as u64),
-                },
-                Event::Unmap { start, end } => UffdEvent::Unmap {
-                    start: HostAddr(start as u64),
-                    end: HostAddr(end as u64),
-                },
-                Event::Remap { from, to, len } => UffdEvent::Remap {
-                    from: HostAddr(from as u64),
-                    to: HostAddr(to as u64),
-                    len: len as u64,
-                },
+                Event::Pagefault { rw, addr, .. } => {
+                    UffdEvent::Fault { addr: HostAddr(addr as u64), write: rw == userfaultfd::ReadWrite::Write }
+                }
+                Event::Remove { start, end } => {
+                    UffdEvent::Remove { start: HostAddr(start as u64), end: HostAddr(end as u64) }
+                }
+                Event::Unmap { start, end } => {
+                    UffdEvent::Unmap { start: HostAddr(start as u64), end: HostAddr(end as u64) }
+                }
+                Event::Remap { from, to, len } => {
+                    UffdEvent::Remap { from: HostAddr(from as u64), to: HostAddr(to as u64), len: len as u64 }
+                }
                 Event::Fork { .. } => UffdEvent::Fork, // the child's Uffd is dropped (closed) here
             });
         }

@@ -20,11 +20,7 @@ fn main() {
     let mut bytes = SnapshotFile::random(dir.path(), "data", DATA, 0.0, 7).bytes;
     bytes.resize(GUEST, 0);
     let snapshot = SnapshotFile::from_bytes(dir.path(), "python-like.mem", bytes);
-    println!(
-        "built-in snapshot: {} MiB guest, {} MiB of data, the rest zero",
-        GUEST / MIB,
-        DATA / MIB
-    );
+    println!("built-in snapshot: {} MiB guest, {} MiB of data, the rest zero", GUEST / MIB, DATA / MIB);
 
     // Baseline: SnapFaaS's eager copy of the whole snapshot into fresh memory, then the touch.
     let eager = {
@@ -59,11 +55,7 @@ fn main() {
     println!("\n| restore + touch all {} MiB | ms | vs eager copy |", GUEST / MIB);
     println!("|---|---|---|");
     for (name, time) in &rows {
-        println!(
-            "| {name} | {:.1} | {:.2}× |",
-            ms(*time),
-            time.as_secs_f64() / eager.as_secs_f64()
-        );
+        println!("| {name} | {:.1} | {:.2}× |", ms(*time), time.as_secs_f64() / eager.as_secs_f64());
     }
     println!("\nEvery byte of guest memory was checked against the snapshot.");
 }
