@@ -3,7 +3,7 @@
 
 use e2e::fake_vmm::{touch, FakeVmm, PAGE};
 use e2e::require_userfaultfd;
-use e2e::server_process::ServerProcess;
+use e2e::server_process::{workspace_binary, ServerProcess};
 use e2e::snapshot_file::SnapshotFile;
 use prefetch::identity::SnapshotIdentity;
 use prefetch::record::{Run, Touch};
@@ -55,15 +55,8 @@ fn load(path: &Path, snap: &SnapshotFile) -> WorkingSet {
 #[test]
 fn runs_are_merged_as_a_union_with_first_touch_order_and_statistics() {
     require_userfaultfd();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let snap = SnapshotFile::random(dir.path(), "fn.mem", 4 * MIB, 0.3, 21);
-    let ws = dir.path().join("fn.ws");
-    let ws_arg = ws.to_str().expect("utf-8 path");
-    let server = ServerProcess::start_command(
-        "record",
-        &[("fn", &snap.path)],
-        &["--fault-around", "1", "--working-set", ws_arg],
-    );
+    // Pages 3, 5, 7 and 10 share a 64 KiB cluster: `record` must see each of them.
+    let Recording { snap, ws, server, dir: _dir } = record(21, &[], |_| {});
 
     drop(run_vm(&server, &snap, &[10, 3, 7, 200, 5]));
     server.wait_for_log("run merged into the working set", 1);
@@ -86,11 +79,7 @@ fn runs_are_merged_as_a_union_with_first_touch_order_and_statistics() {
 #[test]
 fn two_vms_ending_at_once_both_land_and_the_window_bounds_a_run() {
     require_userfaultfd();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let snap = SnapshotFile::random(dir.path(), "fn.mem", 4 * MIB, 0.3, 22);
-    let ws = dir.path().join("fn.ws");
-    let args = ["--fault-around", "1", "--working-set", ws.to_str().expect("utf-8"), "--record-max-faults", "3"];
-    let server = ServerProcess::start_command("record", &[("fn", &snap.path)], &args);
+    let Recording { snap, ws, server, dir: _dir } = record(22, &["--record-max-faults", "3"], |_| {});
 
     let a = run_vm(&server, &snap, &[1, 2, 3, 4, 5]);
     let b = run_vm(&server, &snap, &[100, 101, 102, 103]);
@@ -269,4 +258,32 @@ fn serve_learns_pages_outside_the_set_into_the_file() {
     server.wait_for_log("VM ended", 3);
     assert_eq!(server.log().matches("working set loaded and planned").count(), 2);
     assert_eq!(server.log().matches("new pages learned").count(), 1);
+}
+
+#[test]
+fn end_recording_closes_the_window_while_the_vm_runs_on() {
+    require_userfaultfd();
+    let Recording { snap, ws, server, dir: _dir } = record(24, &[], |_| {});
+    let vmm = run_vm(&server, &snap, &[1, 2, 3]);
+    let end = |vm: &str| {
+        std::process::Command::new(workspace_binary("uffd-server"))
+            .args(["end-recording", "--vm", vm, "--socket-dir"])
+            .arg(&server.socket_dir)
+            .output()
+            .expect("run end-recording")
+    };
+    let ended = end(&server.stats().vms[0].id.to_string());
+    assert!(ended.status.success(), "{}", String::from_utf8_lossy(&ended.stderr));
+    let region = vmm.memory.regions[0];
+    for p in [50, 60] {
+        touch(region.addr + p * PAGE, false); // served, not recorded
+    }
+    assert_eq!(vmm.memory.region_bytes(0)[50 * PAGE], snap.bytes[50 * PAGE]);
+    drop(vmm);
+    server.wait_for_log("run merged into the working set", 1);
+    assert_eq!(load(&ws, &snap).pages.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
+
+    let unknown = end("999");
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no VM with id `999`"));
 }

@@ -48,7 +48,7 @@ impl ServerProcess {
             cmd.arg("--snapshot").arg(format!("{name}={}", path.display()));
         }
         cmd.args(extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("E2E_SERVER_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));

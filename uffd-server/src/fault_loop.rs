@@ -24,6 +24,7 @@ use prefetch::PageIndex;
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use userfaultfd::EventBuffer;
 
@@ -94,6 +95,8 @@ pub struct FaultLoop<'a> {
     pub record: Option<RecordWindow>,
     /// Online refinement: demand faults on pages this set does not know are learned.
     pub learn_from: Option<&'a WorkingSet>,
+    /// Set from outside (the control socket) to end the record window explicitly.
+    pub end_recording: &'a AtomicBool,
 }
 
 /// How a VM's loop ended, and what it recorded.
@@ -376,6 +379,9 @@ impl FaultLoop<'_> {
     /// of it, online refinement.
     fn note_demand(&self, state: &mut LoopState, page: PageIndex, write: bool) {
         if let Some(recorder) = state.recorder.as_mut() {
+            if self.end_recording.load(Ordering::Relaxed) {
+                recorder.end();
+            }
             recorder.record(page, write);
         }
         let mut rank_estimate = state.demand_faults;

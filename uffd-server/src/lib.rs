@@ -6,6 +6,7 @@
 //! [`store`]); [`uffd_io`] is the only module that issues userfaultfd ioctls.
 
 pub mod addr;
+pub mod control;
 pub mod fault_loop;
 pub mod handshake;
 pub mod placer;

@@ -8,7 +8,7 @@ use prefetch::record::RecordWindow;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use uffd_server::fault_loop::{FaultConfig, DEFAULT_FAULT_AROUND_PAGES};
-use uffd_server::server::{query_stats, Mode, PrefetchPolicy, Server, ServerConfig};
+use uffd_server::server::{end_recording, query_stats, Mode, PrefetchPolicy, Server, ServerConfig};
 
 #[derive(Parser)]
 #[command(version, about)]
@@ -30,6 +30,15 @@ enum Command {
     /// each VM's first touches; when a VM ends, merge its run into the working-set file (union
     /// over runs, see docs/working-set-format.md).
     Record(RecordArgs),
+    /// End the record window of one VM of a running `record` server now (the VM goes on).
+    EndRecording {
+        /// The running server's --socket-dir.
+        #[arg(long)]
+        socket_dir: PathBuf,
+        /// The VM's id (`uffd-server stats`).
+        #[arg(long)]
+        vm: u64,
+    },
     /// Print the counters of every VM of a running server (live and recently ended).
     Stats {
         /// The running server's --socket-dir.
@@ -135,6 +144,9 @@ fn main() -> Result<()> {
             serve(args.serve, Some(args.working_set), Mode::Record { window })
         }
         Command::Stats { socket_dir, json } => stats(&socket_dir, json),
+        Command::EndRecording { socket_dir, vm } => {
+            end_recording(&socket_dir, vm).with_context(|| format!("cannot end the recording of VM {vm}"))
+        }
     }
 }
 

@@ -5,13 +5,14 @@
 //! that VM's id and peer pid and ends that connection only; nothing here can stop the others.
 
 use crate::addr::BASE_PAGE;
+pub use crate::control::{end_recording, query_stats, StatsResponse, VmReport};
 use crate::fault_loop::{FaultConfig, FaultLoop, VmEnd, VmOutcome};
 use crate::handshake::{self, HandshakeError};
 use crate::placer::Placer;
 use crate::regions::{RegionError, RegionMap};
 use crate::snapshot::Snapshot;
 use crate::snapshot::SnapshotError;
-use crate::stats::{VmStats, VmStatsReport};
+use crate::stats::VmStats;
 use crate::store::SnapshotStore;
 use crate::uffd_io::Userfaultfd;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
@@ -19,12 +20,11 @@ use prefetch::plan::{plan, Batch, BatchKind, PlanConfig};
 use prefetch::record::{RecordWindow, Run};
 use prefetch::working_set::WorkingSet;
 use prefetch::PageIndex;
-use serde::{Deserialize, Serialize};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -113,30 +113,13 @@ pub struct VmRecord {
     pub peer_pid: i32,
     started: Instant,
     pub stats: VmStats,
+    /// Set through the control socket: end this VM's record window now.
+    pub end_recording: AtomicBool,
     end: Mutex<Option<(String, Duration)>>,
 }
 
-/// What the control socket answers: every live VM and the most recent ended ones.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct StatsResponse {
-    pub snapshots_loaded: Vec<String>,
-    pub snapshot_resident_bytes: u64,
-    pub vms: Vec<VmReport>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct VmReport {
-    pub id: u64,
-    pub snapshot: String,
-    pub peer_pid: i32,
-    /// None while the VM is attached.
-    pub ended: Option<String>,
-    pub seconds: f64,
-    pub counters: VmStatsReport,
-}
-
 #[derive(Default)]
-struct Registry {
+pub(crate) struct Registry {
     next_id: AtomicU64,
     vms: Mutex<Vec<Arc<VmRecord>>>,
 }
@@ -153,14 +136,19 @@ impl Registry {
         vms.push(record);
     }
 
-    fn reports(&self) -> Vec<VmReport> {
+    pub(crate) fn reports(&self) -> Vec<VmReport> {
         let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
         vms.iter().map(|v| v.report()).collect()
+    }
+
+    pub(crate) fn find(&self, id: u64) -> Option<Arc<VmRecord>> {
+        let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        vms.iter().find(|v| v.id == id).cloned()
     }
 }
 
 impl VmRecord {
-    fn ended(&self) -> Option<(String, Duration)> {
+    pub(crate) fn ended(&self) -> Option<(String, Duration)> {
         self.end.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -244,32 +232,16 @@ impl Server {
             );
         }
         let (store, registry) = (self.store, self.registry);
-        threads.push(std::thread::Builder::new().name("control".into()).spawn(move || {
-            for stream in self.control.incoming() {
-                let response = StatsResponse {
-                    snapshots_loaded: store.loaded(),
-                    snapshot_resident_bytes: store.resident_bytes(),
-                    vms: registry.reports(),
-                };
-                if let Err(e) = stream.and_then(|mut s| {
-                    serde_json::to_writer(&mut s, &response)?;
-                    s.flush()
-                }) {
-                    tracing::warn!("stats request failed: {e}");
-                }
-            }
-        })?);
+        threads.push(
+            std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || crate::control::serve(self.control, &store, &registry))?,
+        );
         for thread in threads {
             let _ = thread.join();
         }
         Ok(())
     }
-}
-
-/// Reads the stats of a running server through its control socket.
-pub fn query_stats(socket_dir: &Path) -> io::Result<StatsResponse> {
-    let stream = UnixStream::connect(socket_dir.join(CONTROL_SOCKET))?;
-    serde_json::from_reader(stream).map_err(io::Error::other)
 }
 
 fn is_valid_name(name: &str) -> bool {
@@ -352,6 +324,7 @@ fn attach(id: u64, peer_pid: i32, peer_uid: u32, stream: &UnixStream, ctx: &Atta
         peer_pid,
         started: Instant::now(),
         stats: VmStats::default(),
+        end_recording: AtomicBool::new(false),
         end: Mutex::new(None),
     });
     ctx.registry.add(Arc::clone(&record));
@@ -378,6 +351,7 @@ fn attach(id: u64, peer_pid: i32, peer_uid: u32, stream: &UnixStream, ctx: &Atta
             Mode::Serve { .. } => None,
         },
         learn_from: planned.working_set.as_ref(),
+        end_recording: &record.end_recording,
     };
     let VmOutcome { end, run, learned } = fault_loop.run();
     // Let go of the VM before the slow part (the working-set file): a VMM that maps memory again

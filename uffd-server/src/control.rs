@@ -1,0 +1,105 @@
+//! The control socket (`SOCKET_DIR/control.sock`): one command per connection, one JSON reply.
+//!
+//! ```text
+//! stats\n                → StatsResponse: loaded snapshots, every live VM and the recent ended ones
+//! end-recording <vm-id>\n → {"ok": true} | {"error": "..."}: that VM's record window ends now
+//! ```
+
+use crate::server::{Registry, CONTROL_SOCKET};
+use crate::stats::VmStatsReport;
+use crate::store::SnapshotStore;
+use serde::{Deserialize, Serialize};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// The reply to `stats`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatsResponse {
+    pub snapshots_loaded: Vec<String>,
+    pub snapshot_resident_bytes: u64,
+    pub vms: Vec<VmReport>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmReport {
+    pub id: u64,
+    pub snapshot: String,
+    pub peer_pid: i32,
+    /// None while the VM is attached.
+    pub ended: Option<String>,
+    pub seconds: f64,
+    pub counters: VmStatsReport,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum CommandReply {
+    Ok { ok: bool },
+    Error { error: String },
+}
+
+/// Answers control connections until the listener fails.
+pub(crate) fn serve(listener: UnixListener, store: &SnapshotStore, registry: &Registry) {
+    for stream in listener.incoming() {
+        if let Err(e) = stream.and_then(|s| answer(s, store, registry)) {
+            tracing::warn!("control request failed: {e}");
+        }
+    }
+}
+
+fn answer(stream: UnixStream, store: &SnapshotStore, registry: &Registry) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut line = String::new();
+    BufReader::new((&stream).take(256)).read_line(&mut line)?;
+    let mut words = line.split_whitespace();
+    let mut out = &stream;
+    match (words.next(), words.next()) {
+        (Some("stats"), None) => {
+            let response = StatsResponse {
+                snapshots_loaded: store.loaded(),
+                snapshot_resident_bytes: store.resident_bytes(),
+                vms: registry.reports(),
+            };
+            serde_json::to_writer(&mut out, &response)?;
+        }
+        (Some("end-recording"), Some(id)) => {
+            let reply = match id.parse().ok().and_then(|id| registry.find(id)) {
+                Some(vm) if vm.ended().is_none() => {
+                    vm.end_recording.store(true, Ordering::Relaxed);
+                    tracing::info!(vm = vm.id, "record window ended on request");
+                    CommandReply::Ok { ok: true }
+                }
+                Some(_) => CommandReply::Error { error: format!("VM {id} has ended already") },
+                None => CommandReply::Error { error: format!("no VM with id `{id}`") },
+            };
+            serde_json::to_writer(&mut out, &reply)?;
+        }
+        _ => {
+            let error = format!("unknown command `{}`: expected `stats` or `end-recording <vm-id>`", line.trim());
+            serde_json::to_writer(&mut out, &CommandReply::Error { error })?;
+        }
+    }
+    out.flush()
+}
+
+fn request(socket_dir: &Path, command: &str) -> io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(socket_dir.join(CONTROL_SOCKET))?;
+    stream.write_all(format!("{command}\n").as_bytes())?;
+    Ok(stream)
+}
+
+/// The stats of a running server.
+pub fn query_stats(socket_dir: &Path) -> io::Result<StatsResponse> {
+    serde_json::from_reader(request(socket_dir, "stats")?).map_err(io::Error::other)
+}
+
+/// Ends the record window of VM `vm` of a server running `record`.
+pub fn end_recording(socket_dir: &Path, vm: u64) -> io::Result<()> {
+    match serde_json::from_reader(request(socket_dir, &format!("end-recording {vm}"))?).map_err(io::Error::other)? {
+        CommandReply::Ok { .. } => Ok(()),
+        CommandReply::Error { error } => Err(io::Error::other(error)),
+    }
+}
