@@ -287,3 +287,62 @@ fn end_recording_closes_the_window_while_the_vm_runs_on() {
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no VM with id `999`"));
 }
+
+#[test]
+fn disk_storage_serves_every_byte_without_holding_the_snapshot() {
+    require_userfaultfd();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snap = SnapshotFile::random(dir.path(), "fn.mem", 16 * MIB, 0.3, 41);
+    let server = ServerProcess::start(&[("fn", &snap.path)], &["--snapshot-storage", "disk"]);
+    let vmm = FakeVmm::attach(&server.socket("fn"), snap.bytes.len()).expect("attach");
+    vmm.touch_all(4, true);
+    vmm.assert_matches(&snap.bytes);
+    assert_eq!(server.stats().snapshot_resident_bytes, 0, "nothing held in RAM");
+}
+
+#[test]
+fn a_loading_set_is_read_at_once_checked_and_bound_to_its_snapshot() {
+    require_userfaultfd();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snap = SnapshotFile::random(dir.path(), "fn.mem", 8 * MIB, 0.3, 42);
+    let (ws, ls) = (dir.path().join("fn.ws"), dir.path().join("fn.ls"));
+    write_working_set(&ws, &snap, &[(0..1500).step_by(2).collect(), (100..900).collect()]);
+    let built = std::process::Command::new(workspace_binary("uffd-server"))
+        .args(["loading-set", "--snapshot"])
+        .arg(&snap.path)
+        .arg("--working-set")
+        .arg(&ws)
+        .arg("--out")
+        .arg(&ls)
+        .output()
+        .expect("run loading-set");
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let serve = |expect_log: &str| {
+        let args = ["--snapshot-storage", "disk", "--loading-set", ls.to_str().expect("utf-8"), "--prefetch", "union"];
+        let server = ServerProcess::start(&[("fn", &snap.path)], &args);
+        let vmm = FakeVmm::attach(&server.socket("fn"), snap.bytes.len()).expect("attach");
+        vmm.touch_all(3, false);
+        vmm.assert_matches(&snap.bytes);
+        drop(vmm);
+        server.wait_for_log("VM ended", 1);
+        server.wait_for_log(expect_log, 1);
+        server.stats().vms[0].counters.clone()
+    };
+
+    let c = serve("loading set loaded");
+    assert!(c.loading_set_pages > 0 && c.loading_set_pages <= c.prefetched_pages, "{c:?}");
+
+    // A flipped data byte costs that batch (served from the snapshot), never a wrong byte.
+    let mut bytes = std::fs::read(&ls).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x80;
+    std::fs::write(&ls, &bytes).expect("damage");
+    let damaged = serve("failed their checksum");
+    assert!(damaged.loading_set_pages < c.loading_set_pages);
+
+    // A memory file rewritten since (its mtime moved) no longer matches the loading set.
+    let file = std::fs::File::options().write(true).open(&snap.path).expect("open");
+    file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5)).expect("set mtime");
+    let stale = serve("memory file changed since it was written");
+    assert_eq!(stale.loading_set_pages, 0);
+}

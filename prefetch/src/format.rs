@@ -109,12 +109,17 @@ pub fn load(path: &Path, snapshot: &SnapshotIdentity) -> Result<WorkingSet, Form
 
 /// Writes `set` to `path` atomically: readers see the old file or the new one, never a mix.
 pub fn write_atomic(path: &Path, set: &WorkingSet) -> io::Result<()> {
-    let bytes = encode(set).map_err(io::Error::other)?;
+    write_file_atomic(path, &encode(set).map_err(io::Error::other)?)
+}
+
+/// Writes `bytes` to `path` through a temp file in the same directory, fsync, rename and an
+/// fsync of the directory.
+pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| io::Error::other("working-set path has no file name"))?;
+    let name = path.file_name().ok_or_else(|| io::Error::other("path has no file name"))?;
     let tmp = dir.join(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
     let mut file = File::create(&tmp)?;
-    file.write_all(&bytes)?;
+    file.write_all(bytes)?;
     file.sync_all()?;
     drop(file);
     std::fs::rename(&tmp, path)?;

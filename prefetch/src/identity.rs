@@ -20,17 +20,30 @@ pub struct SnapshotIdentity {
 impl SnapshotIdentity {
     /// The identity of a snapshot whose bytes are `memory`.
     pub fn of(memory: &[u8]) -> SnapshotIdentity {
-        let len = memory.len() as u64;
+        let read = |offset: u64, buf: &mut [u8]| {
+            buf.copy_from_slice(&memory[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        };
+        match Self::compute(memory.len() as u64, read) {
+            Ok(identity) => identity,
+            Err(e) => unreachable!("reading from memory cannot fail: {e}"),
+        }
+    }
+
+    /// The identity of a snapshot of `len` bytes, reading only its sampled pages through
+    /// `read(offset, buf)` (a snapshot on disk is not read whole for this).
+    pub fn compute(len: u64, mut read: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>) -> std::io::Result<Self> {
         let pages = len.div_ceil(PAGE);
         let mut hash = crate::fnv1a(crate::FNV_OFFSET, &len.to_le_bytes());
         let samples = SAMPLES.min(pages);
+        let mut buf = vec![0u8; PAGE as usize];
         for i in 0..samples {
             let page = if samples > 1 { i * (pages - 1) / (samples - 1) } else { 0 };
-            let start = (page * PAGE) as usize;
-            let end = (start + PAGE as usize).min(memory.len());
-            hash = crate::fnv1a(hash, &memory[start..end]);
+            let bytes = PAGE.min(len - page * PAGE) as usize;
+            read(page * PAGE, &mut buf[..bytes])?;
+            hash = crate::fnv1a(hash, &buf[..bytes]);
         }
-        SnapshotIdentity { len, fingerprint: hash }
+        Ok(SnapshotIdentity { len, fingerprint: hash })
     }
 }
 

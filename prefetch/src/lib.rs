@@ -10,6 +10,7 @@
 
 pub mod format;
 pub mod identity;
+pub mod loading_set;
 pub mod plan;
 pub mod prefetcher;
 pub mod record;

@@ -16,6 +16,7 @@ use crate::removed::RemovedRanges;
 use crate::stats::VmStats;
 use crate::uffd_io::{IoctlError, ReadError, UffdEvent};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use prefetch::loading_set::LoadingSet;
 use prefetch::plan::Batch;
 use prefetch::prefetcher::PrefetchSchedule;
 use prefetch::record::{RecordWindow, Recorder, Run};
@@ -97,6 +98,8 @@ pub struct FaultLoop<'a> {
     pub learn_from: Option<&'a WorkingSet>,
     /// Set from outside (the control socket) to end the record window explicitly.
     pub end_recording: &'a AtomicBool,
+    /// The bytes of `prefetch`'s batches, read in one go from a loading-set file.
+    pub loading_set: Option<&'a LoadingSet>,
 }
 
 /// How a VM's loop ended, and what it recorded.
@@ -158,12 +161,18 @@ impl FaultLoop<'_> {
 
     /// Places a plan batch, reading events whenever a REMOVE is pending.
     fn place_batch_now(&self, state: &mut LoopState, batch: &Batch) -> Result<(), VmEnd> {
-        self.place_batch_with(self.placer, state, batch)
+        self.place_batch_with(self.placer, state, batch, None)
     }
 
-    fn place_batch_with(&self, placer: Placer<'_>, state: &mut LoopState, batch: &Batch) -> Result<(), VmEnd> {
+    fn place_batch_with(
+        &self,
+        placer: Placer<'_>,
+        state: &mut LoopState,
+        batch: &Batch,
+        source: Option<&[u8]>,
+    ) -> Result<(), VmEnd> {
         loop {
-            let placement = BatchPlacement { placer, removed: &state.removed, stats: self.stats };
+            let placement = BatchPlacement { placer, removed: &state.removed, stats: self.stats, source };
             match placement.place(batch) {
                 Placed::Done => return Ok(()),
                 Placed::Retry => {
@@ -228,7 +237,7 @@ impl FaultLoop<'_> {
         let Some(batch) = state.schedule.as_ref().map(|s| *s.batch(index)) else {
             return Ok(());
         };
-        self.place_batch_with(placer, state, &batch)?;
+        self.place_batch_with(placer, state, &batch, self.loading_set.and_then(|ls| ls.data(index)))?;
         if let Some(schedule) = state.schedule.as_mut() {
             schedule.placed(index);
             if schedule.is_finished() {
@@ -368,7 +377,8 @@ impl FaultLoop<'_> {
             burst.extend(next);
         }
         if let Some(schedule) = state.schedule.as_ref() {
-            let placement = BatchPlacement { placer: self.placer, removed: &state.removed, stats: self.stats };
+            let placement =
+                BatchPlacement { placer: self.placer, removed: &state.removed, stats: self.stats, source: None };
             burst.iter().for_each(|&index| placement.wake(schedule.batch(index)));
         }
         // Placing skips removed ranges: a removed page still needs its zeros.

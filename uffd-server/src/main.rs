@@ -3,12 +3,16 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use prefetch::plan::PlanConfig;
+use prefetch::loading_set::LoadingSet;
+use prefetch::plan::{plan, PlanConfig};
 use prefetch::record::RecordWindow;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use uffd_server::addr::FileOffset;
 use uffd_server::fault_loop::{FaultConfig, DEFAULT_FAULT_AROUND_PAGES};
 use uffd_server::server::{end_recording, query_stats, Mode, PrefetchPolicy, Server, ServerConfig};
+use uffd_server::snapshot::Snapshot;
+use uffd_server::snapshot::Storage;
 
 #[derive(Parser)]
 #[command(version, about)]
@@ -30,6 +34,9 @@ enum Command {
     /// each VM's first touches; when a VM ends, merge its run into the working-set file (union
     /// over runs, see docs/working-set-format.md).
     Record(RecordArgs),
+    /// Write a loading-set file: the snapshot's working set planned as `serve --prefetch union`
+    /// would, with each batch's bytes back to back, for one sequential read at restore.
+    LoadingSet(LoadingSetArgs),
     /// End the record window of one VM of a running `record` server now (the VM goes on).
     EndRecording {
         /// The running server's --socket-dir.
@@ -56,19 +63,58 @@ struct PrefetchArgs {
     /// pages VMs fault on outside it. Needs exactly one --snapshot.
     #[arg(long)]
     working_set: Option<PathBuf>,
+    /// A loading-set file (from `uffd-server loading-set`): `union` prefetches its batches
+    /// from it, read in one go, instead of from the snapshot (for --snapshot-storage disk).
+    #[arg(long)]
+    loading_set: Option<PathBuf>,
     /// What to bring in ahead of the guest [default: union with --working-set, else none].
     #[arg(long, value_enum)]
     prefetch: Option<PrefetchPolicy>,
+    #[command(flatten)]
+    plan: PlanArgs,
+}
+
+/// How a working set becomes a plan (shared by `serve` and `loading-set`).
+#[derive(clap::Args)]
+struct PlanArgs {
     /// Prefetch only pages seen in at least this fraction of recorded runs (0 = the union).
     #[arg(long, default_value_t = 0.0)]
     min_frequency: f64,
     /// Pages per prefetch ioctl. Small batches bound how long a demand fault can wait behind
-    /// one (64 KiB copies at 97% of the bulk bandwidth here).
+    /// one (64 KiB places at ~90% of the bulk UFFDIO_COPY bandwidth here: docs/results.md).
     #[arg(long, default_value_t = 16)]
     prefetch_batch_pages: u64,
     /// Copy gaps of up to this many unneeded pages along, rather than splitting a batch.
     #[arg(long, default_value_t = 4)]
     bridge_gap_pages: u64,
+}
+
+impl PlanArgs {
+    fn config(&self) -> Result<(f64, PlanConfig)> {
+        if !(0.0..=1.0).contains(&self.min_frequency) {
+            bail!("--min-frequency must be between 0 and 1, got {}", self.min_frequency);
+        }
+        let config = PlanConfig {
+            bridge_gap_pages: self.bridge_gap_pages,
+            max_batch_pages: self.prefetch_batch_pages.clamp(1, 512),
+        };
+        Ok((self.min_frequency, config))
+    }
+}
+
+#[derive(clap::Args)]
+struct LoadingSetArgs {
+    /// The snapshot memory file.
+    #[arg(long)]
+    snapshot: PathBuf,
+    /// Its working-set file.
+    #[arg(long)]
+    working_set: PathBuf,
+    /// The loading-set file to write (atomically).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    plan: PlanArgs,
 }
 
 #[derive(clap::Args)]
@@ -100,6 +146,9 @@ struct ServeArgs {
     /// RAM budget for snapshots held in memory (e.g. 8G, 512M); idle ones are evicted beyond it.
     #[arg(long, default_value = "16G", value_parser = parse_bytes)]
     cache_bytes: u64,
+    /// Hold snapshots in RAM (memory) or read them from their files on each fault (disk).
+    #[arg(long, value_enum, default_value = "memory")]
+    snapshot_storage: Storage,
     /// Serve the aligned cluster of this many 4 KiB pages around each fault (power of two, 1..=512).
     #[arg(long, default_value_t = DEFAULT_FAULT_AROUND_PAGES)]
     fault_around: u64,
@@ -122,26 +171,19 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve { serve: args, prefetch } => {
-            if !(0.0..=1.0).contains(&prefetch.min_frequency) {
-                bail!("--min-frequency must be between 0 and 1, got {}", prefetch.min_frequency);
-            }
-            let default = if prefetch.working_set.is_some() { PrefetchPolicy::Union } else { PrefetchPolicy::None };
-            let mode = Mode::Serve {
-                policy: prefetch.prefetch.unwrap_or(default),
-                min_frequency: prefetch.min_frequency,
-                plan: PlanConfig {
-                    bridge_gap_pages: prefetch.bridge_gap_pages,
-                    max_batch_pages: prefetch.prefetch_batch_pages.clamp(1, 512),
-                },
-            };
-            serve(args, prefetch.working_set, mode)
+            let (min_frequency, plan) = prefetch.plan.config()?;
+            let planned = prefetch.working_set.is_some() || prefetch.loading_set.is_some();
+            let default = if planned { PrefetchPolicy::Union } else { PrefetchPolicy::None };
+            let mode = Mode::Serve { policy: prefetch.prefetch.unwrap_or(default), min_frequency, plan };
+            serve(args, (prefetch.working_set, prefetch.loading_set), mode)
         }
+        Command::LoadingSet(args) => write_loading_set(&args),
         Command::Record(args) => {
             let window = RecordWindow {
                 max_faults: args.record_max_faults,
                 max_duration: args.record_max_ms.map(Duration::from_millis),
             };
-            serve(args.serve, Some(args.working_set), Mode::Record { window })
+            serve(args.serve, (Some(args.working_set), None), Mode::Record { window })
         }
         Command::Stats { socket_dir, json } => stats(&socket_dir, json),
         Command::EndRecording { socket_dir, vm } => {
@@ -150,7 +192,7 @@ fn main() -> Result<()> {
     }
 }
 
-fn serve(args: ServeArgs, working_set: Option<PathBuf>, mode: Mode) -> Result<()> {
+fn serve(args: ServeArgs, (working_set, loading_set): (Option<PathBuf>, Option<PathBuf>), mode: Mode) -> Result<()> {
     if !args.fault_around.is_power_of_two() || args.fault_around > 512 {
         bail!("--fault-around must be a power of two between 1 and 512, got {}", args.fault_around);
     }
@@ -166,6 +208,7 @@ fn serve(args: ServeArgs, working_set: Option<PathBuf>, mode: Mode) -> Result<()
         socket_dir: args.socket_dir,
         snapshots,
         cache_bytes: args.cache_bytes,
+        storage: args.snapshot_storage,
         // Recording serves single pages: with fault-around, touches of a fault's neighbours
         // would never fault and the working set would miss them.
         fault: FaultConfig {
@@ -174,6 +217,7 @@ fn serve(args: ServeArgs, working_set: Option<PathBuf>, mode: Mode) -> Result<()
         allow_uids: args.allow_uids,
         handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
         working_set,
+        loading_set,
         mode,
     };
     let server = Server::bind(config.clone()).context("cannot start the server")?;
@@ -186,6 +230,23 @@ fn serve(args: ServeArgs, working_set: Option<PathBuf>, mode: Mode) -> Result<()
         );
     }
     server.run().context("server stopped")
+}
+
+fn write_loading_set(args: &LoadingSetArgs) -> Result<()> {
+    let (min_frequency, config) = args.plan.config()?;
+    // From disk: only the planned pages are read, not the whole snapshot.
+    let snapshot = Snapshot::load("snapshot", &args.snapshot, Storage::Disk)?;
+    let set = prefetch::format::load(&args.working_set, &snapshot.identity())
+        .with_context(|| format!("cannot use working set {}", args.working_set.display()))?;
+    let batches = plan(&set.select(min_frequency), |page| snapshot.is_zero_page(page as usize), config);
+    let read = |offset: u64, buf: &mut [u8]| {
+        snapshot.with_bytes(FileOffset(offset), buf.len() as u64, |src| buf.copy_from_slice(src))
+    };
+    LoadingSet::write(&args.out, snapshot.identity(), snapshot.mtime_ns(), &batches, read)
+        .with_context(|| format!("cannot write loading set {}", args.out.display()))?;
+    let pages: u64 = batches.iter().map(|b| b.pages).sum();
+    println!("wrote {}: {} batches, {} pages ({} MiB)", args.out.display(), batches.len(), pages, pages / 256);
+    Ok(())
 }
 
 fn scan_snapshot_dir(dir: &Path) -> Result<Vec<(String, PathBuf)>> {

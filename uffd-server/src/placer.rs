@@ -55,9 +55,11 @@ impl Placer<'_> {
         if self.snapshot.is_zero(offset, len) {
             return self.zeros(region.page_size, start, len, write);
         }
-        // Regions were validated against the snapshot's length, so the range is always there.
-        let src = self.snapshot.bytes(offset, len).ok_or(IoctlError::Other(nix::errno::Errno::EFAULT))?;
-        self.uffd.copy(src, start, self.wake)?;
+        // Regions were validated against the snapshot's length: only a disk read can fail.
+        self.snapshot.with_bytes(offset, len, |src| self.uffd.copy(src, start, self.wake)).map_err(|e| {
+            tracing::error!(%offset, len, "reading the snapshot failed: {e}");
+            IoctlError::Other(nix::errno::Errno::EIO)
+        })??;
         Ok(Filled::Copied)
     }
 
@@ -93,6 +95,8 @@ pub struct BatchPlacement<'a> {
     pub placer: Placer<'a>,
     pub removed: &'a RemovedRanges,
     pub stats: &'a VmStats,
+    /// The batch's bytes from a loading-set file (checked), used instead of the snapshot's.
+    pub source: Option<&'a [u8]>,
 }
 
 /// Why placing stopped early.
@@ -113,7 +117,7 @@ impl BatchPlacement<'_> {
 
     pub fn place(&self, batch: &Batch) -> Placed {
         for (region, start, len) in self.host_pieces(batch) {
-            match self.place_piece(&region, start, len) {
+            match self.place_piece(batch, &region, start, len) {
                 Ok(()) => {}
                 Err(Stopped::Retry) => return Placed::Retry,
                 Err(Stopped::Gone) => return Placed::Stop,
@@ -142,13 +146,13 @@ impl BatchPlacement<'_> {
         pieces
     }
 
-    fn place_piece(&self, region: &Region, start: HostAddr, len: u64) -> Result<(), Stopped> {
+    fn place_piece(&self, batch: &Batch, region: &Region, start: HostAddr, len: u64) -> Result<(), Stopped> {
         if self.removed.overlaps(start, len) {
             // The guest gave (part of) it back; demand faults there are served zeros.
             VmStats::add(&self.stats.prefetch_removed_pages, len / BASE_PAGE);
             return Ok(());
         }
-        match self.placer.snapshot_range(region, start, len, false) {
+        match self.fill(batch, region, start, len) {
             Ok(_) => {
                 VmStats::add(&self.stats.prefetched_pages, len / BASE_PAGE);
                 Ok(())
@@ -165,6 +169,21 @@ impl BatchPlacement<'_> {
                 tracing::warn!(%start, len, "prefetch of a range failed, left to demand faults: {e}");
                 Ok(())
             }
+        }
+    }
+
+    /// Fills a piece from the loading set when it holds it (4 KiB regions: a hugetlbfs piece is
+    /// widened beyond the batch), else from the snapshot.
+    fn fill(&self, batch: &Batch, region: &Region, start: HostAddr, len: u64) -> Result<Filled, IoctlError> {
+        let from_batch = region.file_offset_of(start).0.checked_sub(batch.first_page * BASE_PAGE);
+        let bytes = from_batch.and_then(|at| self.source?.get(at as usize..(at + len) as usize));
+        match bytes {
+            Some(bytes) if region.page_size == PageSize::Base => {
+                self.placer.uffd.copy(bytes, start, self.placer.wake)?;
+                VmStats::add(&self.stats.loading_set_pages, len / BASE_PAGE);
+                Ok(Filled::Copied)
+            }
+            _ => self.placer.snapshot_range(region, start, len, false),
         }
     }
 

@@ -11,11 +11,12 @@ use crate::handshake::{self, HandshakeError};
 use crate::placer::Placer;
 use crate::regions::{RegionError, RegionMap};
 use crate::snapshot::Snapshot;
-use crate::snapshot::SnapshotError;
+use crate::snapshot::{SnapshotError, Storage};
 use crate::stats::VmStats;
 use crate::store::SnapshotStore;
 use crate::uffd_io::Userfaultfd;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use prefetch::loading_set::LoadingSet;
 use prefetch::plan::{plan, Batch, BatchKind, PlanConfig};
 use prefetch::record::{RecordWindow, Run};
 use prefetch::working_set::WorkingSet;
@@ -40,12 +41,16 @@ pub struct ServerConfig {
     pub snapshots: Vec<(String, PathBuf)>,
     /// RAM budget for loaded snapshots; idle ones are evicted beyond it.
     pub cache_bytes: u64,
+    /// Snapshots held in RAM, or read from their files on each fault.
+    pub storage: Storage,
     pub fault: FaultConfig,
     /// When non-empty, only peers with one of these uids may attach.
     pub allow_uids: Vec<u32>,
     pub handshake_timeout: Duration,
     /// The working-set file of the (single) snapshot: recorded into, prefetched from, refined.
     pub working_set: Option<PathBuf>,
+    /// A loading-set file of the (single) snapshot: `union` prefetches its batches from it.
+    pub loading_set: Option<PathBuf>,
     pub mode: Mode,
 }
 
@@ -83,6 +88,8 @@ pub enum ServerError {
     WorkingSetNeedsOneSnapshot(usize),
     #[error("{0:?} needs a working set (--working-set)")]
     PolicyNeedsWorkingSet(PrefetchPolicy),
+    #[error("a loading set is prefetched by --prefetch union, and belongs to exactly one snapshot")]
+    LoadingSetNeedsUnion,
     #[error("cannot create socket directory {0}: {1}")]
     SocketDir(PathBuf, io::Error),
     #[error("cannot listen on {0}: {1}")]
@@ -186,9 +193,13 @@ impl Server {
             return Err(ServerError::WorkingSetNeedsOneSnapshot(config.snapshots.len()));
         }
         if let Mode::Serve { policy: policy @ (PrefetchPolicy::Reap | PrefetchPolicy::Union), .. } = config.mode {
-            if config.working_set.is_none() {
+            if config.working_set.is_none() && !(policy == PrefetchPolicy::Union && config.loading_set.is_some()) {
                 return Err(ServerError::PolicyNeedsWorkingSet(policy));
             }
+        }
+        let union = matches!(config.mode, Mode::Serve { policy: PrefetchPolicy::Union, .. });
+        if config.loading_set.is_some() && (!union || config.snapshots.len() != 1) {
+            return Err(ServerError::LoadingSetNeedsUnion);
         }
         let mut names = std::collections::BTreeSet::new();
         for (name, _) in &config.snapshots {
@@ -207,7 +218,7 @@ impl Server {
             .map(|(name, _)| Ok((name.clone(), bind_private(&config.socket_dir.join(format!("{name}.sock")))?)))
             .collect::<Result<Vec<_>, ServerError>>()?;
         let control = bind_private(&config.socket_dir.join(CONTROL_SOCKET))?;
-        let store = Arc::new(SnapshotStore::new(config.snapshots.clone(), config.cache_bytes));
+        let store = Arc::new(SnapshotStore::new(config.snapshots.clone(), config.cache_bytes, config.storage));
         Ok(Server { config, store, registry: Arc::default(), listeners, control })
     }
 
@@ -268,7 +279,7 @@ struct AttachContext {
     store: Arc<SnapshotStore>,
     registry: Arc<Registry>,
     /// The working set as last loaded and planned, with the stamp of the file it came from.
-    planned: Mutex<Option<(FileStamp, Arc<PlannedSet>)>>,
+    planned: Mutex<Option<(PlanStamp, Arc<PlannedSet>)>>,
 }
 
 fn accept_loop(listener: UnixListener, ctx: Arc<AttachContext>) {
@@ -352,6 +363,7 @@ fn attach(id: u64, peer_pid: i32, peer_uid: u32, stream: &UnixStream, ctx: &Atta
         },
         learn_from: planned.working_set.as_ref(),
         end_recording: &record.end_recording,
+        loading_set: planned.loading_set.as_ref(),
     };
     let VmOutcome { end, run, learned } = fault_loop.run();
     // Let go of the VM before the slow part (the working-set file): a VMM that maps memory again
@@ -388,6 +400,8 @@ struct PlannedSet {
     install: Vec<Batch>,
     /// Placed in the background, between events (`union`).
     prefetch: Vec<Batch>,
+    /// The bytes of `prefetch`'s batches, when they come from a loading-set file.
+    loading_set: Option<LoadingSet>,
 }
 
 /// Changes whenever the working-set file is rewritten (always by rename: a new inode).
@@ -398,61 +412,78 @@ struct FileStamp {
     modified: Option<std::time::SystemTime>,
 }
 
+/// The stamps of the files a plan was made from; a plan is reused only while all are unchanged.
+type PlanStamp = (Option<FileStamp>, Option<FileStamp>);
+
 fn file_stamp(path: &Path) -> Option<FileStamp> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
     Some(FileStamp { inode: meta.ino(), len: meta.len(), modified: meta.modified().ok() })
 }
 
-/// The working set for this VM: the cached plan if the file is unchanged, else loaded and
-/// planned anew. A lost hint is logged, never an error to the VM.
+/// The working set and plan for this VM: the cached ones while the files are unchanged, else
+/// loaded and planned anew. A lost hint is logged, never an error to the VM.
 fn planned_set(ctx: &AttachContext, snapshot: &Snapshot) -> Arc<PlannedSet> {
-    let (Some(path), Mode::Serve { policy, min_frequency, plan: plan_config }) =
-        (&ctx.config.working_set, ctx.config.mode)
-    else {
+    let Mode::Serve { policy, min_frequency, plan: plan_config } = ctx.config.mode else {
         return Arc::default();
     };
-    let stamp = file_stamp(path);
+    let (ws_path, ls_path) = (ctx.config.working_set.as_deref(), ctx.config.loading_set.as_deref());
+    if ws_path.is_none() && ls_path.is_none() {
+        return Arc::default();
+    }
+    let stamp: PlanStamp = (ws_path.and_then(file_stamp), ls_path.and_then(file_stamp));
+    let complete = ws_path.is_none() == stamp.0.is_none() && ls_path.is_none() == stamp.1.is_none();
     let mut cache = ctx.planned.lock().unwrap_or_else(|p| p.into_inner());
-    if let (Some(stamp), Some((cached, planned))) = (stamp, cache.as_ref()) {
-        if *cached == stamp {
-            return Arc::clone(planned);
-        }
+    if let Some((_, planned)) = cache.as_ref().filter(|(cached, _)| complete && *cached == stamp) {
+        return Arc::clone(planned);
     }
     let started = Instant::now();
-    let set = match prefetch::format::load(path, &snapshot.identity()) {
-        Ok(set) => set,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), "working set not used, serving without its prefetch: {e}");
-            return Arc::new(PlannedSet {
-                working_set: Some(WorkingSet::new(snapshot.identity())),
-                ..Default::default()
-            });
-        }
-    };
-    let is_zero = |page: PageIndex| snapshot.is_zero_page(page as usize);
     let mut planned = PlannedSet::default();
-    match policy {
-        PrefetchPolicy::Reap => {
-            let first_run: Vec<(PageIndex, f64)> =
-                set.first_run.iter().enumerate().map(|(i, &p)| (p, i as f64)).collect();
-            planned.install = plan(&first_run, is_zero, plan_config);
+    if let Some(path) = ws_path {
+        planned.working_set = Some(match prefetch::format::load(path, &snapshot.identity()) {
+            Ok(set) => {
+                let is_zero = |page: PageIndex| snapshot.is_zero_page(page as usize);
+                match policy {
+                    PrefetchPolicy::Reap => {
+                        let first: Vec<(PageIndex, f64)> =
+                            set.first_run.iter().enumerate().map(|(i, &p)| (p, i as f64)).collect();
+                        planned.install = plan(&first, is_zero, plan_config);
+                    }
+                    PrefetchPolicy::Union => planned.prefetch = plan(&set.select(min_frequency), is_zero, plan_config),
+                    PrefetchPolicy::None | PrefetchPolicy::Eager => {}
+                }
+                tracing::info!(path = %path.display(), runs = set.runs, pages = set.pages.len(), "working set loaded");
+                set
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "working set not used, serving without its prefetch: {e}");
+                WorkingSet::new(snapshot.identity())
+            }
+        });
+    }
+    if let Some(path) = ls_path {
+        match LoadingSet::load(path, snapshot.identity(), snapshot.mtime_ns()) {
+            Ok(loading_set) => {
+                if loading_set.dropped() > 0 {
+                    tracing::warn!(path = %path.display(), dropped = loading_set.dropped(), "loading-set batches failed their checksum; their pages come from the snapshot");
+                }
+                tracing::info!(path = %path.display(), batches = loading_set.batches().len(), "loading set loaded");
+                planned.prefetch = loading_set.batches().to_vec();
+                planned.loading_set = Some(loading_set);
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "loading set not used, prefetching from the snapshot: {e}")
+            }
         }
-        PrefetchPolicy::Union => planned.prefetch = plan(&set.select(min_frequency), is_zero, plan_config),
-        PrefetchPolicy::None | PrefetchPolicy::Eager => {}
     }
     tracing::info!(
-        path = %path.display(),
-        runs = set.runs,
-        pages = set.pages.len(),
         ?policy,
         batches = planned.install.len() + planned.prefetch.len(),
         us = started.elapsed().as_micros() as u64,
         "working set loaded and planned"
     );
-    planned.working_set = Some(set);
     let planned = Arc::new(planned);
-    *cache = stamp.map(|stamp| (stamp, Arc::clone(&planned)));
+    *cache = complete.then(|| (stamp, Arc::clone(&planned)));
     planned
 }
 

@@ -37,14 +37,31 @@ pub enum SnapshotError {
 }
 
 /// A snapshot memory file, loaded. Immutable after `load`.
+/// Where a snapshot's bytes are served from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Storage {
+    /// Read into RAM once at load (zero pages indexed and given back): faults never touch disk.
+    Memory,
+    /// Read from the file on each fault (the page cache decides what stays in RAM); only holes
+    /// are known to be zero. The setting of FaaSnap/REAP, where a loading-set file helps.
+    Disk,
+}
+
+enum Source {
+    Memory(MmapMut),
+    Disk(File),
+}
+
 pub struct Snapshot {
     name: String,
     path: PathBuf,
     len: u64,
-    memory: MmapMut,
+    source: Source,
     /// One bit per 4 KiB page: set when the page is all zeros.
     zero_pages: BitVec,
     identity: SnapshotIdentity,
+    /// The memory file's modification time when loaded (binds loading-set files to it).
+    mtime_ns: u64,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -54,24 +71,42 @@ impl std::fmt::Debug for Snapshot {
 }
 
 impl Snapshot {
-    pub fn load(name: &str, path: &Path) -> Result<Snapshot, SnapshotError> {
+    pub fn load(name: &str, path: &Path, storage: Storage) -> Result<Snapshot, SnapshotError> {
         let open_err = |source| SnapshotError::Open { name: name.into(), path: path.into(), source };
         let file = File::open(path).map_err(open_err)?;
-        let len = file.metadata().map_err(open_err)?.len();
+        let meta = file.metadata().map_err(open_err)?;
+        let len = meta.len();
+        let mtime_ns = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64);
         if len == 0 {
             return Err(SnapshotError::Empty { name: name.into(), path: path.into() });
         }
         if len % BASE_PAGE != 0 {
             return Err(SnapshotError::NotPageMultiple { name: name.into(), path: path.into(), len });
         }
+        let read_err = |offset, source| SnapshotError::Read { name: name.into(), path: path.into(), offset, source };
         let size = usize::try_from(len).map_err(|_| SnapshotError::Allocate {
             name: name.into(),
             len,
             source: io::Error::from(io::ErrorKind::OutOfMemory),
         })?;
+        let pages = size / BASE_PAGE as usize;
+        if storage == Storage::Disk {
+            // Only holes are known to be zero without reading the file.
+            let mut zero_pages = BitVec::repeat(true, pages);
+            for (start, end) in data_extents(&file, len) {
+                zero_pages[(start / BASE_PAGE) as usize..(end / BASE_PAGE) as usize].fill(false);
+            }
+            let identity = SnapshotIdentity::compute(len, |offset, buf| file.read_exact_at(buf, offset))
+                .map_err(|source| read_err(0, source))?;
+            let source = Source::Disk(file);
+            return Ok(Snapshot { name: name.into(), path: path.into(), len, source, zero_pages, identity, mtime_ns });
+        }
         let mut memory =
             MmapMut::map_anon(size).map_err(|source| SnapshotError::Allocate { name: name.into(), len, source })?;
-        let pages = size / BASE_PAGE as usize;
         // Every page starts as zero: holes are never read, data pages are cleared as scanned.
         let mut zero_pages = BitVec::repeat(true, pages);
         for (start, end) in data_extents(&file, len) {
@@ -79,12 +114,7 @@ impl Snapshot {
             while offset < end {
                 let chunk_end = (offset + READ_CHUNK).min(end);
                 let dst = &mut memory[offset as usize..chunk_end as usize];
-                file.read_exact_at(dst, offset).map_err(|source| SnapshotError::Read {
-                    name: name.into(),
-                    path: path.into(),
-                    offset,
-                    source,
-                })?;
+                file.read_exact_at(dst, offset).map_err(|source| read_err(offset, source))?;
                 for (i, page) in dst.chunks(BASE_PAGE as usize).enumerate() {
                     if !is_zero(page) {
                         zero_pages.set(offset as usize / BASE_PAGE as usize + i, false);
@@ -95,12 +125,18 @@ impl Snapshot {
         }
         release_zero_runs(&memory, &zero_pages);
         let identity = SnapshotIdentity::of(&memory);
-        Ok(Snapshot { name: name.into(), path: path.into(), len, memory, zero_pages, identity })
+        let source = Source::Memory(memory);
+        Ok(Snapshot { name: name.into(), path: path.into(), len, source, zero_pages, identity, mtime_ns })
     }
 
     /// Size and fingerprint, naming the snapshot in working-set files.
     pub fn identity(&self) -> SnapshotIdentity {
         self.identity
+    }
+
+    /// The memory file's modification time (ns since the epoch) when it was loaded.
+    pub fn mtime_ns(&self) -> u64 {
+        self.mtime_ns
     }
 
     pub fn name(&self) -> &str {
@@ -120,19 +156,44 @@ impl Snapshot {
         self.len == 0
     }
 
-    /// Bytes of RAM the snapshot holds (its non-zero pages).
+    /// Bytes of RAM the snapshot holds (its non-zero pages; none when served from disk).
     pub fn resident_bytes(&self) -> u64 {
-        (self.zero_pages.len() - self.zero_pages.count_ones()) as u64 * BASE_PAGE
+        match self.source {
+            Source::Memory(_) => (self.zero_pages.len() - self.zero_pages.count_ones()) as u64 * BASE_PAGE,
+            Source::Disk(_) => 0,
+        }
+    }
+
+    pub fn storage(&self) -> Storage {
+        match self.source {
+            Source::Memory(_) => Storage::Memory,
+            Source::Disk(_) => Storage::Disk,
+        }
     }
 
     pub fn zero_page_count(&self) -> usize {
         self.zero_pages.count_ones()
     }
 
-    /// The file's bytes in `[offset, offset + len)`, or None if the range leaves the file.
-    pub fn bytes(&self, offset: FileOffset, len: u64) -> Option<&[u8]> {
-        let end = offset.0.checked_add(len).filter(|&end| end <= self.len)?;
-        self.memory.get(offset.0 as usize..end as usize)
+    /// Calls `f` with the file's bytes in `[offset, offset + len)`: a slice of RAM, or for a
+    /// snapshot on disk a read into this thread's scratch buffer.
+    pub fn with_bytes<R>(&self, offset: FileOffset, len: u64, f: impl FnOnce(&[u8]) -> R) -> io::Result<R> {
+        let end = offset.0.checked_add(len).filter(|&end| end <= self.len).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("range {offset}+{len:#x} leaves the snapshot"))
+        })?;
+        match &self.source {
+            Source::Memory(memory) => Ok(f(&memory[offset.0 as usize..end as usize])),
+            Source::Disk(file) => {
+                thread_local! {
+                    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+                }
+                SCRATCH.with_borrow_mut(|buf| {
+                    buf.resize(len as usize, 0);
+                    file.read_exact_at(buf, offset.0)?;
+                    Ok(f(buf))
+                })
+            }
+        }
     }
 
     /// True when every 4 KiB page overlapping `[offset, offset + len)` is all zeros.
@@ -222,16 +283,24 @@ mod tests {
         file.write_all(&[9u8; 4096]).expect("write");
         drop(file);
 
-        let snap = Snapshot::load("t", &path).expect("load");
+        let snap = Snapshot::load("t", &path, Storage::Memory).expect("load");
         assert_eq!(snap.len(), 259 * 4096);
         assert_eq!(snap.zero_page_count(), 257);
         assert_eq!(snap.resident_bytes(), 2 * 4096);
         assert!(!snap.is_zero_page(0) && snap.is_zero_page(1) && snap.is_zero_page(100));
         assert!(!snap.is_zero(FileOffset(0), 8192), "a range with one data page is not zero");
         assert!(snap.is_zero(FileOffset(4096), 4096 * 257));
-        assert_eq!(snap.bytes(FileOffset(258 * 4096), 4096).expect("in range"), &[9u8; 4096][..]);
-        assert_eq!(snap.bytes(FileOffset(4096), 4096).expect("in range"), &[0u8; 4096][..]);
-        assert!(snap.bytes(FileOffset(258 * 4096), 4097).is_none());
+        let bytes = |snap: &Snapshot, offset, len| snap.with_bytes(FileOffset(offset), len, <[u8]>::to_vec);
+        assert_eq!(bytes(&snap, 258 * 4096, 4096).expect("in range"), vec![9u8; 4096]);
+        assert_eq!(bytes(&snap, 4096, 4096).expect("in range"), vec![0u8; 4096]);
+        assert!(bytes(&snap, 258 * 4096, 4097).is_err());
+
+        // On disk: the same bytes, the same identity, no RAM; only the hole is known zero.
+        let disk = Snapshot::load("t", &path, Storage::Disk).expect("load");
+        assert_eq!(disk.identity(), snap.identity());
+        assert_eq!(disk.resident_bytes(), 0);
+        assert_eq!(bytes(&disk, 258 * 4096, 4096).expect("in range"), vec![9u8; 4096]);
+        assert!(disk.is_zero_page(100) && !disk.is_zero_page(1), "the explicit zero page is data on disk");
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -241,12 +310,12 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let empty = dir.join("empty");
         File::create(&empty).expect("create");
-        assert!(matches!(Snapshot::load("e", &empty), Err(SnapshotError::Empty { .. })));
+        assert!(matches!(Snapshot::load("e", &empty, Storage::Memory), Err(SnapshotError::Empty { .. })));
         let odd = dir.join("odd");
         std::fs::write(&odd, [1u8; 5000]).expect("write");
-        let err = Snapshot::load("o", &odd).unwrap_err();
+        let err = Snapshot::load("o", &odd, Storage::Disk).unwrap_err();
         assert!(err.to_string().contains("5000 bytes, not a multiple of 4096"), "{err}");
-        let missing = Snapshot::load("m", &dir.join("missing")).unwrap_err();
+        let missing = Snapshot::load("m", &dir.join("missing"), Storage::Memory).unwrap_err();
         assert!(missing.to_string().contains("cannot open memory file"), "{missing}");
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -81,6 +81,8 @@ pub struct VmStats {
     pub prefetch_done_us: AtomicU64,
     /// Microseconds spent loading the working set and planning, before the first fault is served.
     pub prefetch_plan_us: AtomicU64,
+    /// Pages placed from a loading-set file rather than from the snapshot.
+    pub loading_set_pages: AtomicU64,
 }
 
 /// A serialisable view of [`VmStats`].
@@ -105,6 +107,7 @@ pub struct VmStatsReport {
     pub faults_outside_plan: u64,
     pub prefetch_done_us: u64,
     pub prefetch_plan_us: u64,
+    pub loading_set_pages: u64,
 }
 
 impl VmStats {
@@ -134,6 +137,7 @@ impl VmStats {
             faults_outside_plan: self.faults_outside_plan.load(Relaxed),
             prefetch_done_us: self.prefetch_done_us.load(Relaxed),
             prefetch_plan_us: self.prefetch_plan_us.load(Relaxed),
+            loading_set_pages: self.loading_set_pages.load(Relaxed),
         }
     }
 }

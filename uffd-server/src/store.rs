@@ -2,7 +2,7 @@
 //! VMs restored from it. A memory budget evicts idle snapshots, least recently used first; a
 //! snapshot some VM still uses is never evicted (its pages may be needed by the next fault).
 
-use crate::snapshot::{Snapshot, SnapshotError};
+use crate::snapshot::{Snapshot, SnapshotError, Storage};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,14 +17,15 @@ struct Entry {
 pub struct SnapshotStore {
     entries: Mutex<BTreeMap<String, Entry>>,
     budget_bytes: u64,
+    storage: Storage,
 }
 
 impl SnapshotStore {
-    pub fn new(snapshots: impl IntoIterator<Item = (String, PathBuf)>, budget_bytes: u64) -> Self {
+    pub fn new(snapshots: impl IntoIterator<Item = (String, PathBuf)>, budget_bytes: u64, storage: Storage) -> Self {
         let now = Instant::now();
         let entries =
             snapshots.into_iter().map(|(name, path)| (name, Entry { path, loaded: None, last_used: now })).collect();
-        SnapshotStore { entries: Mutex::new(entries), budget_bytes }
+        SnapshotStore { entries: Mutex::new(entries), budget_bytes, storage }
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -57,7 +58,7 @@ impl SnapshotStore {
             return Ok(Arc::clone(snapshot));
         }
         let started = Instant::now();
-        let snapshot = Arc::new(Snapshot::load(name, &entry.path)?);
+        let snapshot = Arc::new(Snapshot::load(name, &entry.path, self.storage)?);
         tracing::info!(
             snapshot = name,
             bytes = snapshot.len(),
@@ -132,7 +133,7 @@ mod tests {
             snapshots.push((name.to_string(), path));
         }
         // Room for two 16 KiB snapshots.
-        let store = SnapshotStore::new(snapshots, 2 * 4 * 4096);
+        let store = SnapshotStore::new(snapshots, 2 * 4 * 4096, Storage::Memory);
         let a = store.get("a").expect("a");
         drop(store.get("b").expect("b"));
         drop(store.get("c").expect("c")); // over budget: b is idle and older than c, a is in use
