@@ -16,6 +16,8 @@ use std::collections::BTreeMap;
 
 pub struct PrefetchSchedule {
     batches: Vec<Batch>,
+    /// Batches of this rank or later wait until the guest is quiet (see `is_deferred`).
+    deferred_rank: f64,
     /// first page → batch index, to find the batch of a faulting page.
     by_first_page: BTreeMap<PageIndex, usize>,
     placed: Vec<bool>,
@@ -28,10 +30,30 @@ pub struct PrefetchSchedule {
 }
 
 impl PrefetchSchedule {
-    pub fn new(batches: Vec<Batch>) -> PrefetchSchedule {
+    /// A schedule of `batches` (in plan order); batches ranked `deferred_rank` or later are
+    /// [deferred](PrefetchSchedule::is_deferred).
+    pub fn new(batches: Vec<Batch>, deferred_rank: Option<f64>) -> PrefetchSchedule {
         let by_first_page = batches.iter().enumerate().map(|(i, b)| (b.first_page, i)).collect();
         let placed = vec![false; batches.len()];
-        PrefetchSchedule { batches, by_first_page, placed, placed_batches: 0, placed_pages: 0, cursor: 0, low: 0 }
+        let deferred_rank = deferred_rank.unwrap_or(f64::INFINITY);
+        PrefetchSchedule {
+            batches,
+            deferred_rank,
+            by_first_page,
+            placed,
+            placed_batches: 0,
+            placed_pages: 0,
+            cursor: 0,
+            low: 0,
+        }
+    }
+
+    /// Whether `batch` should wait until the guest has been quiet for a while: the pages seen
+    /// in fewer than half the runs. Each is needed by a new input only now and then, and
+    /// copying them while the guest demand-faults delays the faults it does need (measured:
+    /// `benches/prefetch.rs`, shifting working sets). A fault in one still pulls it forward.
+    pub fn is_deferred(&self, batch: usize) -> bool {
+        self.batches.get(batch).is_some_and(|b| b.rank >= self.deferred_rank)
     }
 
     pub fn batch(&self, index: usize) -> &Batch {
@@ -97,6 +119,7 @@ mod tests {
     fn schedule() -> PrefetchSchedule {
         PrefetchSchedule::new(
             (0..6).map(|i| Batch { first_page: i * 10, pages: 4, kind: BatchKind::Copy, rank: i as f64 }).collect(),
+            Some(4.0),
         )
     }
 
@@ -131,6 +154,7 @@ mod tests {
         }
         assert_eq!(order, vec![0, 1, 2, 3, 4, 5]);
         assert_eq!(s.next_batch(), None);
-        assert!(PrefetchSchedule::new(vec![]).is_finished());
+        assert!(PrefetchSchedule::new(vec![], None).is_finished());
+        assert!((0..4).all(|i| !s.is_deferred(i)) && s.is_deferred(4) && s.is_deferred(5));
     }
 }

@@ -107,6 +107,12 @@ impl WorkingSet {
         }
     }
 
+    /// The priority from which [`WorkingSet::select`] ranks pages seen in fewer than half the
+    /// runs: every such page's priority is at least this, every other page's below it.
+    pub fn minority_priority(&self) -> f64 {
+        1.0 + self.pages.values().map(PageStats::mean_rank).fold(0.0, f64::max)
+    }
+
     /// Pages touched in at least `min_frequency` (0..=1) of the runs — 0 selects the union —
     /// with their priority (lower = sooner), sorted by it: first the pages seen in at least
     /// half the runs, then the others, each group by mean first-touch rank (ties: lower page).
@@ -116,7 +122,7 @@ impl WorkingSet {
     /// ones (measured: `benches/prefetch.rs`, shifting working sets).
     pub fn select(&self, min_frequency: f64) -> Vec<(PageIndex, f64)> {
         let needed = (min_frequency.clamp(0.0, 1.0) * f64::from(self.runs)).ceil().max(1.0);
-        let minority_offset = 1.0 + self.pages.values().map(PageStats::mean_rank).fold(0.0, f64::max);
+        let minority_offset = self.minority_priority();
         let mut pages: Vec<(PageIndex, f64)> = self
             .pages
             .iter()
@@ -195,6 +201,8 @@ mod tests {
             let expected: BTreeSet<u64> = set.pages.iter().filter(|(_, s)| s.runs as usize >= needed).map(|(&p, _)| p).collect();
             prop_assert_eq!(selected.iter().map(|&(p, _)| p).collect::<BTreeSet<_>>(), expected);
             prop_assert!(selected.windows(2).all(|w| w[0].1 < w[1].1 || (w[0].1 == w[1].1 && w[0].0 < w[1].0)));
+            let threshold = set.minority_priority();
+            prop_assert!(selected.iter().all(|&(p, priority)| (2 * set.pages[&p].runs >= set.runs) == (priority < threshold)));
             // Majority pages first, each group in (mean rank, page) order.
             let majority = |p: &u64| 2 * set.pages[p].runs >= set.runs;
             let key = |&(p, _): &(u64, f64)| (!majority(&p), set.pages[&p].mean_rank(), p);

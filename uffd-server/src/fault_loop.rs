@@ -26,7 +26,7 @@ use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use userfaultfd::EventBuffer;
 
 /// How faults are served.
@@ -51,6 +51,10 @@ pub const DEFAULT_FAULT_AROUND_PAGES: u64 = 16;
 /// While prefetching, the VMM socket is looked at once every this many turns (~2 MiB of
 /// prefetch): it only tells whether the VM is gone.
 const SOCKET_CHECK_TURNS: u32 = 32;
+
+/// Deferred prefetch batches (pages seen in fewer than half the runs) wait until the guest has
+/// not demand-faulted for this long.
+const QUIET_BEFORE_DEFERRED: Duration = Duration::from_millis(1);
 
 /// How much of the plan a fault that overtook it pulls forward at once (see
 /// `FaultLoop::pull_batch_forward`): ~100 µs of copying, the most another fault can wait.
@@ -92,6 +96,9 @@ pub struct FaultLoop<'a> {
     pub install_first: &'a [Batch],
     /// Batches placed in the background, between events (the `union` policy).
     pub prefetch: &'a [Batch],
+    /// Prefetch batches of this rank or later wait until the guest is quiet (see
+    /// `PrefetchSchedule::is_deferred`).
+    pub prefetch_deferred_rank: Option<f64>,
     /// Record this run's first touches within the window (`record` mode).
     pub record: Option<RecordWindow>,
     /// Online refinement: demand faults on pages this set does not know are learned.
@@ -120,6 +127,7 @@ struct LoopState {
     recorder: Option<Recorder>,
     learned: Vec<(PageIndex, u32, bool)>,
     demand_faults: u64,
+    last_demand: Option<Instant>,
 }
 
 impl LoopState {
@@ -142,13 +150,15 @@ impl FaultLoop<'_> {
     pub fn run(&self) -> VmOutcome {
         let mut state = LoopState {
             removed: RemovedRanges::default(),
-            schedule: (!self.prefetch.is_empty()).then(|| PrefetchSchedule::new(self.prefetch.to_vec())),
+            schedule: (!self.prefetch.is_empty())
+                .then(|| PrefetchSchedule::new(self.prefetch.to_vec(), self.prefetch_deferred_rank)),
             faults: VecDeque::new(),
             events: Vec::with_capacity(64),
             buf: EventBuffer::new(64),
             recorder: self.record.map(Recorder::new),
             learned: Vec::new(),
             demand_faults: 0,
+            last_demand: None,
         };
         let end = self.install(&mut state).err().unwrap_or_else(|| self.serve_until_end(&mut state));
         VmOutcome { end, run: state.recorder.map(Recorder::finish), learned: state.learned }
@@ -187,28 +197,50 @@ impl FaultLoop<'_> {
         let mut turn: u32 = 0;
         loop {
             turn = turn.wrapping_add(1);
-            let step = if state.prefetching().is_some() && !turn.is_multiple_of(SOCKET_CHECK_TURNS) {
+            let step = match self.idle_work(state) {
                 // While prefetching, a non-blocking read is the cheapest look for events: a
                 // poll of uffd and socket before every 64 KiB batch measured up to 2× slower
                 // prefetch here. The socket is looked at every SOCKET_CHECK_TURNS turns.
-                match self.serve_events(state) {
+                Some(Duration::ZERO) if !turn.is_multiple_of(SOCKET_CHECK_TURNS) => match self.serve_events(state) {
                     Ok(0) => self.prefetch_one(state),
                     other => other.map(drop),
-                }
-            } else {
-                let wait = if state.prefetching().is_some() { PollTimeout::ZERO } else { PollTimeout::NONE };
-                match self.wait(wait) {
-                    Ok(Ready::Events) => self.serve_events(state).map(drop),
-                    Ok(Ready::Idle) => self.prefetch_one(state),
-                    Ok(Ready::VmmClosed) => return VmEnd::VmmClosed,
-                    Ok(Ready::UffdHangup) => return VmEnd::UffdHangup,
-                    Err(end) => Err(end),
+                },
+                idle => {
+                    let timeout = match idle {
+                        None => PollTimeout::NONE,
+                        // poll counts whole milliseconds: never round a wait down to a spin.
+                        Some(wait) if !wait.is_zero() => {
+                            PollTimeout::try_from(wait.max(Duration::from_millis(1))).unwrap_or(PollTimeout::MAX)
+                        }
+                        Some(_) => PollTimeout::ZERO,
+                    };
+                    match self.wait(timeout) {
+                        Ok(Ready::Events) => self.serve_events(state).map(drop),
+                        Ok(Ready::Idle) if idle == Some(Duration::ZERO) => self.prefetch_one(state),
+                        Ok(Ready::Idle) => Ok(()), // a deferred batch may be due now: look again
+                        Ok(Ready::VmmClosed) => return VmEnd::VmmClosed,
+                        Ok(Ready::UffdHangup) => return VmEnd::UffdHangup,
+                        Err(end) => Err(end),
+                    }
                 }
             };
             if let Err(end) = step {
                 return end;
             }
         }
+    }
+
+    /// When the next prefetch batch may be placed: now (zero), after a wait (a deferred batch
+    /// while the guest is still faulting), or never (None: nothing left to prefetch).
+    fn idle_work(&self, state: &mut LoopState) -> Option<Duration> {
+        let last_demand = state.last_demand;
+        let schedule = state.prefetching()?;
+        let next = schedule.next_batch()?;
+        if !schedule.is_deferred(next) {
+            return Some(Duration::ZERO);
+        }
+        let quiet_for = last_demand.map_or(QUIET_BEFORE_DEFERRED, |t| t.elapsed());
+        Some(QUIET_BEFORE_DEFERRED.saturating_sub(quiet_for))
     }
 
     /// Reads pending events and serves the faults among them; returns how many were read.
@@ -347,7 +379,7 @@ impl FaultLoop<'_> {
     }
 
     /// A fault in a plan batch not placed yet: the guest has overtaken the plan. It gets that
-    /// batch and the ones after it in plan order, up to [`PULL_FORWARD_BURST_BYTES`], placed
+    /// batch and the (not deferred) ones after it in plan order, up to [`PULL_FORWARD_BURST_BYTES`], placed
     /// without waking and then woken together: one wake-up per burst instead of one per batch
     /// (measured: a cross-CPU wake-up here costs more than copying a 32 KiB batch). The plan
     /// goes on after the burst. Returns whether the faulting page is served.
@@ -373,7 +405,11 @@ impl FaultLoop<'_> {
         while let Some(index) = next {
             self.place_planned_with(quiet, state, index)?;
             bytes += state.schedule.as_ref().map_or(0, |s| s.batch(index).pages * BASE_PAGE);
-            next = state.prefetching().filter(|_| bytes < PULL_FORWARD_BURST_BYTES).and_then(|s| s.next_batch());
+            // The burst never runs into deferred batches: one-off pages of other inputs.
+            next = state
+                .prefetching()
+                .filter(|_| bytes < PULL_FORWARD_BURST_BYTES)
+                .and_then(|s| s.next_batch().filter(|&i| !s.is_deferred(i)));
             burst.extend(next);
         }
         if let Some(schedule) = state.schedule.as_ref() {
@@ -396,6 +432,7 @@ impl FaultLoop<'_> {
         }
         let mut rank_estimate = state.demand_faults;
         state.demand_faults += 1;
+        state.last_demand = Some(Instant::now());
         if let Some(schedule) = state.schedule.as_ref() {
             rank_estimate += schedule.placed_pages();
             if !schedule.is_finished() {

@@ -357,6 +357,7 @@ fn attach(id: u64, peer_pid: i32, peer_uid: u32, stream: &UnixStream, ctx: &Atta
         attached: record.started,
         install_first: install,
         prefetch: &planned.prefetch,
+        prefetch_deferred_rank: planned.deferred_rank,
         record: match ctx.config.mode {
             Mode::Record { window } => Some(window),
             Mode::Serve { .. } => None,
@@ -402,6 +403,8 @@ struct PlannedSet {
     prefetch: Vec<Batch>,
     /// The bytes of `prefetch`'s batches, when they come from a loading-set file.
     loading_set: Option<LoadingSet>,
+    /// Batches of this rank or later hold pages seen in fewer than half the runs.
+    deferred_rank: Option<f64>,
 }
 
 /// Changes whenever the working-set file is rewritten (always by rename: a new inode).
@@ -449,7 +452,10 @@ fn planned_set(ctx: &AttachContext, snapshot: &Snapshot) -> Arc<PlannedSet> {
                             set.first_run.iter().enumerate().map(|(i, &p)| (p, i as f64)).collect();
                         planned.install = plan(&first, is_zero, plan_config);
                     }
-                    PrefetchPolicy::Union => planned.prefetch = plan(&set.select(min_frequency), is_zero, plan_config),
+                    PrefetchPolicy::Union => {
+                        planned.prefetch = plan(&set.select(min_frequency), is_zero, plan_config);
+                        planned.deferred_rank = Some(set.minority_priority());
+                    }
                     PrefetchPolicy::None | PrefetchPolicy::Eager => {}
                 }
                 tracing::info!(path = %path.display(), runs = set.runs, pages = set.pages.len(), "working set loaded");
@@ -469,6 +475,7 @@ fn planned_set(ctx: &AttachContext, snapshot: &Snapshot) -> Arc<PlannedSet> {
                 }
                 tracing::info!(path = %path.display(), batches = loading_set.batches().len(), "loading set loaded");
                 planned.prefetch = loading_set.batches().to_vec();
+                planned.deferred_rank = None; // the file keeps plan order, not the tiers
                 planned.loading_set = Some(loading_set);
             }
             Err(e) => {
