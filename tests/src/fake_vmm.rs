@@ -3,167 +3,20 @@
 //! (non-blocking, close-on-exec, EVENT_REMOVE, kernel-mode faults too) registered in MISSING
 //! mode, and one handshake message: the JSON region list with the uffd as SCM_RIGHTS.
 
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
-use userfaultfd::{FeatureFlags, Uffd, UffdBuilder};
+pub use vmm_shim::memory::{GuestMemory, GuestRegion, HUGE, PAGE};
+pub use vmm_shim::uffd_backend::{create_uffd, handshake_json, send_message, UffdAttachment};
 
-pub const PAGE: usize = 4096;
-pub const HUGE: usize = 2 << 20;
 /// The hole between the two regions of the standard layout.
 pub const GAP: usize = 16 << 20;
 
-/// One region of guest memory as mapped in this process.
-#[derive(Clone, Copy, Debug)]
-pub struct GuestRegion {
-    pub addr: usize,
-    pub size: usize,
-    pub file_offset: usize,
-    pub page_size: usize,
-}
-
-/// Guest memory: a PROT_NONE reservation with the regions mapped inside it.
-pub struct GuestMemory {
-    pub regions: Vec<GuestRegion>,
-    reservation: (usize, usize),
-}
-
-impl GuestMemory {
-    /// Maps regions of `sizes` bytes back to back in the file, `gap` bytes apart in memory.
-    /// With `huge`, regions are hugetlbfs-backed (2 MiB pages; the host must have them reserved).
-    pub fn map(sizes: &[usize], gap: usize, huge: bool) -> io::Result<GuestMemory> {
-        let page_size = if huge { HUGE } else { PAGE };
-        let total: usize = sizes.iter().sum::<usize>() + gap * sizes.len() + HUGE;
-        // SAFETY: a fresh anonymous PROT_NONE reservation; nothing else refers to it.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                total,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let memory = GuestMemory { regions: Vec::new(), reservation: (base as usize, total) };
-        let mut memory = memory;
-        let mut addr = (base as usize).next_multiple_of(HUGE);
-        let mut file_offset = 0;
-        for &size in sizes {
-            let flags =
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | if huge { libc::MAP_HUGETLB } else { 0 };
-            // SAFETY: MAP_FIXED inside our own reservation, which no Rust reference points into.
-            let mapped = unsafe { libc::mmap(addr as *mut _, size, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
-            if mapped == libc::MAP_FAILED {
-                return Err(io::Error::last_os_error());
-            }
-            memory.regions.push(GuestRegion { addr, size, file_offset, page_size });
-            addr += size + gap;
-            file_offset += size;
-        }
-        Ok(memory)
-    }
-
-    /// The bytes of region `i`. Touching an unserved page blocks until the server serves it.
-    pub fn region_bytes(&self, i: usize) -> &[u8] {
-        let r = self.regions[i];
-        // SAFETY: the region is mapped read-write for the lifetime of `self`; the server only
-        // populates missing pages (never changes present ones) and this process writes to guest
-        // memory only through atomics or madvise, which no live slice overlaps during tests.
-        unsafe { std::slice::from_raw_parts(r.addr as *const u8, r.size) }
-    }
-
-    pub fn len(&self) -> usize {
-        self.regions.iter().map(|r| r.size).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Addresses of every 4 KiB page, region by region.
-    pub fn page_addrs(&self) -> impl Iterator<Item = usize> + '_ {
-        self.regions.iter().flat_map(|r| (0..r.size / PAGE).map(move |p| r.addr + p * PAGE))
-    }
-}
-
-impl Drop for GuestMemory {
-    fn drop(&mut self) {
-        // SAFETY: unmaps our own reservation (and the regions inside it); no references remain.
-        unsafe { libc::munmap(self.reservation.0 as *mut _, self.reservation.1) };
-    }
-}
-
-/// The region list exactly as Firecracker serialises it (both page-size fields, in bytes).
-pub fn handshake_json(regions: &[GuestRegion]) -> String {
-    let items: Vec<serde_json::Value> = regions
-        .iter()
-        .map(|r| {
-            serde_json::json!({
-                "base_host_virt_addr": r.addr,
-                "size": r.size,
-                "offset": r.file_offset,
-                "page_size": r.page_size,
-                "page_size_kib": r.page_size,
-            })
-        })
-        .collect();
-    serde_json::Value::Array(items).to_string()
-}
-
-/// Creates the uffd as Firecracker does and registers every region in MISSING mode.
-pub fn create_uffd(memory: &GuestMemory) -> io::Result<Uffd> {
-    let uffd = UffdBuilder::new()
-        .close_on_exec(true)
-        .non_blocking(true)
-        .user_mode_only(false)
-        .require_features(FeatureFlags::EVENT_REMOVE)
-        .create()
-        .map_err(|e| io::Error::other(format!("userfaultfd: {e}")))?;
-    for r in &memory.regions {
-        uffd.register(r.addr as *mut _, r.size).map_err(|e| io::Error::other(format!("UFFDIO_REGISTER: {e}")))?;
-    }
-    Ok(uffd)
-}
-
-/// Sends one message: `payload` plus `fd` (if any) as SCM_RIGHTS.
-pub fn send_message(socket: &UnixStream, payload: &[u8], fd: Option<RawFd>) -> io::Result<()> {
-    let iov = [IoSlice::new(payload)];
-    let fds: Vec<RawFd> = fd.into_iter().collect();
-    let cmsg = [ControlMessage::ScmRights(&fds)];
-    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
-    sendmsg::<()>(socket.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None).map_err(io::Error::from)?;
-    Ok(())
-}
-
-/// A VM attached to the server: its memory, uffd and socket.
+/// A VM attached to the server: its memory and the attachment (socket + uffd).
 pub struct FakeVmm {
-    // Field order is drop order: hang up first, then release the memory.
-    pub socket: UnixStream,
-    pub uffd: Uffd,
+    // Field order is drop order: hang up (and wait for the server) first, then unmap.
+    pub attachment: UffdAttachment,
     pub memory: GuestMemory,
-}
-
-impl Drop for FakeVmm {
-    /// Hangs up, then waits for the server to hang up too before the memory is unmapped.
-    ///
-    /// Until then the server may still serve a fault event it read earlier, and UFFDIO_COPY
-    /// lands in *any* uffd-registered range of this process at that address (the kernel checks
-    /// only that the range is registered, not with which uffd) — so memory this process maps
-    /// there next, for another VM, would get this VM's pages. A Firecracker process exits
-    /// instead and cannot be hit; a VMM that restores many VMs in one process must wait.
-    fn drop(&mut self) {
-        let _ = self.socket.shutdown(std::net::Shutdown::Write);
-        let _ = self.socket.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-        let mut buf = [0u8; 64];
-        while matches!(std::io::Read::read(&mut &self.socket, &mut buf), Ok(n) if n > 0) {}
-    }
 }
 
 impl FakeVmm {
@@ -177,10 +30,8 @@ impl FakeVmm {
 
     pub fn attach_layout(socket: &Path, sizes: &[usize], gap: usize, huge: bool) -> io::Result<FakeVmm> {
         let memory = GuestMemory::map(sizes, gap, huge)?;
-        let uffd = create_uffd(&memory)?;
-        let socket = UnixStream::connect(socket)?;
-        send_message(&socket, handshake_json(&memory.regions).as_bytes(), Some(uffd.as_raw_fd()))?;
-        Ok(FakeVmm { socket, uffd, memory })
+        let attachment = UffdAttachment::attach(socket, &memory)?;
+        Ok(FakeVmm { attachment, memory })
     }
 
     /// Touches every page from `threads` threads (interleaved), reading or writing one byte.

@@ -13,3 +13,11 @@ pub fn require_userfaultfd() {
         panic!("these tests need userfaultfd with kernel-mode faults (run as root): creating one failed: {e}");
     }
 }
+
+/// Fails loudly when the machine has no usable KVM (no silent skips): the restore tests run a
+/// real vCPU.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        panic!("these tests need KVM: opening /dev/kvm failed: {e}");
+    }
+}

@@ -1,0 +1,76 @@
+//! A real KVM guest whose memory is served by `uffd-server` through a real userfaultfd: the
+//! vCPU's first access to every page — page tables, code and data alike, faulted by KVM in
+//! kernel mode — goes through the server.
+
+use e2e::fake_vmm::PAGE;
+use e2e::server_process::ServerProcess;
+use e2e::snapshot_file::{Rng, SnapshotFile};
+use e2e::{require_kvm, require_userfaultfd};
+use vmm_shim::guest::{boot_structures, cpl3_regs, CODE, DATA, MAILBOX, STACK_BOTTOM};
+use vmm_shim::memory::GuestMemory;
+use vmm_shim::uffd_backend::UffdAttachment;
+use vmm_shim::vm::{Exit, Vm};
+use vmm_shim::workload::{checksum_pages, fold, PORT_DONE, PORT_RESULT};
+
+const MIB: usize = 1 << 20;
+
+/// A snapshot image: random data (30% zero pages) from 1 MiB on, and below it the boot
+/// structures, the checksum program and a list of `pages` random data-page addresses.
+fn snapshot_image(len: usize, pages: usize, seed: u64, dir: &std::path::Path) -> (SnapshotFile, Vec<u64>) {
+    let mut bytes = SnapshotFile::random(dir, "data", len, 0.3, seed).bytes;
+    bytes[..DATA as usize].fill(0);
+    let mut put = |at: u64, data: &[u8]| bytes[at as usize..at as usize + data.len()].copy_from_slice(data);
+    for (at, data) in boot_structures(len as u64) {
+        put(at, &data);
+    }
+    put(CODE, &checksum_pages(CODE).expect("assemble"));
+    let mut rng = Rng::new(seed ^ 0xabc);
+    let data_pages = (len - DATA as usize) / PAGE;
+    let list: Vec<u64> = (0..pages).map(|_| DATA + (rng.next_u64() % data_pages as u64) * PAGE as u64).collect();
+    assert!(MAILBOX + 8 * pages as u64 <= STACK_BOTTOM);
+    put(MAILBOX, &list.iter().flat_map(|a| a.to_le_bytes()).collect::<Vec<u8>>());
+    (SnapshotFile::from_bytes(dir, "vm.mem", bytes), list)
+}
+
+/// Runs the checksum program to DONE and returns the checksum it reported.
+fn run_checksum(vm: &mut Vm, pages: usize) -> u64 {
+    let mut regs = cpl3_regs(CODE);
+    (regs.rdi, regs.rsi) = (MAILBOX, pages as u64);
+    vm.set_regs(&regs).expect("regs");
+    let mut halves = Vec::new();
+    loop {
+        match vm.run().expect("KVM_RUN") {
+            Exit::Out { port: PORT_RESULT, value } => halves.push(u64::from(value)),
+            Exit::Out { port: PORT_DONE, .. } => break,
+            other => panic!("unexpected exit {other:?} after {} result words", halves.len()),
+        }
+    }
+    assert_eq!(halves.len(), 2, "the guest reports its checksum in two halves");
+    halves[0] | halves[1] << 32
+}
+
+#[test]
+fn a_kvm_guest_computes_the_right_checksum_over_memory_served_by_uffd_server() {
+    require_kvm();
+    require_userfaultfd();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (len, pages) = (64 * MIB, 1500);
+    let (snap, list) = snapshot_image(len, pages, 61, dir.path());
+    let expected = fold(
+        list.iter().map(|&a| u64::from_le_bytes(snap.bytes[a as usize..a as usize + 8].try_into().expect("8 bytes"))),
+    );
+
+    for fault_around in ["1", "16"] {
+        let server = ServerProcess::start(&[("vm", &snap.path)], &["--fault-around", fault_around]);
+        let memory = GuestMemory::map(&[len], 0, false).expect("map");
+        let attachment = UffdAttachment::attach(&server.socket("vm"), &memory).expect("attach");
+        let mut vm = Vm::new(&memory).expect("vm");
+        assert_eq!(run_checksum(&mut vm, pages), expected, "fault-around {fault_around}");
+        drop(vm);
+        drop(attachment);
+        server.wait_for_log("VM ended", 1);
+        let c = &server.stats().vms[0].counters;
+        assert!(c.faults > 0 && c.copied_pages > 0, "the vCPU's pages came from the server: {c:?}");
+        assert_eq!(c.already_present, 0);
+    }
+}

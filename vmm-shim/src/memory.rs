@@ -1,0 +1,92 @@
+//! Guest memory as a VMM maps it: anonymous private regions (or hugetlbfs) inside one
+//! reservation, with a hole between regions like the x86 MMIO gap, each region at its offset
+//! in the snapshot memory file (Firecracker's layout: regions back to back).
+
+use std::io;
+
+pub const PAGE: usize = 4096;
+pub const HUGE: usize = 2 << 20;
+
+/// One region of guest memory as mapped in this process.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestRegion {
+    pub addr: usize,
+    pub size: usize,
+    pub file_offset: usize,
+    pub page_size: usize,
+}
+
+/// Guest memory: a PROT_NONE reservation with the regions mapped inside it.
+pub struct GuestMemory {
+    pub regions: Vec<GuestRegion>,
+    reservation: (usize, usize),
+}
+
+impl GuestMemory {
+    /// Maps regions of `sizes` bytes back to back in the file, `gap` bytes apart in memory.
+    /// With `huge`, regions are hugetlbfs-backed (2 MiB pages; the host must have them reserved).
+    pub fn map(sizes: &[usize], gap: usize, huge: bool) -> io::Result<GuestMemory> {
+        let page_size = if huge { HUGE } else { PAGE };
+        let total: usize = sizes.iter().sum::<usize>() + gap * sizes.len() + HUGE;
+        // SAFETY: a fresh anonymous PROT_NONE reservation; nothing else refers to it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let memory = GuestMemory { regions: Vec::new(), reservation: (base as usize, total) };
+        let mut memory = memory;
+        let mut addr = (base as usize).next_multiple_of(HUGE);
+        let mut file_offset = 0;
+        for &size in sizes {
+            let flags =
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | if huge { libc::MAP_HUGETLB } else { 0 };
+            // SAFETY: MAP_FIXED inside our own reservation, which no Rust reference points into.
+            let mapped = unsafe { libc::mmap(addr as *mut _, size, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+            if mapped == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            memory.regions.push(GuestRegion { addr, size, file_offset, page_size });
+            addr += size + gap;
+            file_offset += size;
+        }
+        Ok(memory)
+    }
+
+    /// The bytes of region `i`. Touching an unserved page blocks until the server serves it.
+    pub fn region_bytes(&self, i: usize) -> &[u8] {
+        let r = self.regions[i];
+        // SAFETY: the region is mapped read-write for the lifetime of `self`; the server only
+        // populates missing pages (never changes present ones) and this process writes to guest
+        // memory only through atomics or madvise, which no live slice overlaps during tests.
+        unsafe { std::slice::from_raw_parts(r.addr as *const u8, r.size) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Addresses of every 4 KiB page, region by region.
+    pub fn page_addrs(&self) -> impl Iterator<Item = usize> + '_ {
+        self.regions.iter().flat_map(|r| (0..r.size / PAGE).map(move |p| r.addr + p * PAGE))
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps our own reservation (and the regions inside it); no references remain.
+        unsafe { libc::munmap(self.reservation.0 as *mut _, self.reservation.1) };
+    }
+}
