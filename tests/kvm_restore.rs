@@ -10,7 +10,7 @@ use vmm_shim::guest::{boot_structures, cpl3_regs, CODE, DATA, MAILBOX, STACK_BOT
 use vmm_shim::memory::GuestMemory;
 use vmm_shim::uffd_backend::UffdAttachment;
 use vmm_shim::vm::{Exit, Vm};
-use vmm_shim::workload::{checksum_pages, fold, PORT_DONE, PORT_RESULT};
+use vmm_shim::workload::{fold, invoke_program, PORT_DONE, PORT_RESULT};
 
 const MIB: usize = 1 << 20;
 
@@ -23,7 +23,7 @@ fn snapshot_image(len: usize, pages: usize, seed: u64, dir: &std::path::Path) ->
     for (at, data) in boot_structures(len as u64) {
         put(at, &data);
     }
-    put(CODE, &checksum_pages(CODE).expect("assemble"));
+    put(CODE, &invoke_program(CODE).expect("assemble"));
     let mut rng = Rng::new(seed ^ 0xabc);
     let data_pages = (len - DATA as usize) / PAGE;
     let list: Vec<u64> = (0..pages).map(|_| DATA + (rng.next_u64() % data_pages as u64) * PAGE as u64).collect();
@@ -72,5 +72,79 @@ fn a_kvm_guest_computes_the_right_checksum_over_memory_served_by_uffd_server() {
         let c = &server.stats().vms[0].counters;
         assert!(c.faults > 0 && c.copied_pages > 0, "the vCPU's pages came from the server: {c:?}");
         assert_eq!(c.already_present, 0);
+    }
+}
+
+/// Runs a binary of the workspace, failing the test with its stderr if it fails.
+fn run(binary: &str, args: &[&str]) -> String {
+    let out =
+        std::process::Command::new(e2e::server_process::workspace_binary(binary)).args(args).output().expect("spawn");
+    assert!(out.status.success(), "{binary} {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `vmm-shim restore --json` with `args`; returns the checksums it verified.
+fn restore(snapshot: &std::path::Path, args: &[&str]) -> Vec<u64> {
+    let mut all = vec!["restore", "--json", "--snapshot", snapshot.to_str().expect("utf-8")];
+    all.extend_from_slice(args);
+    let report: serde_json::Value = serde_json::from_str(&run("vmm-shim", &all)).expect("report JSON");
+    report["invocations"]
+        .as_array()
+        .expect("invocations")
+        .iter()
+        .map(|i| i["checksum"].as_u64().expect("checksum"))
+        .collect()
+}
+
+#[test]
+fn snapshot_then_restore_through_every_backend_and_policy_verifies_every_invocation() {
+    require_kvm();
+    require_userfaultfd();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snap_dir = dir.path().join("hello");
+    run("vmm-shim", &["snapshot", "--workload", "hello", "--seed", "5", "--out", snap_dir.to_str().expect("utf-8")]);
+    let mem = snap_dir.join("mem");
+
+    // The guest's runtime init wrote the xorshift stream into its heap: check it from the file.
+    let bytes = std::fs::read(&mem).expect("memory file");
+    let mut x = 5u64 | 1;
+    for qword in bytes[DATA as usize..DATA as usize + (4 << 20)].chunks(8).take(1000) {
+        x = vmm_shim::workload::xorshift(x);
+        assert_eq!(qword, x.to_le_bytes(), "runtime init content");
+    }
+
+    let file = restore(&snap_dir, &["--mem-backend", "file", "--invoke", "3"]);
+    assert_eq!(file.len(), 3);
+    assert_eq!(
+        restore(&snap_dir, &["--mem-backend", "copy", "--invoke", "3"]),
+        file,
+        "the same guest, the same checksums"
+    );
+
+    let server = ServerProcess::start(&[("vm", &mem)], &[]);
+    let socket = server.socket("vm");
+    let uffd_args = ["--mem-backend", "uffd", "--uffd-socket", socket.to_str().expect("utf-8"), "--invoke", "3"];
+    assert_eq!(restore(&snap_dir, &uffd_args), file);
+    drop(server);
+
+    // record, then serve --working-set with every prefetch policy.
+    let ws = dir.path().join("hello.ws");
+    let ws_arg = ws.to_str().expect("utf-8");
+    let recorder = ServerProcess::start_command("record", &[("vm", &mem)], &["--working-set", ws_arg]);
+    let socket = recorder.socket("vm");
+    let record_args = ["--mem-backend", "uffd", "--uffd-socket", socket.to_str().expect("utf-8"), "--input", "7"];
+    restore(&snap_dir, &record_args);
+    recorder.wait_for_log("run merged into the working set", 1);
+    drop(recorder);
+    for policy in ["none", "eager", "reap", "union"] {
+        let server = ServerProcess::start(&[("vm", &mem)], &["--working-set", ws_arg, "--prefetch", policy]);
+        let socket = server.socket("vm");
+        let args = ["--mem-backend", "uffd", "--uffd-socket", socket.to_str().expect("utf-8"), "--invoke", "3"];
+        assert_eq!(restore(&snap_dir, &args), file, "policy {policy}");
+        server.wait_for_log("VM ended", 1);
+        let c = &server.stats().vms[0].counters;
+        if policy != "none" {
+            assert!(c.prefetched_pages > 0, "{policy}: {c:?}");
+        }
     }
 }

@@ -4,6 +4,8 @@
 
 pub mod guest;
 pub mod memory;
+pub mod restore;
+pub mod snapshot;
 pub mod uffd_backend;
 pub mod vm;
 pub mod workload;

@@ -70,6 +70,48 @@ impl GuestMemory {
         unsafe { std::slice::from_raw_parts(r.addr as *const u8, r.size) }
     }
 
+    /// Writes `data` at file offset (= guest-physical address) `offset`, which must lie in one
+    /// region. With uffd-backed memory, the first write to a missing page is served first.
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> io::Result<()> {
+        let region = self
+            .regions
+            .iter()
+            .find(|r| offset >= r.file_offset && offset + data.len() <= r.file_offset + r.size)
+            .ok_or_else(|| io::Error::other(format!("{:#x}+{:#x} is not inside one region", offset, data.len())))?;
+        // SAFETY: the destination lies inside a region mapped read-write for the lifetime of
+        // `self`; the vCPU does not run while the VMM writes (one thread drives both).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                (region.addr + offset - region.file_offset) as *mut u8,
+                data.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Guest memory mapped from a memory file with MAP_PRIVATE (Firecracker's `File` backend):
+    /// pages are read from the file (or page cache) on first touch, written copy-on-write.
+    pub fn map_file(file: &std::fs::File, len: usize) -> io::Result<GuestMemory> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh private mapping of a file we hold open; nothing else refers to it.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let region = GuestRegion { addr: addr as usize, size: len, file_offset: 0, page_size: PAGE };
+        Ok(GuestMemory { regions: vec![region], reservation: (addr as usize, len) })
+    }
+
     pub fn len(&self) -> usize {
         self.regions.iter().map(|r| r.size).sum()
     }

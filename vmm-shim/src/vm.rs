@@ -59,6 +59,10 @@ impl Vm {
         Ok(Vm { _vm: vm, vcpu })
     }
 
+    pub fn regs(&self) -> Result<kvm_regs, VmError> {
+        self.vcpu.get_regs().map_err(VmError::Vcpu)
+    }
+
     pub fn set_regs(&self, regs: &kvm_regs) -> Result<(), VmError> {
         self.vcpu.set_regs(regs).map_err(VmError::Vcpu)
     }

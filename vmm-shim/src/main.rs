@@ -1,0 +1,107 @@
+//! `vmm-shim`: snapshot a CPL3 test guest, and restore it with memory from a uffd memory server,
+//! a MAP_PRIVATE file mapping or an eager copy.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use vmm_shim::restore::{restore, MemBackend};
+use vmm_shim::snapshot;
+use vmm_shim::workload::Workload;
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot the guest to READY (after its runtime init) and save memory + state to --out.
+    Snapshot {
+        /// hello, python-like or node-like; the options below override it.
+        #[arg(long, default_value = "hello")]
+        workload: String,
+        #[arg(long)]
+        mem_mib: Option<u64>,
+        /// MiB of heap the runtime init writes.
+        #[arg(long)]
+        init_mib: Option<u64>,
+        /// Pages one invocation touches.
+        #[arg(long)]
+        ws_pages: Option<u64>,
+        /// Fraction of an invocation's working set shared by all inputs (0..=1).
+        #[arg(long)]
+        shared_fraction: Option<f64>,
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a snapshot and run invocations, each checksum checked against the memory file.
+    Restore {
+        #[arg(long)]
+        snapshot: PathBuf,
+        #[arg(long, value_enum)]
+        mem_backend: MemBackend,
+        /// The memory server's socket (uffd backend).
+        #[arg(long)]
+        uffd_socket: Option<PathBuf>,
+        /// Invocations to run; inputs 1..=K unless --input is given.
+        #[arg(long, default_value_t = 1)]
+        invoke: u64,
+        /// Input seeds of the invocations (repeatable).
+        #[arg(long)]
+        input: Vec<u64>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Snapshot { workload, mem_mib, init_mib, ws_pages, shared_fraction, seed, out } => {
+            let preset = Workload::preset(&workload)
+                .with_context(|| format!("unknown workload `{workload}`: use hello, python-like or node-like"))?;
+            let w = Workload {
+                mem_mib: mem_mib.unwrap_or(preset.mem_mib),
+                init_mib: init_mib.unwrap_or(preset.init_mib),
+                ws_pages: ws_pages.unwrap_or(preset.ws_pages),
+                shared_fraction: shared_fraction.unwrap_or(preset.shared_fraction),
+                seed: seed.unwrap_or(preset.seed),
+            };
+            if !(0.0..=1.0).contains(&w.shared_fraction) || w.mem_mib < 2 || w.mem_mib > 3072 || w.init_mib >= w.mem_mib
+            {
+                bail!("invalid workload {w:?}: need 2 ≤ mem-mib ≤ 3072, init-mib < mem-mib, 0 ≤ shared-fraction ≤ 1");
+            }
+            snapshot::take(&w, &out).with_context(|| format!("cannot snapshot into {}", out.display()))?;
+            println!("snapshot of {w:?} written to {}", out.display());
+            Ok(())
+        }
+        Command::Restore { snapshot, mem_backend, uffd_socket, invoke, input, json } => {
+            let inputs = if input.is_empty() { (1..=invoke).collect() } else { input };
+            let report = restore(&snapshot, mem_backend, uffd_socket.as_deref(), &inputs)
+                .with_context(|| format!("restore of {} failed", snapshot.display()))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("backend {:?}, {} MiB guest", report.backend, report.mem_mib);
+                println!("{:<28} {:>12}", "phase", "µs");
+                println!("{:<28} {:>12.0}", "guest memory", report.memory_us);
+                println!("{:<28} {:>12.0}", "VM creation", report.vm_create_us);
+                for inv in &report.invocations {
+                    println!(
+                        "{:<28} {:>12.0}   {} pages, checksum {:#018x} ok",
+                        format!("invocation input={}", inv.input),
+                        inv.us,
+                        inv.pages,
+                        inv.checksum
+                    );
+                }
+                println!("{:<28} {:>12.0}", "total", report.total_us);
+            }
+            Ok(())
+        }
+    }
+}

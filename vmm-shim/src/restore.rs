@@ -1,0 +1,161 @@
+//! `vmm-shim restore`: a snapshot restored with memory from one of three backends, then
+//! invocations, each checksum checked against the memory file — a wrong page served to the
+//! guest fails the restore, loudly.
+
+use crate::guest::{cpl3_regs, MAILBOX, STACK_BOTTOM};
+use crate::memory::GuestMemory;
+use crate::snapshot::{read_state, SnapshotError, INVOKE};
+use crate::uffd_backend::UffdAttachment;
+use crate::vm::{Exit, Vm, VmError};
+use crate::workload::{fold, PORT_DONE, PORT_RESULT};
+use serde::Serialize;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Instant;
+
+/// Where guest memory comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MemBackend {
+    /// Anonymous memory served by a uffd memory server (Firecracker's `Uffd` backend).
+    Uffd,
+    /// MAP_PRIVATE of the memory file (Firecracker's `File` backend).
+    File,
+    /// The whole memory file read into memory before the guest runs (SnapFaaS).
+    Copy,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Invocation {
+    pub input: u64,
+    pub pages: usize,
+    pub us: f64,
+    pub checksum: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RestoreReport {
+    pub backend: MemBackend,
+    pub mem_mib: u64,
+    /// Mapping guest memory: for `uffd` including the handshake, for `copy` the whole read.
+    pub memory_us: f64,
+    pub vm_create_us: f64,
+    pub invocations: Vec<Invocation>,
+    pub total_us: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("memory file {0}: {1}")]
+    MemoryFile(String, io::Error),
+    #[error("guest memory ({backend:?} backend): {source}")]
+    Memory { backend: MemBackend, source: io::Error },
+    #[error("--mem-backend uffd needs --uffd-socket")]
+    NoSocket,
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("invocation of input {input} touches {pages} pages; the mailbox holds {max}")]
+    TooManyPages { input: u64, pages: usize, max: usize },
+    #[error("invocation of input {input} stopped with {exit:?} before DONE")]
+    GuestStopped { input: u64, exit: Exit },
+    #[error("invocation of input {input}: the guest computed {got:#018x}, the memory file says {expected:#018x}: a wrong page was served")]
+    WrongChecksum { input: u64, got: u64, expected: u64 },
+}
+
+pub fn restore(
+    dir: &Path,
+    backend: MemBackend,
+    socket: Option<&Path>,
+    inputs: &[u64],
+) -> Result<RestoreReport, RestoreError> {
+    let started = Instant::now();
+    let state = read_state(&dir.join("state"))?;
+    let mem_path = dir.join("mem");
+    let file_err = |e| RestoreError::MemoryFile(mem_path.display().to_string(), e);
+    let file = std::fs::File::open(&mem_path).map_err(file_err)?;
+    let len = state.workload.mem_bytes() as usize;
+    let mem_err = |source| RestoreError::Memory { backend, source };
+    let (memory, attachment) = match backend {
+        MemBackend::Uffd => {
+            let memory = GuestMemory::map(&[len], 0, false).map_err(mem_err)?;
+            let attachment = UffdAttachment::attach(socket.ok_or(RestoreError::NoSocket)?, &memory).map_err(mem_err)?;
+            (memory, Some(attachment))
+        }
+        MemBackend::File => (GuestMemory::map_file(&file, len).map_err(mem_err)?, None),
+        MemBackend::Copy => {
+            let memory = GuestMemory::map(&[len], 0, false).map_err(mem_err)?;
+            let mut chunk = vec![0u8; 8 << 20];
+            for offset in (0..len).step_by(chunk.len()) {
+                let n = chunk.len().min(len - offset);
+                file.read_exact_at(&mut chunk[..n], offset as u64).map_err(file_err)?;
+                memory.write_at(offset, &chunk[..n]).map_err(mem_err)?;
+            }
+            (memory, None)
+        }
+    };
+    let memory_us = micros(started);
+    let vm_started = Instant::now();
+    let mut vm = Vm::new(&memory)?;
+    let vm_create_us = micros(vm_started);
+    let mut invocations = Vec::new();
+    for &input in inputs {
+        invocations.push(invoke(&mut vm, &memory, &file, &state.workload, input)?);
+    }
+    let total_us = micros(started);
+    // Drop order matters: the vCPU, then the attachment (hang up, wait for the server), then memory.
+    drop(vm);
+    drop(attachment);
+    drop(memory);
+    Ok(RestoreReport { backend, mem_mib: state.workload.mem_mib, memory_us, vm_create_us, invocations, total_us })
+}
+
+fn invoke(
+    vm: &mut Vm,
+    memory: &GuestMemory,
+    file: &std::fs::File,
+    workload: &crate::workload::Workload,
+    input: u64,
+) -> Result<Invocation, RestoreError> {
+    let pages = workload.invocation_pages(input);
+    let max = ((STACK_BOTTOM - MAILBOX) / 8) as usize;
+    if pages.len() > max {
+        return Err(RestoreError::TooManyPages { input, pages: pages.len(), max });
+    }
+    // The expected checksum comes from the memory file, not from guest memory.
+    let mut word = [0u8; 8];
+    let mut values = Vec::with_capacity(pages.len());
+    for &page in &pages {
+        file.read_exact_at(&mut word, page).map_err(|e| RestoreError::MemoryFile("mem".into(), e))?;
+        values.push(u64::from_le_bytes(word));
+    }
+    let expected = fold(values);
+    let list: Vec<u8> = pages.iter().flat_map(|p| p.to_le_bytes()).collect();
+    memory
+        .write_at(MAILBOX as usize, &list)
+        .map_err(|source| RestoreError::Memory { backend: MemBackend::Uffd, source })?;
+    let mut regs = cpl3_regs(INVOKE);
+    (regs.rdi, regs.rsi) = (MAILBOX, pages.len() as u64);
+    vm.set_regs(&regs)?;
+    let started = Instant::now();
+    let mut halves = Vec::new();
+    loop {
+        match vm.run()? {
+            Exit::Out { port: PORT_RESULT, value } => halves.push(u64::from(value)),
+            Exit::Out { port: PORT_DONE, .. } if halves.len() == 2 => break,
+            exit => return Err(RestoreError::GuestStopped { input, exit }),
+        }
+    }
+    let us = micros(started);
+    let checksum = halves[0] | halves[1] << 32;
+    if checksum != expected {
+        return Err(RestoreError::WrongChecksum { input, got: checksum, expected });
+    }
+    Ok(Invocation { input, pages: pages.len(), us, checksum })
+}
+
+fn micros(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e6
+}

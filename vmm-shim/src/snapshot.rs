@@ -1,0 +1,116 @@
+//! `vmm-shim snapshot`: boot the guest, run its runtime init to READY, and save it as
+//! Firecracker does: a memory file with the guest's regions back to back (written sparse: zero
+//! pages are holes) and a small versioned state file.
+
+use crate::guest::{boot_structures, cpl3_regs, CODE, DATA};
+use crate::memory::GuestMemory;
+use crate::vm::{Exit, Vm, VmError};
+use crate::workload::{init_program, invoke_program, Workload, PORT_READY};
+use serde::{Deserialize, Serialize};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// Where the invocation program lives (the init program is at `CODE`).
+pub const INVOKE: u64 = CODE + 0x1000;
+pub const STATE_MAGIC: [u8; 8] = *b"VMMSHIM\0";
+pub const STATE_VERSION: u32 = 1;
+
+/// What a restore needs besides memory. The segment and control registers are fixed by the
+/// guest model (`guest::set_cpl3_long_mode`); the general registers at READY are kept.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmState {
+    pub workload: Workload,
+    /// rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8..r15, rip, rflags at READY.
+    pub regs: [u64; 18],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("guest memory: {0}")]
+    Memory(io::Error),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("assembling the guest: {0}")]
+    Assemble(String),
+    #[error("the guest did not reach READY: it stopped with {0:?}")]
+    NotReady(Exit),
+    #[error("writing {0}: {1}")]
+    Write(String, io::Error),
+    #[error("state file {0}: {1}")]
+    State(String, String),
+}
+
+/// Boots `workload` to READY and writes `dir/mem` and `dir/state`.
+pub fn take(workload: &Workload, dir: &Path) -> Result<VmState, SnapshotError> {
+    let len = workload.mem_bytes() as usize;
+    let memory = GuestMemory::map(&[len], 0, false).map_err(SnapshotError::Memory)?;
+    for (at, bytes) in boot_structures(len as u64) {
+        memory.write_at(at as usize, &bytes).map_err(SnapshotError::Memory)?;
+    }
+    let assemble = |e: iced_x86::IcedError| SnapshotError::Assemble(e.to_string());
+    memory.write_at(CODE as usize, &init_program(CODE).map_err(assemble)?).map_err(SnapshotError::Memory)?;
+    memory.write_at(INVOKE as usize, &invoke_program(INVOKE).map_err(assemble)?).map_err(SnapshotError::Memory)?;
+    let mut vm = Vm::new(&memory)?;
+    let mut regs = cpl3_regs(CODE);
+    let heap_bytes = (workload.init_mib << 20).min(len as u64 - DATA);
+    (regs.rdi, regs.rsi, regs.rdx) = (DATA, heap_bytes / 8, workload.seed | 1);
+    vm.set_regs(&regs)?;
+    match vm.run()? {
+        Exit::Out { port: PORT_READY, .. } => {}
+        other => return Err(SnapshotError::NotReady(other)),
+    }
+    let r = vm.regs()?;
+    let regs = [
+        r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15,
+        r.rip, r.rflags,
+    ];
+    drop(vm);
+    std::fs::create_dir_all(dir).map_err(|e| SnapshotError::Write(dir.display().to_string(), e))?;
+    write_memory_file(&memory, &dir.join("mem"))?;
+    let state = VmState { workload: *workload, regs };
+    write_state(&dir.join("state"), &state)?;
+    Ok(state)
+}
+
+/// Regions back to back; zero pages are left as holes (a sparse file), written atomically.
+fn write_memory_file(memory: &GuestMemory, path: &Path) -> Result<(), SnapshotError> {
+    let err = |e| SnapshotError::Write(path.display().to_string(), e);
+    let tmp = path.with_extension("tmp");
+    let file = std::fs::File::create(&tmp).map_err(err)?;
+    file.set_len(memory.len() as u64).map_err(err)?;
+    for (i, region) in memory.regions.iter().enumerate() {
+        for (p, page) in memory.region_bytes(i).chunks(4096).enumerate() {
+            if page.iter().any(|&b| b != 0) {
+                file.write_all_at(page, (region.file_offset + p * 4096) as u64).map_err(err)?;
+            }
+        }
+    }
+    file.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+fn write_state(path: &Path, state: &VmState) -> Result<(), SnapshotError> {
+    let err = |e: String| SnapshotError::State(path.display().to_string(), e);
+    let mut bytes = STATE_MAGIC.to_vec();
+    bytes.extend_from_slice(&STATE_VERSION.to_le_bytes());
+    bytes.extend(postcard::to_stdvec(state).map_err(|e| err(e.to_string()))?);
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(|e| err(e.to_string()))?;
+    file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(|e| err(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+}
+
+/// Reads `dir/state`; a wrong magic, version or encoding is named.
+pub fn read_state(path: &Path) -> Result<VmState, SnapshotError> {
+    let err = |e: String| SnapshotError::State(path.display().to_string(), e);
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    if bytes.len() < 12 || bytes[..8] != STATE_MAGIC {
+        return Err(err("not a vmm-shim state file".into()));
+    }
+    let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    if version != STATE_VERSION {
+        return Err(err(format!("version {version} is not supported (this build reads {STATE_VERSION})")));
+    }
+    postcard::from_bytes(&bytes[12..]).map_err(|e| err(format!("corrupt: {e}")))
+}
