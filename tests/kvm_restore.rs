@@ -6,11 +6,11 @@ use e2e::fake_vmm::PAGE;
 use e2e::server_process::ServerProcess;
 use e2e::snapshot_file::{Rng, SnapshotFile};
 use e2e::{require_kvm, require_userfaultfd};
-use vmm_shim::guest::{boot_structures, cpl3_regs, CODE, DATA, MAILBOX, STACK_BOTTOM};
+use vmm_shim::guest::{boot_structures, CODE, DATA, MAILBOX, STACK_BOTTOM};
 use vmm_shim::memory::GuestMemory;
 use vmm_shim::uffd_backend::UffdAttachment;
-use vmm_shim::vm::{Exit, Vm};
-use vmm_shim::workload::{fold, invoke_program, PORT_DONE, PORT_RESULT};
+use vmm_shim::vm::Vm;
+use vmm_shim::workload::{fold, invoke_program};
 
 const MIB: usize = 1 << 20;
 
@@ -32,21 +32,9 @@ fn snapshot_image(len: usize, pages: usize, seed: u64, dir: &std::path::Path) ->
     (SnapshotFile::from_bytes(dir, "vm.mem", bytes), list)
 }
 
-/// Runs the checksum program to DONE and returns the checksum it reported.
+/// Runs the invocation program to DONE and returns the checksum it reported.
 fn run_checksum(vm: &mut Vm, pages: usize) -> u64 {
-    let mut regs = cpl3_regs(CODE);
-    (regs.rdi, regs.rsi) = (MAILBOX, pages as u64);
-    vm.set_regs(&regs).expect("regs");
-    let mut halves = Vec::new();
-    loop {
-        match vm.run().expect("KVM_RUN") {
-            Exit::Out { port: PORT_RESULT, value } => halves.push(u64::from(value)),
-            Exit::Out { port: PORT_DONE, .. } => break,
-            other => panic!("unexpected exit {other:?} after {} result words", halves.len()),
-        }
-    }
-    assert_eq!(halves.len(), 2, "the guest reports its checksum in two halves");
-    halves[0] | halves[1] << 32
+    vmm_shim::restore::run_invocation(vm, CODE, MAILBOX, pages as u64).expect("the guest reaches DONE").checksum
 }
 
 #[test]
@@ -125,6 +113,16 @@ fn snapshot_then_restore_through_every_backend_and_policy_verifies_every_invocat
     let socket = server.socket("vm");
     let uffd_args = ["--mem-backend", "uffd", "--uffd-socket", socket.to_str().expect("utf-8"), "--invoke", "3"];
     assert_eq!(restore(&snap_dir, &uffd_args), file);
+    // A balloon drops 2 MiB of heap after each invocation: through the server it reads as
+    // zeros (REMOVE), as anonymous memory does; the restore checks every checksum against that.
+    let balloon = ["--balloon-range", "2:2"];
+    let ballooned = restore(&snap_dir, &[&uffd_args[..], &balloon[..]].concat());
+    assert_eq!(
+        ballooned,
+        restore(&snap_dir, &[&["--mem-backend", "copy", "--invoke", "3"][..], &balloon[..]].concat())
+    );
+    assert_eq!(ballooned[0], file[0], "nothing is ballooned before the first invocation");
+    assert_ne!(ballooned[1..], file[1..], "later invocations read the zeros");
     drop(server);
 
     // record, then serve --working-set with every prefetch policy.

@@ -70,14 +70,7 @@ impl FakeVmm {
     pub fn dontneed(&self, i: usize, offset: usize, len: usize) -> io::Result<()> {
         let r = self.memory.regions[i];
         assert!(offset + len <= r.size);
-        // SAFETY: the range lies inside our own private anonymous mapping; no slice into it is
-        // live across this call (callers re-read through `region_bytes` afterwards).
-        let ret = unsafe { libc::madvise((r.addr + offset) as *mut _, len, libc::MADV_DONTNEED) };
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        self.memory.dontneed(r.file_offset + offset, len)
     }
 }
 

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use vmm_shim::restore::{restore, MemBackend};
+use vmm_shim::restore::{restore, MemBackend, RestoreOptions};
 use vmm_shim::snapshot;
 use vmm_shim::workload::Workload;
 
@@ -53,6 +53,10 @@ enum Command {
         /// Input seeds of the invocations (repeatable).
         #[arg(long)]
         input: Vec<u64>,
+        /// After each invocation, drop guest range START_MIB:LEN_MIB with MADV_DONTNEED (what a
+        /// balloon does); later invocations must read zeros there (the file backend: the file).
+        #[arg(long, value_parser = parse_range_mib)]
+        balloon_range: Option<(u64, u64)>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -79,10 +83,16 @@ fn main() -> Result<()> {
             println!("snapshot of {w:?} written to {}", out.display());
             Ok(())
         }
-        Command::Restore { snapshot, mem_backend, uffd_socket, invoke, input, json } => {
-            let inputs = if input.is_empty() { (1..=invoke).collect() } else { input };
-            let report = restore(&snapshot, mem_backend, uffd_socket.as_deref(), &inputs)
-                .with_context(|| format!("restore of {} failed", snapshot.display()))?;
+        Command::Restore { snapshot, mem_backend, uffd_socket, invoke, input, balloon_range, json } => {
+            let inputs: Vec<u64> = if input.is_empty() { (1..=invoke).collect() } else { input };
+            let options = RestoreOptions {
+                backend: mem_backend,
+                socket: uffd_socket.as_deref(),
+                inputs: &inputs,
+                balloon: balloon_range,
+            };
+            let report =
+                restore(&snapshot, &options).with_context(|| format!("restore of {} failed", snapshot.display()))?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -90,6 +100,7 @@ fn main() -> Result<()> {
                 println!("{:<28} {:>12}", "phase", "µs");
                 println!("{:<28} {:>12.0}", "guest memory", report.memory_us);
                 println!("{:<28} {:>12.0}", "VM creation", report.vm_create_us);
+                println!("{:<28} {:>12.0}", "first guest instruction", report.first_instruction_us);
                 for inv in &report.invocations {
                     println!(
                         "{:<28} {:>12.0}   {} pages, checksum {:#018x} ok",
@@ -104,4 +115,11 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `START_MIB:LEN_MIB` → (start, len) in bytes.
+fn parse_range_mib(s: &str) -> Result<(u64, u64), String> {
+    let (start, len) = s.split_once(':').ok_or_else(|| format!("`{s}`: expected START_MIB:LEN_MIB"))?;
+    let mib = |v: &str| v.trim().parse::<u64>().map(|v| v << 20).map_err(|_| format!("`{v}` is not a number of MiB"));
+    Ok((mib(start)?, mib(len)?))
 }

@@ -112,6 +112,27 @@ impl GuestMemory {
         Ok(GuestMemory { regions: vec![region], reservation: (addr as usize, len) })
     }
 
+    /// `madvise(MADV_DONTNEED)` over `len` bytes at file offset `offset` (inside one region):
+    /// what a balloon does. Anonymous memory then reads as zeros (with a uffd: after the
+    /// server has read the REMOVE event, which this call waits for); a MAP_PRIVATE file
+    /// mapping reads the file again.
+    pub fn dontneed(&self, offset: usize, len: usize) -> io::Result<()> {
+        let region = self
+            .regions
+            .iter()
+            .find(|r| offset >= r.file_offset && offset + len <= r.file_offset + r.size)
+            .ok_or_else(|| io::Error::other(format!("{offset:#x}+{len:#x} is not inside one region")))?;
+        // SAFETY: the range lies inside a private mapping of ours; no slice into it is live
+        // across this call (readers go through `region_bytes` afterwards).
+        let ret =
+            unsafe { libc::madvise((region.addr + offset - region.file_offset) as *mut _, len, libc::MADV_DONTNEED) };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.regions.iter().map(|r| r.size).sum()
     }

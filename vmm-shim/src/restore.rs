@@ -7,7 +7,7 @@ use crate::memory::GuestMemory;
 use crate::snapshot::{read_state, SnapshotError, INVOKE};
 use crate::uffd_backend::UffdAttachment;
 use crate::vm::{Exit, Vm, VmError};
-use crate::workload::{fold, PORT_DONE, PORT_RESULT};
+use crate::workload::{fold, PORT_DONE, PORT_RESULT, PORT_STARTED};
 use serde::Serialize;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -41,6 +41,8 @@ pub struct RestoreReport {
     /// Mapping guest memory: for `uffd` including the handshake, for `copy` the whole read.
     pub memory_us: f64,
     pub vm_create_us: f64,
+    /// From the start of the restore until the first invocation's first instruction ran.
+    pub first_instruction_us: f64,
     pub invocations: Vec<Invocation>,
     pub total_us: f64,
 }
@@ -65,12 +67,18 @@ pub enum RestoreError {
     WrongChecksum { input: u64, got: u64, expected: u64 },
 }
 
-pub fn restore(
-    dir: &Path,
-    backend: MemBackend,
-    socket: Option<&Path>,
-    inputs: &[u64],
-) -> Result<RestoreReport, RestoreError> {
+/// What to restore and how.
+pub struct RestoreOptions<'a> {
+    pub backend: MemBackend,
+    /// The memory server's socket (`uffd` backend).
+    pub socket: Option<&'a Path>,
+    pub inputs: &'a [u64],
+    /// A guest-physical range (bytes) dropped with MADV_DONTNEED after each invocation.
+    pub balloon: Option<(u64, u64)>,
+}
+
+pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport, RestoreError> {
+    let RestoreOptions { backend, socket, inputs, balloon } = *options;
     let started = Instant::now();
     let state = read_state(&dir.join("state"))?;
     let mem_path = dir.join("mem");
@@ -101,15 +109,37 @@ pub fn restore(
     let mut vm = Vm::new(&memory)?;
     let vm_create_us = micros(vm_started);
     let mut invocations = Vec::new();
+    let mut first_instruction_us = 0.0;
+    // Ranges that read as zeros now (anonymous memory after a balloon; a file mapping re-reads
+    // the file instead).
+    let mut zeroed: Vec<(u64, u64)> = Vec::new();
     for &input in inputs {
-        invocations.push(invoke(&mut vm, &memory, &file, &state.workload, input)?);
+        let (invocation, started_at) = invoke(&mut vm, &memory, &file, &state.workload, input, &zeroed)?;
+        if let Some((start, len)) = balloon {
+            memory.dontneed(start as usize, len as usize).map_err(mem_err)?;
+            if backend != MemBackend::File {
+                zeroed.push((start, len));
+            }
+        }
+        if invocations.is_empty() {
+            first_instruction_us = started_at.duration_since(started).as_secs_f64() * 1e6;
+        }
+        invocations.push(invocation);
     }
     let total_us = micros(started);
     // Drop order matters: the vCPU, then the attachment (hang up, wait for the server), then memory.
     drop(vm);
     drop(attachment);
     drop(memory);
-    Ok(RestoreReport { backend, mem_mib: state.workload.mem_mib, memory_us, vm_create_us, invocations, total_us })
+    Ok(RestoreReport {
+        backend,
+        mem_mib: state.workload.mem_mib,
+        memory_us,
+        vm_create_us,
+        first_instruction_us,
+        invocations,
+        total_us,
+    })
 }
 
 fn invoke(
@@ -118,7 +148,8 @@ fn invoke(
     file: &std::fs::File,
     workload: &crate::workload::Workload,
     input: u64,
-) -> Result<Invocation, RestoreError> {
+    zeroed: &[(u64, u64)],
+) -> Result<(Invocation, Instant), RestoreError> {
     let pages = workload.invocation_pages(input);
     let max = ((STACK_BOTTOM - MAILBOX) / 8) as usize;
     if pages.len() > max {
@@ -128,6 +159,10 @@ fn invoke(
     let mut word = [0u8; 8];
     let mut values = Vec::with_capacity(pages.len());
     for &page in &pages {
+        if zeroed.iter().any(|&(start, len)| (start..start + len).contains(&page)) {
+            values.push(0);
+            continue;
+        }
         file.read_exact_at(&mut word, page).map_err(|e| RestoreError::MemoryFile("mem".into(), e))?;
         values.push(u64::from_le_bytes(word));
     }
@@ -136,24 +171,49 @@ fn invoke(
     memory
         .write_at(MAILBOX as usize, &list)
         .map_err(|source| RestoreError::Memory { backend: MemBackend::Uffd, source })?;
-    let mut regs = cpl3_regs(INVOKE);
-    (regs.rdi, regs.rsi) = (MAILBOX, pages.len() as u64);
-    vm.set_regs(&regs)?;
     let started = Instant::now();
+    let ran = run_invocation(vm, INVOKE, MAILBOX, pages.len() as u64).map_err(|e| match e {
+        RunError::Vm(e) => RestoreError::Vm(e),
+        RunError::Stopped(exit) => RestoreError::GuestStopped { input, exit },
+    })?;
+    let us = micros(started);
+    if ran.checksum != expected {
+        return Err(RestoreError::WrongChecksum { input, got: ran.checksum, expected });
+    }
+    Ok((Invocation { input, pages: pages.len(), us, checksum: ran.checksum }, ran.first_instruction))
+}
+
+/// What an invocation reported.
+pub struct Ran {
+    pub checksum: u64,
+    /// When its first instruction ran ([`PORT_STARTED`]).
+    pub first_instruction: Instant,
+}
+
+#[derive(Debug)]
+pub enum RunError {
+    Vm(VmError),
+    /// The guest stopped before DONE.
+    Stopped(Exit),
+}
+
+/// Runs the invocation program at `rip` over the page list at `list` (`count` entries) until
+/// DONE.
+pub fn run_invocation(vm: &mut Vm, rip: u64, list: u64, count: u64) -> Result<Ran, RunError> {
+    let mut regs = cpl3_regs(rip);
+    (regs.rdi, regs.rsi) = (list, count);
+    vm.set_regs(&regs).map_err(RunError::Vm)?;
+    let mut first_instruction = Instant::now();
     let mut halves = Vec::new();
     loop {
-        match vm.run()? {
+        match vm.run().map_err(RunError::Vm)? {
+            Exit::Out { port: PORT_STARTED, .. } => first_instruction = Instant::now(),
             Exit::Out { port: PORT_RESULT, value } => halves.push(u64::from(value)),
             Exit::Out { port: PORT_DONE, .. } if halves.len() == 2 => break,
-            exit => return Err(RestoreError::GuestStopped { input, exit }),
+            exit => return Err(RunError::Stopped(exit)),
         }
     }
-    let us = micros(started);
-    let checksum = halves[0] | halves[1] << 32;
-    if checksum != expected {
-        return Err(RestoreError::WrongChecksum { input, got: checksum, expected });
-    }
-    Ok(Invocation { input, pages: pages.len(), us, checksum })
+    Ok(Ran { checksum: halves[0] | halves[1] << 32, first_instruction })
 }
 
 fn micros(since: Instant) -> f64 {

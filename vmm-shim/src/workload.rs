@@ -7,7 +7,7 @@
 //! - *Invocation* (`invoke_program`): for each guest address in a list the VMM puts in the
 //!   mailbox (`rdi` = list, `rsi` = count), reads the qword there into a checksum and, for
 //!   every fourth page, writes the running checksum into the page's second qword (a write
-//!   fault, content the checksum never reads). Reports the checksum with two `out`s to
+//!   fault, content the checksum never reads). Signals [`PORT_STARTED`] first. Reports the checksum with two `out`s to
 //!   [`PORT_RESULT`] (low, high) and signals [`PORT_DONE`]. The host computes the same fold
 //!   from the memory file ([`fold`]): a wrong page served to the guest is a wrong checksum.
 
@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 pub const PORT_READY: u16 = 0x10;
 pub const PORT_RESULT: u16 = 0x11;
 pub const PORT_DONE: u16 = 0x12;
+/// The invocation's first instruction: lets the VMM time "first guest instruction".
+pub const PORT_STARTED: u16 = 0x13;
 const PAGE: u64 = 4096;
 /// Working sets are made of runs of this many contiguous pages (heaps have locality).
 const CHUNK_PAGES: u64 = 8;
@@ -140,6 +142,8 @@ pub fn invoke_program(at: u64) -> Result<Vec<u8>, IcedError> {
     let mut next = a.create_label();
     let mut skip_write = a.create_label();
     let mut report = a.create_label();
+    a.mov(dx, PORT_STARTED as u32)?;
+    a.out(dx, al)?;
     a.xor(r8, r8)?;
     a.xor(r9, r9)?; // index
     a.test(rsi, rsi)?;
