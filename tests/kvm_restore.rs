@@ -34,7 +34,7 @@ fn snapshot_image(len: usize, pages: usize, seed: u64, dir: &std::path::Path) ->
 
 /// Runs the invocation program to DONE and returns the checksum it reported.
 fn run_checksum(vm: &mut Vm, pages: usize) -> u64 {
-    vmm_shim::restore::run_invocation(vm, CODE, MAILBOX, pages as u64).expect("the guest reaches DONE").checksum
+    vmm_shim::restore::run_invocation(vm.vcpu(0), 0, CODE, pages as u64).expect("the guest reaches DONE").checksum
 }
 
 #[test]
@@ -113,6 +113,8 @@ fn snapshot_then_restore_through_every_backend_and_policy_verifies_every_invocat
     let socket = server.socket("vm");
     let uffd_args = ["--mem-backend", "uffd", "--uffd-socket", socket.to_str().expect("utf-8"), "--invoke", "3"];
     assert_eq!(restore(&snap_dir, &uffd_args), file);
+    // Two vCPUs at once: concurrent KVM faults on one uffd.
+    assert_eq!(restore(&snap_dir, &[&uffd_args[..], &["--vcpus", "2"][..]].concat()), file);
     // A balloon drops 2 MiB of heap after each invocation: through the server it reads as
     // zeros (REMOVE), as anonymous memory does; the restore checks every checksum against that.
     let balloon = ["--balloon-range", "2:2"];
@@ -145,4 +147,42 @@ fn snapshot_then_restore_through_every_backend_and_policy_verifies_every_invocat
             assert!(c.prefetched_pages > 0, "{policy}: {c:?}");
         }
     }
+}
+
+#[test]
+fn killing_vmm_shim_mid_invocation_leaves_the_server_serving_other_restores() {
+    require_kvm();
+    require_userfaultfd();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snap_dir = dir.path().join("py");
+    run("vmm-shim", &["snapshot", "--workload", "python-like", "--out", snap_dir.to_str().expect("utf-8")]);
+    let server = ServerProcess::start(&[("vm", &snap_dir.join("mem"))], &["--fault-around", "1"]);
+    let socket = server.socket("vm");
+    let socket = socket.to_str().expect("utf-8");
+    let snapshot = snap_dir.to_str().expect("utf-8");
+    let mut victim = std::process::Command::new(e2e::server_process::workspace_binary("vmm-shim"))
+        .args([
+            "restore",
+            "--snapshot",
+            snapshot,
+            "--mem-backend",
+            "uffd",
+            "--uffd-socket",
+            socket,
+            "--invoke",
+            "100000",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn vmm-shim");
+    server.wait_for_log("VM attached", 1);
+    std::thread::sleep(std::time::Duration::from_millis(100)); // mid-invocation: faults in flight
+    victim.kill().expect("SIGKILL");
+    victim.wait().expect("reap");
+    server.wait_for_log("VM ended (VMM closed its socket)", 1);
+
+    let checksums = restore(&snap_dir, &["--mem-backend", "uffd", "--uffd-socket", socket, "--invoke", "3"]);
+    assert_eq!(checksums, restore(&snap_dir, &["--mem-backend", "file", "--invoke", "3"]));
+    let victim_faults = server.stats().vms[0].counters.faults;
+    assert!(victim_faults > 0, "the victim was faulting when killed");
 }

@@ -88,7 +88,18 @@ pub fn set_cpl3_long_mode(sregs: &mut kvm_sregs) {
     };
 }
 
-/// Registers to start at `rip` with the stack at `STACK_TOP` and IOPL 3 (`out` allowed at CPL3).
-pub fn cpl3_regs(rip: u64) -> kvm_regs {
-    kvm_regs { rip, rsp: STACK_TOP, rflags: 0x3002, ..Default::default() }
+/// vCPUs the memory map has room for (a mailbox and a stack each).
+pub const MAX_VCPUS: u64 = 2;
+const STACK_BYTES: u64 = (STACK_TOP - STACK_BOTTOM) / MAX_VCPUS;
+/// Each vCPU's share of the mailbox, in bytes.
+pub const MAILBOX_BYTES: u64 = (STACK_BOTTOM - MAILBOX) / MAX_VCPUS;
+
+/// Where vCPU `vcpu` finds its arguments.
+pub fn mailbox(vcpu: u64) -> u64 {
+    MAILBOX + vcpu * MAILBOX_BYTES
+}
+
+/// Registers to start at `rip` on vCPU `vcpu`'s stack, with IOPL 3 (`out` allowed at CPL3).
+pub fn cpl3_regs(rip: u64, vcpu: u64) -> kvm_regs {
+    kvm_regs { rip, rsp: STACK_TOP - vcpu * STACK_BYTES, rflags: 0x3002, ..Default::default() }
 }

@@ -57,6 +57,9 @@ enum Command {
         /// balloon does); later invocations must read zeros there (the file backend: the file).
         #[arg(long, value_parser = parse_range_mib)]
         balloon_range: Option<(u64, u64)>,
+        /// vCPUs running invocations at once (inputs dealt round-robin): 1 or 2.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -83,13 +86,14 @@ fn main() -> Result<()> {
             println!("snapshot of {w:?} written to {}", out.display());
             Ok(())
         }
-        Command::Restore { snapshot, mem_backend, uffd_socket, invoke, input, balloon_range, json } => {
+        Command::Restore { snapshot, mem_backend, uffd_socket, invoke, input, balloon_range, vcpus, json } => {
             let inputs: Vec<u64> = if input.is_empty() { (1..=invoke).collect() } else { input };
             let options = RestoreOptions {
                 backend: mem_backend,
                 socket: uffd_socket.as_deref(),
                 inputs: &inputs,
                 balloon: balloon_range,
+                vcpus,
             };
             let report =
                 restore(&snapshot, &options).with_context(|| format!("restore of {} failed", snapshot.display()))?;
@@ -104,7 +108,7 @@ fn main() -> Result<()> {
                 for inv in &report.invocations {
                     println!(
                         "{:<28} {:>12.0}   {} pages, checksum {:#018x} ok",
-                        format!("invocation input={}", inv.input),
+                        format!("invocation input={} vcpu={}", inv.input, inv.vcpu),
                         inv.us,
                         inv.pages,
                         inv.checksum

@@ -2,11 +2,11 @@
 //! invocations, each checksum checked against the memory file — a wrong page served to the
 //! guest fails the restore, loudly.
 
-use crate::guest::{cpl3_regs, MAILBOX, STACK_BOTTOM};
+use crate::guest::{cpl3_regs, mailbox, MAILBOX_BYTES, MAX_VCPUS};
 use crate::memory::GuestMemory;
 use crate::snapshot::{read_state, SnapshotError, INVOKE};
 use crate::uffd_backend::UffdAttachment;
-use crate::vm::{Exit, Vm, VmError};
+use crate::vm::{Exit, Vcpu, Vm, VmError};
 use crate::workload::{fold, PORT_DONE, PORT_RESULT, PORT_STARTED};
 use serde::Serialize;
 use std::io;
@@ -29,6 +29,7 @@ pub enum MemBackend {
 #[derive(Debug, Serialize)]
 pub struct Invocation {
     pub input: u64,
+    pub vcpu: u64,
     pub pages: usize,
     pub us: f64,
     pub checksum: u64,
@@ -57,6 +58,8 @@ pub enum RestoreError {
     Memory { backend: MemBackend, source: io::Error },
     #[error("--mem-backend uffd needs --uffd-socket")]
     NoSocket,
+    #[error("{0}")]
+    Options(String),
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error("invocation of input {input} touches {pages} pages; the mailbox holds {max}")]
@@ -75,10 +78,17 @@ pub struct RestoreOptions<'a> {
     pub inputs: &'a [u64],
     /// A guest-physical range (bytes) dropped with MADV_DONTNEED after each invocation.
     pub balloon: Option<(u64, u64)>,
+    /// vCPUs running invocations at once (inputs dealt round-robin); 1 or 2.
+    pub vcpus: u8,
 }
 
 pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport, RestoreError> {
-    let RestoreOptions { backend, socket, inputs, balloon } = *options;
+    let RestoreOptions { backend, socket, inputs, balloon, vcpus } = *options;
+    if vcpus == 0 || u64::from(vcpus) > MAX_VCPUS || (vcpus > 1 && balloon.is_some()) {
+        return Err(RestoreError::Options(format!(
+            "--vcpus {vcpus}: 1..={MAX_VCPUS} vCPUs, and --balloon-range only with one"
+        )));
+    }
     let started = Instant::now();
     let state = read_state(&dir.join("state"))?;
     let mem_path = dir.join("mem");
@@ -106,26 +116,56 @@ pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport
     };
     let memory_us = micros(started);
     let vm_started = Instant::now();
-    let mut vm = Vm::new(&memory)?;
+    let mut vm = Vm::with_vcpus(&memory, vcpus)?;
     let vm_create_us = micros(vm_started);
     let mut invocations = Vec::new();
-    let mut first_instruction_us = 0.0;
-    // Ranges that read as zeros now (anonymous memory after a balloon; a file mapping re-reads
-    // the file instead).
-    let mut zeroed: Vec<(u64, u64)> = Vec::new();
-    for &input in inputs {
-        let (invocation, started_at) = invoke(&mut vm, &memory, &file, &state.workload, input, &zeroed)?;
-        if let Some((start, len)) = balloon {
-            memory.dontneed(start as usize, len as usize).map_err(mem_err)?;
-            if backend != MemBackend::File {
-                zeroed.push((start, len));
+    let mut first_instruction = None;
+    if vcpus == 1 {
+        // Ranges that read as zeros now (anonymous memory after a balloon; a file mapping
+        // re-reads the file instead).
+        let mut zeroed: Vec<(u64, u64)> = Vec::new();
+        for &input in inputs {
+            let (invocation, started_at) = invoke(vm.vcpu(0), 0, &memory, &file, &state.workload, input, &zeroed)?;
+            first_instruction.get_or_insert(started_at);
+            invocations.push(invocation);
+            if let Some((start, len)) = balloon {
+                memory.dontneed(start as usize, len as usize).map_err(mem_err)?;
+                if backend != MemBackend::File {
+                    zeroed.push((start, len));
+                }
             }
         }
-        if invocations.is_empty() {
-            first_instruction_us = started_at.duration_since(started).as_secs_f64() * 1e6;
+    } else {
+        // Each vCPU on its own thread, inputs dealt round-robin: concurrent faults on one uffd.
+        let (memory, file, workload) = (&memory, &file, &state.workload);
+        let results: Vec<Result<Vec<(Invocation, Instant)>, RestoreError>> = std::thread::scope(|scope| {
+            let threads: Vec<_> = vm
+                .vcpus()
+                .iter_mut()
+                .enumerate()
+                .map(|(index, vcpu)| {
+                    let mine: Vec<u64> = inputs.iter().copied().skip(index).step_by(usize::from(vcpus)).collect();
+                    scope.spawn(move || {
+                        mine.iter()
+                            .map(|&input| invoke(vcpu, index as u64, memory, file, workload, input, &[]))
+                            .collect()
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().unwrap_or_else(|_| Err(RestoreError::Options("a vCPU thread panicked".into()))))
+                .collect()
+        });
+        for result in results {
+            for (invocation, started_at) in result? {
+                first_instruction = Some(first_instruction.map_or(started_at, |f: Instant| f.min(started_at)));
+                invocations.push(invocation);
+            }
         }
-        invocations.push(invocation);
+        invocations.sort_by_key(|i| i.input);
     }
+    let first_instruction_us = first_instruction.map_or(0.0, |t| t.duration_since(started).as_secs_f64() * 1e6);
     let total_us = micros(started);
     // Drop order matters: the vCPU, then the attachment (hang up, wait for the server), then memory.
     drop(vm);
@@ -143,7 +183,8 @@ pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport
 }
 
 fn invoke(
-    vm: &mut Vm,
+    vcpu: &mut Vcpu,
+    index: u64,
     memory: &GuestMemory,
     file: &std::fs::File,
     workload: &crate::workload::Workload,
@@ -151,7 +192,7 @@ fn invoke(
     zeroed: &[(u64, u64)],
 ) -> Result<(Invocation, Instant), RestoreError> {
     let pages = workload.invocation_pages(input);
-    let max = ((STACK_BOTTOM - MAILBOX) / 8) as usize;
+    let max = (MAILBOX_BYTES / 8) as usize;
     if pages.len() > max {
         return Err(RestoreError::TooManyPages { input, pages: pages.len(), max });
     }
@@ -169,10 +210,10 @@ fn invoke(
     let expected = fold(values);
     let list: Vec<u8> = pages.iter().flat_map(|p| p.to_le_bytes()).collect();
     memory
-        .write_at(MAILBOX as usize, &list)
+        .write_at(mailbox(index) as usize, &list)
         .map_err(|source| RestoreError::Memory { backend: MemBackend::Uffd, source })?;
     let started = Instant::now();
-    let ran = run_invocation(vm, INVOKE, MAILBOX, pages.len() as u64).map_err(|e| match e {
+    let ran = run_invocation(vcpu, index, INVOKE, pages.len() as u64).map_err(|e| match e {
         RunError::Vm(e) => RestoreError::Vm(e),
         RunError::Stopped(exit) => RestoreError::GuestStopped { input, exit },
     })?;
@@ -180,7 +221,7 @@ fn invoke(
     if ran.checksum != expected {
         return Err(RestoreError::WrongChecksum { input, got: ran.checksum, expected });
     }
-    Ok((Invocation { input, pages: pages.len(), us, checksum: ran.checksum }, ran.first_instruction))
+    Ok((Invocation { input, vcpu: index, pages: pages.len(), us, checksum: ran.checksum }, ran.first_instruction))
 }
 
 /// What an invocation reported.
@@ -197,16 +238,16 @@ pub enum RunError {
     Stopped(Exit),
 }
 
-/// Runs the invocation program at `rip` over the page list at `list` (`count` entries) until
-/// DONE.
-pub fn run_invocation(vm: &mut Vm, rip: u64, list: u64, count: u64) -> Result<Ran, RunError> {
-    let mut regs = cpl3_regs(rip);
-    (regs.rdi, regs.rsi) = (list, count);
-    vm.set_regs(&regs).map_err(RunError::Vm)?;
+/// Runs the invocation program at `rip` on vCPU number `index` over the `count` page addresses
+/// in its mailbox, until DONE.
+pub fn run_invocation(vcpu: &mut Vcpu, index: u64, rip: u64, count: u64) -> Result<Ran, RunError> {
+    let mut regs = cpl3_regs(rip, index);
+    (regs.rdi, regs.rsi) = (mailbox(index), count);
+    vcpu.set_regs(&regs).map_err(RunError::Vm)?;
     let mut first_instruction = Instant::now();
     let mut halves = Vec::new();
     loop {
-        match vm.run().map_err(RunError::Vm)? {
+        match vcpu.run().map_err(RunError::Vm)? {
             Exit::Out { port: PORT_STARTED, .. } => first_instruction = Instant::now(),
             Exit::Out { port: PORT_RESULT, value } => halves.push(u64::from(value)),
             Exit::Out { port: PORT_DONE, .. } if halves.len() == 2 => break,

@@ -52,15 +52,16 @@ pub fn take(workload: &Workload, dir: &Path) -> Result<VmState, SnapshotError> {
     memory.write_at(CODE as usize, &init_program(CODE).map_err(assemble)?).map_err(SnapshotError::Memory)?;
     memory.write_at(INVOKE as usize, &invoke_program(INVOKE).map_err(assemble)?).map_err(SnapshotError::Memory)?;
     let mut vm = Vm::new(&memory)?;
-    let mut regs = cpl3_regs(CODE);
+    let vcpu = vm.vcpu(0);
+    let mut regs = cpl3_regs(CODE, 0);
     let heap_bytes = (workload.init_mib << 20).min(len as u64 - DATA);
     (regs.rdi, regs.rsi, regs.rdx) = (DATA, heap_bytes / 8, workload.seed | 1);
-    vm.set_regs(&regs)?;
-    match vm.run()? {
+    vcpu.set_regs(&regs)?;
+    match vcpu.run()? {
         Exit::Out { port: PORT_READY, .. } => {}
         other => return Err(SnapshotError::NotReady(other)),
     }
-    let r = vm.regs()?;
+    let r = vcpu.regs()?;
     let regs = [
         r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15,
         r.rip, r.rflags,

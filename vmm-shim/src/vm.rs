@@ -1,4 +1,4 @@
-//! A KVM VM with one vCPU over guest memory mapped by the VMM. Guest-physical addresses are
+//! A KVM VM with its vCPUs over guest memory mapped by the VMM. Guest-physical addresses are
 //! file offsets: regions back to back from 0, as Firecracker lays out guests below 3 GiB.
 
 use crate::guest;
@@ -33,12 +33,22 @@ pub enum Exit {
 
 pub struct Vm {
     _vm: VmFd,
-    vcpu: VcpuFd,
+    vcpus: Vec<Vcpu>,
+}
+
+/// One vCPU; each can run on a thread of its own.
+pub struct Vcpu {
+    fd: VcpuFd,
 }
 
 impl Vm {
-    /// A VM over `memory`, its vCPU in CPL3 long mode (see [`guest`]).
+    /// A VM over `memory` with one vCPU in CPL3 long mode (see [`guest`]).
     pub fn new(memory: &GuestMemory) -> Result<Vm, VmError> {
+        Self::with_vcpus(memory, 1)
+    }
+
+    /// A VM over `memory` with `count` vCPUs, all in CPL3 long mode.
+    pub fn with_vcpus(memory: &GuestMemory, count: u8) -> Result<Vm, VmError> {
         let vm = Kvm::new().and_then(|kvm| kvm.create_vm()).map_err(VmError::Create)?;
         for (index, region) in memory.regions.iter().enumerate() {
             let slot = kvm_userspace_memory_region {
@@ -52,24 +62,38 @@ impl Vm {
             // beyond this VM (its fields drop the VM first); KVM only accesses it while running.
             unsafe { vm.set_user_memory_region(slot) }.map_err(|source| VmError::Memory { index, source })?;
         }
-        let vcpu = vm.create_vcpu(0).map_err(VmError::Vcpu)?;
-        let mut sregs = vcpu.get_sregs().map_err(VmError::Vcpu)?;
-        guest::set_cpl3_long_mode(&mut sregs);
-        vcpu.set_sregs(&sregs).map_err(VmError::Vcpu)?;
-        Ok(Vm { _vm: vm, vcpu })
+        let mut vcpus = Vec::new();
+        for id in 0..count {
+            let fd = vm.create_vcpu(u64::from(id)).map_err(VmError::Vcpu)?;
+            let mut sregs = fd.get_sregs().map_err(VmError::Vcpu)?;
+            guest::set_cpl3_long_mode(&mut sregs);
+            fd.set_sregs(&sregs).map_err(VmError::Vcpu)?;
+            vcpus.push(Vcpu { fd });
+        }
+        Ok(Vm { _vm: vm, vcpus })
     }
 
+    pub fn vcpu(&mut self, index: usize) -> &mut Vcpu {
+        &mut self.vcpus[index]
+    }
+
+    pub fn vcpus(&mut self) -> &mut [Vcpu] {
+        &mut self.vcpus
+    }
+}
+
+impl Vcpu {
     pub fn regs(&self) -> Result<kvm_regs, VmError> {
-        self.vcpu.get_regs().map_err(VmError::Vcpu)
+        self.fd.get_regs().map_err(VmError::Vcpu)
     }
 
     pub fn set_regs(&self, regs: &kvm_regs) -> Result<(), VmError> {
-        self.vcpu.set_regs(regs).map_err(VmError::Vcpu)
+        self.fd.set_regs(regs).map_err(VmError::Vcpu)
     }
 
     /// Runs the vCPU until its next exit.
     pub fn run(&mut self) -> Result<Exit, VmError> {
-        match self.vcpu.run().map_err(VmError::Run)? {
+        match self.fd.run().map_err(VmError::Run)? {
             VcpuExit::IoOut(port, data) => {
                 let mut bytes = [0u8; 4];
                 bytes[..data.len().min(4)].copy_from_slice(&data[..data.len().min(4)]);
