@@ -70,7 +70,7 @@ impl FakeVmm {
     pub fn dontneed(&self, i: usize, offset: usize, len: usize) -> io::Result<()> {
         let r = self.memory.regions[i];
         assert!(offset + len <= r.size);
-        self.memory.dontneed(r.file_offset + offset, len)
+        self.memory.dontneed(r.guest_addr + offset, len)
     }
 }
 

@@ -13,7 +13,7 @@ pub const GDT: u64 = 0x1000;
 pub const TSS: u64 = 0x1800;
 pub const PML4: u64 = 0x2000;
 pub const PDPT: u64 = 0x3000;
-/// Four page directories (0x4000..0x8000): up to 4 GiB identity-mapped.
+/// Up to eight page directories (0x4000..0xc000): 8 GiB of guest-physical space identity-mapped.
 pub const PD: u64 = 0x4000;
 pub const CODE: u64 = 0x10000;
 /// Free for the VMM to pass arguments (e.g. an invocation's page list), up to `STACK_BOTTOM`.
@@ -21,7 +21,8 @@ pub const MAILBOX: u64 = 0x20000;
 pub const STACK_BOTTOM: u64 = 0x70000;
 pub const STACK_TOP: u64 = 0x80000;
 pub const DATA: u64 = 0x10_0000;
-pub const MAX_GUEST_BYTES: u64 = 4 << 30;
+/// The highest guest-physical address (exclusive) the page tables can map.
+pub const MAX_GUEST_ADDR: u64 = 8 << 30;
 
 const MIB2: u64 = 2 << 20;
 /// Present | writable | user.
@@ -29,10 +30,11 @@ const TABLE: u64 = 0x7;
 /// Present | writable | user | 2 MiB page.
 const LARGE_PAGE: u64 = 0x87;
 
-/// The page tables and GDT for a guest of `guest_bytes` (≤ 4 GiB), as (guest address, bytes).
-pub fn boot_structures(guest_bytes: u64) -> Vec<(u64, Vec<u8>)> {
+/// The page tables (identity map of `[0, top)`, `top` ≤ 8 GiB: the MMIO gap is mapped too, it
+/// is simply never touched) and the GDT, as (guest address, bytes).
+pub fn boot_structures(top: u64) -> Vec<(u64, Vec<u8>)> {
     let qwords = |values: &[u64]| values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
-    let gigs = guest_bytes.min(MAX_GUEST_BYTES).div_ceil(1 << 30);
+    let gigs = top.min(MAX_GUEST_ADDR).div_ceil(1 << 30);
     let pdpt: Vec<u64> = (0..gigs).map(|g| (PD + g * 0x1000) | TABLE).collect();
     let pds: Vec<u64> = (0..gigs * 512).map(|i| (i * MIB2) | LARGE_PAGE).collect();
     // null, kernel code, kernel data, user code (64-bit, DPL 3), user data (DPL 3), TSS (2 slots)

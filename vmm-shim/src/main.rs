@@ -78,9 +78,12 @@ fn main() -> Result<()> {
                 shared_fraction: shared_fraction.unwrap_or(preset.shared_fraction),
                 seed: seed.unwrap_or(preset.seed),
             };
-            if !(0.0..=1.0).contains(&w.shared_fraction) || w.mem_mib < 2 || w.mem_mib > 3072 || w.init_mib >= w.mem_mib
+            if !(0.0..=1.0).contains(&w.shared_fraction)
+                || w.mem_mib < 2
+                || w.mem_mib > 7168
+                || w.init_mib >= w.mem_mib.min(3072)
             {
-                bail!("invalid workload {w:?}: need 2 ≤ mem-mib ≤ 3072, init-mib < mem-mib, 0 ≤ shared-fraction ≤ 1");
+                bail!("invalid workload {w:?}: need 2 ≤ mem-mib ≤ 7168, init-mib < min(mem-mib, 3072), 0 ≤ shared-fraction ≤ 1");
             }
             snapshot::take(&w, &out).with_context(|| format!("cannot snapshot into {}", out.display()))?;
             println!("snapshot of {w:?} written to {}", out.display());
@@ -103,14 +106,16 @@ fn main() -> Result<()> {
                 println!("backend {:?}, {} MiB guest", report.backend, report.mem_mib);
                 println!("{:<28} {:>12}", "phase", "µs");
                 println!("{:<28} {:>12.0}", "guest memory", report.memory_us);
+                println!("{:<28} {:>12.0}", "handshake (uffd)", report.handshake_us);
                 println!("{:<28} {:>12.0}", "VM creation", report.vm_create_us);
                 println!("{:<28} {:>12.0}", "first guest instruction", report.first_instruction_us);
                 for inv in &report.invocations {
                     println!(
-                        "{:<28} {:>12.0}   {} pages, checksum {:#018x} ok",
+                        "{:<28} {:>12.0}   {} pages, {} faults, checksum {:#018x} ok",
                         format!("invocation input={} vcpu={}", inv.input, inv.vcpu),
                         inv.us,
                         inv.pages,
+                        inv.faults,
                         inv.checksum
                     );
                 }

@@ -3,7 +3,7 @@
 //! guest fails the restore, loudly.
 
 use crate::guest::{cpl3_regs, mailbox, MAILBOX_BYTES, MAX_VCPUS};
-use crate::memory::GuestMemory;
+use crate::memory::{x86_layout, Backing, GuestMemory};
 use crate::snapshot::{read_state, SnapshotError, INVOKE};
 use crate::uffd_backend::UffdAttachment;
 use crate::vm::{Exit, Vcpu, Vm, VmError};
@@ -32,6 +32,8 @@ pub struct Invocation {
     pub vcpu: u64,
     pub pages: usize,
     pub us: f64,
+    /// Page faults the vCPU thread took during the invocation (minor + major, getrusage).
+    pub faults: u64,
     pub checksum: u64,
 }
 
@@ -39,8 +41,10 @@ pub struct Invocation {
 pub struct RestoreReport {
     pub backend: MemBackend,
     pub mem_mib: u64,
-    /// Mapping guest memory: for `uffd` including the handshake, for `copy` the whole read.
+    /// Mapping guest memory (for `copy`, the whole read).
     pub memory_us: f64,
+    /// The Firecracker handshake with the memory server (`uffd` only).
+    pub handshake_us: f64,
     pub vm_create_us: f64,
     /// From the start of the restore until the first invocation's first instruction ran.
     pub first_instruction_us: f64,
@@ -96,27 +100,55 @@ pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport
     let file = std::fs::File::open(&mem_path).map_err(file_err)?;
     let len = state.workload.mem_bytes() as usize;
     let mem_err = |source| RestoreError::Memory { backend, source };
+    let layout = x86_layout(len);
+    let mut handshake_started = None;
     let (memory, attachment) = match backend {
         MemBackend::Uffd => {
-            let memory = GuestMemory::map(&[len], 0, false).map_err(mem_err)?;
+            let memory = GuestMemory::map_regions(&layout, 0, Backing::Anonymous).map_err(mem_err)?;
+            handshake_started = Some(Instant::now());
             let attachment = UffdAttachment::attach(socket.ok_or(RestoreError::NoSocket)?, &memory).map_err(mem_err)?;
             (memory, Some(attachment))
         }
-        MemBackend::File => (GuestMemory::map_file(&file, len).map_err(mem_err)?, None),
+        MemBackend::File => (GuestMemory::map_regions(&layout, 0, Backing::File(&file)).map_err(mem_err)?, None),
         MemBackend::Copy => {
-            let memory = GuestMemory::map(&[len], 0, false).map_err(mem_err)?;
-            let mut chunk = vec![0u8; 8 << 20];
-            for offset in (0..len).step_by(chunk.len()) {
-                let n = chunk.len().min(len - offset);
-                file.read_exact_at(&mut chunk[..n], offset as u64).map_err(file_err)?;
-                memory.write_at(offset, &chunk[..n]).map_err(mem_err)?;
-            }
+            let memory = GuestMemory::map_regions(&layout, 0, Backing::Anonymous).map_err(mem_err)?;
+            memory.fill_from_file(&file).map_err(file_err)?;
             (memory, None)
         }
     };
-    let memory_us = micros(started);
+    let handshake_us = handshake_started.map_or(0.0, micros);
+    let memory_us = micros(started) - handshake_us;
     let vm_started = Instant::now();
     let mut vm = Vm::with_vcpus(&memory, vcpus)?;
+    // The vCPU state at READY: control registers from the state file (the segments are the
+    // guest model's), and the general registers (each invocation then sets its entry point).
+    for vcpu in vm.vcpus() {
+        let mut sregs = vcpu.sregs()?;
+        [sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer] = state.control;
+        vcpu.set_sregs(&sregs)?;
+        let [rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8, r9, r10, r11, r12, r13, r14, r15, rip, rflags] = state.regs;
+        let regs = kvm_bindings::kvm_regs {
+            rax,
+            rbx,
+            rcx,
+            rdx,
+            rsi,
+            rdi,
+            rsp,
+            rbp,
+            r8,
+            r9,
+            r10,
+            r11,
+            r12,
+            r13,
+            r14,
+            r15,
+            rip,
+            rflags,
+        };
+        vcpu.set_regs(&regs)?;
+    }
     let vm_create_us = micros(vm_started);
     let mut invocations = Vec::new();
     let mut first_instruction = None;
@@ -175,6 +207,7 @@ pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport
         backend,
         mem_mib: state.workload.mem_mib,
         memory_us,
+        handshake_us,
         vm_create_us,
         first_instruction_us,
         invocations,
@@ -213,15 +246,20 @@ fn invoke(
         .write_at(mailbox(index) as usize, &list)
         .map_err(|source| RestoreError::Memory { backend: MemBackend::Uffd, source })?;
     let started = Instant::now();
+    let faults_before = thread_faults();
     let ran = run_invocation(vcpu, index, INVOKE, pages.len() as u64).map_err(|e| match e {
         RunError::Vm(e) => RestoreError::Vm(e),
         RunError::Stopped(exit) => RestoreError::GuestStopped { input, exit },
     })?;
     let us = micros(started);
+    let faults = thread_faults().saturating_sub(faults_before);
     if ran.checksum != expected {
         return Err(RestoreError::WrongChecksum { input, got: ran.checksum, expected });
     }
-    Ok((Invocation { input, vcpu: index, pages: pages.len(), us, checksum: ran.checksum }, ran.first_instruction))
+    Ok((
+        Invocation { input, vcpu: index, pages: pages.len(), us, faults, checksum: ran.checksum },
+        ran.first_instruction,
+    ))
 }
 
 /// What an invocation reported.
@@ -255,6 +293,17 @@ pub fn run_invocation(vcpu: &mut Vcpu, index: u64, rip: u64, count: u64) -> Resu
         }
     }
     Ok(Ran { checksum: halves[0] | halves[1] << 32, first_instruction })
+}
+
+/// Page faults of the calling thread so far (KVM faults guest memory in on the vCPU thread).
+fn thread_faults() -> u64 {
+    // SAFETY: getrusage fills the zeroed struct it is given and touches nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_THREAD names the calling thread.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        return 0;
+    }
+    (usage.ru_minflt + usage.ru_majflt) as u64
 }
 
 fn micros(since: Instant) -> f64 {

@@ -3,7 +3,7 @@
 //! pages are holes) and a small versioned state file.
 
 use crate::guest::{boot_structures, cpl3_regs, CODE, DATA};
-use crate::memory::GuestMemory;
+use crate::memory::{x86_layout, Backing, GuestMemory};
 use crate::vm::{Exit, Vm, VmError};
 use crate::workload::{init_program, invoke_program, Workload, PORT_READY};
 use serde::{Deserialize, Serialize};
@@ -14,15 +14,17 @@ use std::path::Path;
 /// Where the invocation program lives (the init program is at `CODE`).
 pub const INVOKE: u64 = CODE + 0x1000;
 pub const STATE_MAGIC: [u8; 8] = *b"VMMSHIM\0";
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 
-/// What a restore needs besides memory. The segment and control registers are fixed by the
-/// guest model (`guest::set_cpl3_long_mode`); the general registers at READY are kept.
+/// What a restore needs besides memory: the workload and the vCPU state at READY.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmState {
     pub workload: Workload,
     /// rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8..r15, rip, rflags at READY.
     pub regs: [u64; 18],
+    /// cr0, cr3, cr4, efer at READY. The segment registers are the guest model's
+    /// (`guest::set_cpl3_long_mode`): a CPL3 guest cannot change them.
+    pub control: [u64; 4],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +46,10 @@ pub enum SnapshotError {
 /// Boots `workload` to READY and writes `dir/mem` and `dir/state`.
 pub fn take(workload: &Workload, dir: &Path) -> Result<VmState, SnapshotError> {
     let len = workload.mem_bytes() as usize;
-    let memory = GuestMemory::map(&[len], 0, false).map_err(SnapshotError::Memory)?;
-    for (at, bytes) in boot_structures(len as u64) {
+    let layout = x86_layout(len);
+    let memory = GuestMemory::map_regions(&layout, 0, Backing::Anonymous).map_err(SnapshotError::Memory)?;
+    let top = layout.iter().map(|r| r.guest_addr + r.size).max().unwrap_or(0);
+    for (at, bytes) in boot_structures(top as u64) {
         memory.write_at(at as usize, &bytes).map_err(SnapshotError::Memory)?;
     }
     let assemble = |e: iced_x86::IcedError| SnapshotError::Assemble(e.to_string());
@@ -62,6 +66,8 @@ pub fn take(workload: &Workload, dir: &Path) -> Result<VmState, SnapshotError> {
         other => return Err(SnapshotError::NotReady(other)),
     }
     let r = vcpu.regs()?;
+    let sregs = vcpu.sregs()?;
+    let control = [sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer];
     let regs = [
         r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15,
         r.rip, r.rflags,
@@ -69,20 +75,22 @@ pub fn take(workload: &Workload, dir: &Path) -> Result<VmState, SnapshotError> {
     drop(vm);
     std::fs::create_dir_all(dir).map_err(|e| SnapshotError::Write(dir.display().to_string(), e))?;
     write_memory_file(&memory, &dir.join("mem"))?;
-    let state = VmState { workload: *workload, regs };
+    let state = VmState { workload: *workload, regs, control };
     write_state(&dir.join("state"), &state)?;
     Ok(state)
 }
 
 /// Regions back to back; zero pages are left as holes (a sparse file), written atomically.
+/// Only resident pages are looked at: the rest of fresh anonymous memory is zero.
 fn write_memory_file(memory: &GuestMemory, path: &Path) -> Result<(), SnapshotError> {
     let err = |e| SnapshotError::Write(path.display().to_string(), e);
     let tmp = path.with_extension("tmp");
     let file = std::fs::File::create(&tmp).map_err(err)?;
     file.set_len(memory.len() as u64).map_err(err)?;
     for (i, region) in memory.regions.iter().enumerate() {
+        let resident = memory.resident_pages(i).map_err(SnapshotError::Memory)?;
         for (p, page) in memory.region_bytes(i).chunks(4096).enumerate() {
-            if page.iter().any(|&b| b != 0) {
+            if resident[p] && page.iter().any(|&b| b != 0) {
                 file.write_all_at(page, (region.file_offset + p * 4096) as u64).map_err(err)?;
             }
         }

@@ -1,9 +1,9 @@
-//! A KVM VM with its vCPUs over guest memory mapped by the VMM. Guest-physical addresses are
-//! file offsets: regions back to back from 0, as Firecracker lays out guests below 3 GiB.
+//! A KVM VM with its vCPUs over guest memory mapped by the VMM, each region at its
+//! guest-physical address (`memory::x86_layout`: the MMIO gap above 3 GiB, as Firecracker).
 
 use crate::guest;
 use crate::memory::GuestMemory;
-use kvm_bindings::{kvm_regs, kvm_userspace_memory_region};
+use kvm_bindings::{kvm_regs, kvm_sregs, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +53,7 @@ impl Vm {
         for (index, region) in memory.regions.iter().enumerate() {
             let slot = kvm_userspace_memory_region {
                 slot: index as u32,
-                guest_phys_addr: region.file_offset as u64,
+                guest_phys_addr: region.guest_addr as u64,
                 memory_size: region.size as u64,
                 userspace_addr: region.addr as u64,
                 flags: 0,
@@ -83,6 +83,14 @@ impl Vm {
 }
 
 impl Vcpu {
+    pub fn sregs(&self) -> Result<kvm_sregs, VmError> {
+        self.fd.get_sregs().map_err(VmError::Vcpu)
+    }
+
+    pub fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), VmError> {
+        self.fd.set_sregs(sregs).map_err(VmError::Vcpu)
+    }
+
     pub fn regs(&self) -> Result<kvm_regs, VmError> {
         self.fd.get_regs().map_err(VmError::Vcpu)
     }
