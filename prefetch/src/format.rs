@@ -24,7 +24,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: [u8; 8] = *b"UFFDWSET";
-pub const VERSION: u32 = 1;
+/// 2: pages carry `learned_only`.
+pub const VERSION: u32 = 2;
 const HEADER: usize = 28;
 /// A working set of every page of a 64 GiB guest is ~300 MiB; anything claiming more is corrupt.
 const MAX_PAYLOAD: u64 = 1 << 30;
@@ -227,8 +228,8 @@ mod tests {
         payload_flip[HEADER + 5] ^= 0x10;
         assert!(matches!(decode(&payload_flip, &snapshot), Err(FormatError::Checksum { .. })));
         let mut version = good.clone();
-        version[8] = 2;
-        assert!(matches!(decode(&version, &snapshot), Err(FormatError::UnsupportedVersion(2))));
+        version[8] = 7;
+        assert!(matches!(decode(&version, &snapshot), Err(FormatError::UnsupportedVersion(7))));
         assert!(matches!(decode(&good, &identity(2)), Err(FormatError::OtherSnapshot { .. })));
         assert!(matches!(decode(b"not a working set at all....", &snapshot), Err(FormatError::BadMagic)));
     }

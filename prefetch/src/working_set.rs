@@ -22,6 +22,9 @@ pub struct PageStats {
     pub last_run: u32,
     /// Runs whose first access to it was a write.
     pub writes: u32,
+    /// Known only from online refinement (a serving VM faulted on it), never seen in a
+    /// recorded run: one input's page as far as we know, so it is prefetched last.
+    pub learned_only: bool,
 }
 
 impl PageStats {
@@ -59,7 +62,13 @@ impl WorkingSet {
                 min_rank: rank,
                 last_run: 0,
                 writes: 0,
+                learned_only: false,
             });
+            if stats.learned_only {
+                // A recorded run confirms it: its statistics start from this run.
+                *stats =
+                    PageStats { runs: 0, rank_sum: 0, min_rank: rank, last_run: 0, writes: 0, learned_only: false };
+            }
             stats.runs += 1;
             stats.rank_sum += u64::from(rank);
             stats.min_rank = stats.min_rank.min(rank);
@@ -80,6 +89,7 @@ impl WorkingSet {
                 min_rank: rank,
                 last_run,
                 writes: u32::from(write),
+                learned_only: true,
             });
         }
     }
@@ -102,13 +112,15 @@ impl WorkingSet {
                     mine.min_rank = mine.min_rank.min(theirs.min_rank);
                     mine.last_run = shifted.last_run;
                     mine.writes += theirs.writes;
+                    mine.learned_only &= theirs.learned_only;
                 })
                 .or_insert(shifted);
         }
     }
 
     /// The priority from which [`WorkingSet::select`] ranks pages seen in fewer than half the
-    /// runs: every such page's priority is at least this, every other page's below it.
+    /// runs (and pages only learned online): every such page's priority is at least this,
+    /// every other page's below it.
     pub fn minority_priority(&self) -> f64 {
         1.0 + self.pages.values().map(PageStats::mean_rank).fold(0.0, f64::max)
     }
@@ -128,7 +140,7 @@ impl WorkingSet {
             .iter()
             .filter(|(_, s)| f64::from(s.runs) >= needed)
             .map(|(&p, s)| {
-                let majority = 2 * s.runs >= self.runs;
+                let majority = !s.learned_only && 2 * s.runs >= self.runs;
                 (p, if majority { s.mean_rank() } else { minority_offset + s.mean_rank() })
             })
             .collect();
@@ -203,6 +215,7 @@ mod tests {
             prop_assert!(selected.windows(2).all(|w| w[0].1 < w[1].1 || (w[0].1 == w[1].1 && w[0].0 < w[1].0)));
             let threshold = set.minority_priority();
             prop_assert!(selected.iter().all(|&(p, priority)| (2 * set.pages[&p].runs >= set.runs) == (priority < threshold)));
+            // (no page here is learned-only: merge() alone never makes one)
             // Majority pages first, each group in (mean rank, page) order.
             let majority = |p: &u64| 2 * set.pages[p].runs >= set.runs;
             let key = |&(p, _): &(u64, f64)| (!majority(&p), set.pages[&p].mean_rank(), p);
@@ -224,7 +237,14 @@ mod tests {
             for (page, stats) in &set.pages {
                 match before.pages.get(page) {
                     Some(old) => prop_assert_eq!(old, stats),
-                    None => prop_assert!(extra.contains(page) && stats.runs == 1),
+                    None => prop_assert!(extra.contains(page) && stats.runs == 1 && stats.learned_only),
+                }
+            }
+            // Learned-only pages are never in the first tier, whatever the run count.
+            let threshold = set.minority_priority();
+            for (page, priority) in set.select(0.0) {
+                if set.pages[&page].learned_only {
+                    prop_assert!(priority >= threshold);
                 }
             }
             prop_assert!(extra.iter().all(|p| set.pages.contains_key(p)));
