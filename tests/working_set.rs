@@ -337,7 +337,7 @@ fn a_loading_set_is_read_at_once_checked_and_bound_to_its_snapshot() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x80;
     std::fs::write(&ls, &bytes).expect("damage");
-    let damaged = serve("failed their checksum");
+    let damaged = serve("failed its checksum");
     assert!(damaged.loading_set_pages < c.loading_set_pages);
 
     // A memory file rewritten since (its mtime moved) no longer matches the loading set.

@@ -2,10 +2,15 @@
 //! that one sequential read brings a working set in (FaaSnap's and REAP's idea) for a snapshot
 //! that is not held in memory.
 //!
+//! Opening reads only the header and the batch table; each batch's bytes are read the first
+//! time they are asked for — in plan order, so the reads are sequential and the kernel's
+//! readahead streams the file — and kept for later VMs. Measured: reading the whole file
+//! before serving the first fault made a cold restore slower than no loading set at all.
+//!
 //! Unlike a working set, a loading set carries *data*: a wrong byte in it would be served to a
 //! guest. So it is bound to its snapshot by identity (size + fingerprint) *and* by the memory
-//! file's modification time, every batch's bytes carry a CRC32 that is checked on load, and a
-//! batch that fails is dropped (its pages come from the snapshot on demand), never served.
+//! file's modification time, every batch's bytes carry a CRC32 that is checked when they are
+//! read, and a batch that fails is dropped (its pages come from the snapshot), never served.
 //!
 //! ```text
 //! 0   8   magic "UFFDLSET"
@@ -15,14 +20,19 @@
 //! 24  8   snapshot fingerprint
 //! 32  8   memory file mtime, ns since the epoch
 //! 40  8   FNV-1a 64 of the batch table
-//! 48  24N batch table: first page u64, pages u32, kind u32 (0 copy, 1 zero), CRC32 of its bytes u32, pad u32
+//! 48  24N batch table: first page u64, pages u32, kind u32 (0 copy, 1 zero), CRC32 of its bytes u32,
+//!         flags u32 (bit 0: deferred — pages seen in fewer than half the runs)
 //! …       the bytes of every copy batch, back to back, from offset 48 + 24N rounded up to 4096
 //! ```
 
 use crate::identity::SnapshotIdentity;
 use crate::plan::{Batch, BatchKind};
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 pub const MAGIC: [u8; 8] = *b"UFFDLSET";
 pub const VERSION: u32 = 1;
@@ -48,23 +58,33 @@ pub enum LoadingSetError {
     SnapshotChanged { file_ns: u64, snapshot_ns: u64 },
 }
 
-/// A loaded loading set: the plan and, for each batch that passed its check, its bytes.
+/// An open loading set: the plan, and each batch's checked bytes once read.
 pub struct LoadingSet {
     batches: Vec<Batch>,
-    /// Byte range of each copy batch's data in `data`; None for zero batches and dropped ones.
-    ranges: Vec<Option<std::ops::Range<usize>>>,
-    data: Vec<u8>,
-    dropped: usize,
+    /// Index of the first deferred batch (deferred batches come last in plan order).
+    deferred_from: Option<usize>,
+    /// Per batch: offset of its bytes and their CRC32; None for zero batches.
+    entries: Vec<Option<(u64, u32)>>,
+    source: Source,
+    /// Each batch's bytes, read on first use; None inside: they failed their check.
+    cache: Vec<OnceLock<Option<Box<[u8]>>>>,
+    dropped: AtomicUsize,
+}
+
+enum Source {
+    File(File),
+    Bytes(Vec<u8>),
 }
 
 impl LoadingSet {
-    /// Writes the loading set of `batches` for a snapshot, atomically; `read(offset, buf)`
-    /// reads the snapshot's bytes.
+    /// Writes the loading set of `batches` for a snapshot, atomically; batches ranked
+    /// `deferred_rank` or later are flagged deferred; `read(offset, buf)` reads the snapshot.
     pub fn write(
         path: &Path,
         identity: SnapshotIdentity,
         snapshot_mtime_ns: u64,
         batches: &[Batch],
+        deferred_rank: Option<f64>,
         mut read: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
     ) -> io::Result<()> {
         let mut table = Vec::with_capacity(batches.len() * ENTRY);
@@ -82,7 +102,8 @@ impl LoadingSet {
             table.extend_from_slice(&pages.to_le_bytes());
             table.extend_from_slice(&u32::from(batch.kind == BatchKind::Zero).to_le_bytes());
             table.extend_from_slice(&crc.to_le_bytes());
-            table.extend_from_slice(&0u32.to_le_bytes());
+            let deferred = deferred_rank.is_some_and(|r| batch.rank >= r);
+            table.extend_from_slice(&u32::from(deferred).to_le_bytes());
         }
         let count = u32::try_from(batches.len()).map_err(|_| io::Error::other("too many batches"))?;
         let mut out = Vec::with_capacity(data_offset(batches.len()) + data.len());
@@ -99,82 +120,136 @@ impl LoadingSet {
         crate::format::write_file_atomic(path, &out)
     }
 
-    /// Reads the file in one sequential read and checks it against the snapshot.
+    /// Opens the file: reads and checks its header and batch table against the snapshot.
     pub fn load(
         path: &Path,
         identity: SnapshotIdentity,
         snapshot_mtime_ns: u64,
     ) -> Result<LoadingSet, LoadingSetError> {
-        let bytes = std::fs::read(path).map_err(|source| LoadingSetError::Io { path: path.into(), source })?;
-        Self::decode(bytes, identity, snapshot_mtime_ns)
+        let io_err = |source| LoadingSetError::Io { path: path.into(), source };
+        let file = File::open(path).map_err(io_err)?;
+        let len = file.metadata().map_err(io_err)?.len() as usize;
+        let mut head = vec![0u8; HEADER.min(len)];
+        file.read_exact_at(&mut head, 0).map_err(io_err)?;
+        if head.len() == HEADER && head[..8] == MAGIC && u32_at(&head, 8) == VERSION {
+            let table_end = (HEADER + u32_at(&head, 12) as usize * ENTRY).min(len);
+            head.resize(table_end, 0);
+            file.read_exact_at(&mut head[HEADER..], HEADER as u64).map_err(io_err)?;
+        }
+        Self::parse(&head, len, Source::File(file), identity, snapshot_mtime_ns)
     }
 
+    /// A loading set held in memory (its whole file's bytes).
     pub fn decode(bytes: Vec<u8>, identity: SnapshotIdentity, mtime_ns: u64) -> Result<LoadingSet, LoadingSetError> {
-        let truncated = |expected| LoadingSetError::Truncated { len: bytes.len(), expected };
-        if bytes.len() < HEADER {
+        let len = bytes.len();
+        let head_len = if len >= HEADER { (HEADER + u32_at(&bytes, 12) as usize * ENTRY).min(len) } else { len };
+        let head = bytes[..head_len].to_vec();
+        Self::parse(&head, len, Source::Bytes(bytes), identity, mtime_ns)
+    }
+
+    /// Checks the header and table (`head`) of a file of `len` bytes.
+    fn parse(
+        head: &[u8],
+        len: usize,
+        source: Source,
+        identity: SnapshotIdentity,
+        mtime_ns: u64,
+    ) -> Result<LoadingSet, LoadingSetError> {
+        let truncated = |expected| LoadingSetError::Truncated { len, expected };
+        if head.len() < HEADER {
             return Err(truncated(HEADER));
         }
-        let u32_at = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
-        let u64_at = |at: usize| u64::from(u32_at(at)) | u64::from(u32_at(at + 4)) << 32;
-        if bytes[..8] != MAGIC {
+        if head[..8] != MAGIC {
             return Err(LoadingSetError::BadMagic);
         }
-        if u32_at(8) != VERSION {
-            return Err(LoadingSetError::UnsupportedVersion(u32_at(8)));
+        if u32_at(head, 8) != VERSION {
+            return Err(LoadingSetError::UnsupportedVersion(u32_at(head, 8)));
         }
-        let count = u32_at(12) as usize;
+        let count = u32_at(head, 12) as usize;
         let table_end = HEADER + count * ENTRY;
-        if bytes.len() < table_end {
+        if head.len() < table_end {
             return Err(truncated(table_end));
         }
-        if crate::fnv1a(crate::FNV_OFFSET, &bytes[HEADER..table_end]) != u64_at(40) {
+        if crate::fnv1a(crate::FNV_OFFSET, &head[HEADER..table_end]) != u64_at(head, 40) {
             return Err(LoadingSetError::Table);
         }
-        let file = SnapshotIdentity { len: u64_at(16), fingerprint: u64_at(24) };
+        let file = SnapshotIdentity { len: u64_at(head, 16), fingerprint: u64_at(head, 24) };
         if file != identity {
             return Err(LoadingSetError::OtherSnapshot { file, snapshot: identity });
         }
-        if u64_at(32) != mtime_ns {
-            return Err(LoadingSetError::SnapshotChanged { file_ns: u64_at(32), snapshot_ns: mtime_ns });
+        if u64_at(head, 32) != mtime_ns {
+            return Err(LoadingSetError::SnapshotChanged { file_ns: u64_at(head, 32), snapshot_ns: mtime_ns });
         }
         let mut at = data_offset(count);
-        let (mut batches, mut ranges, mut dropped) = (Vec::with_capacity(count), Vec::with_capacity(count), 0);
+        let (mut batches, mut entries) = (Vec::with_capacity(count), Vec::with_capacity(count));
+        let mut deferred_from = None;
         for i in 0..count {
             let entry = HEADER + i * ENTRY;
+            if u32_at(head, entry + 20) & 1 == 1 {
+                deferred_from.get_or_insert(i);
+            }
             let (first_page, pages, zero, crc) =
-                (u64_at(entry), u32_at(entry + 8), u32_at(entry + 12), u32_at(entry + 16));
+                (u64_at(head, entry), u32_at(head, entry + 8), u32_at(head, entry + 12), u32_at(head, entry + 16));
             let kind = if zero == 1 { BatchKind::Zero } else { BatchKind::Copy };
             batches.push(Batch { first_page, pages: u64::from(pages), kind, rank: i as f64 });
-            if kind == BatchKind::Zero {
-                ranges.push(None);
-                continue;
+            if kind == BatchKind::Copy {
+                entries.push(Some((at as u64, crc)));
+                at += pages as usize * PAGE;
+            } else {
+                entries.push(None);
             }
-            let range = at..at + pages as usize * PAGE;
-            at = range.end;
-            let good = bytes.get(range.clone()).is_some_and(|data| crc32fast::hash(data) == crc);
-            dropped += usize::from(!good);
-            ranges.push(good.then_some(range));
         }
-        if bytes.len() < at {
+        if len < at {
             return Err(truncated(at));
         }
-        Ok(LoadingSet { batches, ranges, data: bytes, dropped })
+        let cache = batches.iter().map(|_| OnceLock::new()).collect();
+        Ok(LoadingSet { batches, deferred_from, entries, source, cache, dropped: AtomicUsize::new(0) })
     }
 
-    /// The plan, in the order the file holds it.
+    /// The plan, in the order the file holds it; batch `i` has rank `i`.
     pub fn batches(&self) -> &[Batch] {
         &self.batches
     }
 
-    /// The checked bytes of batch `index`: None for zero batches and batches that failed.
-    pub fn data(&self, index: usize) -> Option<&[u8]> {
-        self.ranges.get(index)?.clone().map(|range| &self.data[range])
+    /// The rank from which batches are deferred (see `PrefetchSchedule::is_deferred`).
+    pub fn deferred_rank(&self) -> Option<f64> {
+        self.deferred_from.map(|i| i as f64)
     }
 
-    /// Batches whose bytes failed their CRC: left to demand faults.
-    pub fn dropped(&self) -> usize {
-        self.dropped
+    /// The checked bytes of batch `index`, read on first use: None for zero batches and for
+    /// batches whose bytes failed their check (or could not be read).
+    pub fn data(&self, index: usize) -> Option<&[u8]> {
+        let (offset, crc) = (*self.entries.get(index)?)?;
+        let len = self.batches[index].pages as usize * PAGE;
+        let cached = self.cache[index].get_or_init(|| {
+            let bytes = match &self.source {
+                Source::Bytes(all) => all.get(offset as usize..offset as usize + len).map(<[u8]>::to_vec),
+                Source::File(file) => {
+                    let mut buf = vec![0u8; len];
+                    file.read_exact_at(&mut buf, offset).ok().map(|()| buf)
+                }
+            };
+            let good = bytes.filter(|b| crc32fast::hash(b) == crc).map(Vec::into_boxed_slice);
+            if good.is_none() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            good
+        });
+        cached.as_deref()
     }
+
+    /// Batches read so far whose bytes failed their check: left to the snapshot.
+    pub fn dropped(&self) -> usize {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from(u32_at(bytes, at)) | u64::from(u32_at(bytes, at + 4)) << 32
 }
 
 fn data_offset(batches: usize) -> usize {
@@ -205,7 +280,7 @@ mod tests {
             buf.copy_from_slice(&mem[offset as usize..offset as usize + buf.len()]);
             Ok(())
         };
-        LoadingSet::write(&path, identity, 77, &batches(), read).expect("write");
+        LoadingSet::write(&path, identity, 77, &batches(), Some(2.0), read).expect("write");
         (dir, path, identity)
     }
 
@@ -219,6 +294,7 @@ mod tests {
         assert_eq!(ls.data(1), None, "zero batches carry no bytes");
         assert_eq!(ls.data(2), Some(&mem[2 * PAGE..3 * PAGE]));
         assert_eq!(ls.dropped(), 0);
+        assert_eq!(ls.deferred_rank(), Some(2.0), "the last batch (rank 2) is deferred");
     }
 
     #[test]
@@ -232,7 +308,8 @@ mod tests {
         let last = data_flip.len() - 1;
         data_flip[last] ^= 1;
         let ls = decode(data_flip).expect("still usable");
-        assert_eq!((ls.dropped(), ls.data(2), ls.data(0).is_some()), (1, None, true));
+        assert_eq!(ls.dropped(), 0, "checked when read");
+        assert_eq!((ls.data(2), ls.data(0).is_some(), ls.dropped()), (None, true, 1));
         let mut table_flip = good.clone();
         table_flip[HEADER + 1] ^= 1;
         assert!(matches!(decode(table_flip), Err(LoadingSetError::Table)));

@@ -17,7 +17,7 @@ use crate::stats::VmStats;
 use crate::uffd_io::{IoctlError, ReadError, UffdEvent};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use prefetch::loading_set::LoadingSet;
-use prefetch::plan::Batch;
+use prefetch::plan::{Batch, BatchKind};
 use prefetch::prefetcher::PrefetchSchedule;
 use prefetch::record::{RecordWindow, Recorder, Run};
 use prefetch::working_set::WorkingSet;
@@ -269,7 +269,17 @@ impl FaultLoop<'_> {
         let Some(batch) = state.schedule.as_ref().map(|s| *s.batch(index)) else {
             return Ok(());
         };
-        self.place_batch_with(placer, state, &batch, self.loading_set.and_then(|ls| ls.data(index)))?;
+        let source = self.loading_set.and_then(|ls| {
+            let data = ls.data(index);
+            if data.is_none() && batch.kind == BatchKind::Copy {
+                tracing::warn!(
+                    batch = index,
+                    "loading-set batch failed its checksum; its pages come from the snapshot"
+                );
+            }
+            data
+        });
+        self.place_batch_with(placer, state, &batch, source)?;
         if let Some(schedule) = state.schedule.as_mut() {
             schedule.placed(index);
             if schedule.is_finished() {

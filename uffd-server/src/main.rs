@@ -240,10 +240,11 @@ fn write_loading_set(args: &LoadingSetArgs) -> Result<()> {
     let set = prefetch::format::load(&args.working_set, &snapshot.identity())
         .with_context(|| format!("cannot use working set {}", args.working_set.display()))?;
     let batches = plan(&set.select(min_frequency), |page| snapshot.is_zero_page(page as usize), config);
+    let deferred_rank = Some(set.minority_priority());
     let read = |offset: u64, buf: &mut [u8]| {
         snapshot.with_bytes(FileOffset(offset), buf.len() as u64, |src| buf.copy_from_slice(src))
     };
-    LoadingSet::write(&args.out, snapshot.identity(), snapshot.mtime_ns(), &batches, read)
+    LoadingSet::write(&args.out, snapshot.identity(), snapshot.mtime_ns(), &batches, deferred_rank, read)
         .with_context(|| format!("cannot write loading set {}", args.out.display()))?;
     let pages: u64 = batches.iter().map(|b| b.pages).sum();
     println!("wrote {}: {} batches, {} pages ({} MiB)", args.out.display(), batches.len(), pages, pages / 256);

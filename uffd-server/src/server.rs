@@ -470,12 +470,9 @@ fn planned_set(ctx: &AttachContext, snapshot: &Snapshot) -> Arc<PlannedSet> {
     if let Some(path) = ls_path {
         match LoadingSet::load(path, snapshot.identity(), snapshot.mtime_ns()) {
             Ok(loading_set) => {
-                if loading_set.dropped() > 0 {
-                    tracing::warn!(path = %path.display(), dropped = loading_set.dropped(), "loading-set batches failed their checksum; their pages come from the snapshot");
-                }
                 tracing::info!(path = %path.display(), batches = loading_set.batches().len(), "loading set loaded");
                 planned.prefetch = loading_set.batches().to_vec();
-                planned.deferred_rank = None; // the file keeps plan order, not the tiers
+                planned.deferred_rank = loading_set.deferred_rank();
                 planned.loading_set = Some(loading_set);
             }
             Err(e) => {
