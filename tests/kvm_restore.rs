@@ -65,10 +65,7 @@ fn a_kvm_guest_computes_the_right_checksum_over_memory_served_by_uffd_server() {
 
 /// Runs a binary of the workspace, failing the test with its stderr if it fails.
 fn run(binary: &str, args: &[&str]) -> String {
-    let out =
-        std::process::Command::new(e2e::server_process::workspace_binary(binary)).args(args).output().expect("spawn");
-    assert!(out.status.success(), "{binary} {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    e2e::server_process::run_binary(binary, args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `vmm-shim snapshot` with `args` into a new temp dir; needs KVM and userfaultfd.
@@ -83,9 +80,7 @@ fn snapshot(args: &[&str]) -> (tempfile::TempDir, std::path::PathBuf) {
 
 /// `vmm-shim restore --json` with `args`; returns the checksums it verified.
 fn restore(snapshot: &std::path::Path, args: &[&str]) -> Vec<u64> {
-    let mut all = vec!["restore", "--json", "--snapshot", snapshot.to_str().expect("utf-8")];
-    all.extend_from_slice(args);
-    let report: serde_json::Value = serde_json::from_str(&run("vmm-shim", &all)).expect("report JSON");
+    let report = e2e::server_process::vmm_shim_restore(snapshot, args).unwrap_or_else(|e| panic!("{e}"));
     report["invocations"]
         .as_array()
         .expect("invocations")

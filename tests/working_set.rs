@@ -4,9 +4,8 @@
 use e2e::fake_vmm::{touch, FakeVmm, PAGE};
 use e2e::require_userfaultfd;
 use e2e::server_process::{workspace_binary, ServerProcess};
-use e2e::snapshot_file::SnapshotFile;
+use e2e::snapshot_file::{write_working_set, SnapshotFile};
 use prefetch::identity::SnapshotIdentity;
-use prefetch::record::{Run, Touch};
 use prefetch::working_set::WorkingSet;
 use std::path::{Path, PathBuf};
 
@@ -106,15 +105,6 @@ fn a_damaged_working_set_file_is_kept_aside_and_the_vm_is_served() {
     server.wait_for_log("run merged into the working set", 1);
     assert!(dir.path().join("fn.ws.corrupt").exists());
     assert_eq!(load(&ws, &snap).runs, 1);
-}
-
-/// Writes a working set of `runs` (file pages in first-touch order) for `snap` at `path`.
-fn write_working_set(path: &Path, snap: &SnapshotFile, runs: &[Vec<u64>]) {
-    let mut set = WorkingSet::new(SnapshotIdentity::of(&snap.bytes));
-    for pages in runs {
-        set.merge(&Run { touches: pages.iter().map(|&page| Touch { page, write: false }).collect() });
-    }
-    prefetch::format::write_atomic(path, &set).expect("write working set");
 }
 
 fn serve_with(snap: &SnapshotFile, ws: &Path, extra: &[&str]) -> ServerProcess {

@@ -14,10 +14,7 @@
 
 use e2e::fake_vmm::{touch, FakeVmm, GuestMemory, PAGE};
 use e2e::server_process::ServerProcess;
-use e2e::snapshot_file::{Rng, SnapshotFile};
-use prefetch::identity::SnapshotIdentity;
-use prefetch::record::{Run, Touch};
-use prefetch::working_set::WorkingSet;
+use e2e::snapshot_file::{write_working_set, Rng, SnapshotFile};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use userfaultfd::UffdBuilder;
@@ -144,14 +141,6 @@ fn run_pages(input: u64, shared_fraction: f64) -> Vec<u64> {
         chunks.insert(at, pick);
     }
     chunks.iter().flat_map(|c| c * CHUNK_PAGES..(c + 1) * CHUNK_PAGES).collect()
-}
-
-fn write_working_set(path: &Path, snap: &SnapshotFile, runs: &[Vec<u64>]) {
-    let mut set = WorkingSet::new(SnapshotIdentity::of(&snap.bytes));
-    for pages in runs {
-        set.merge(&Run { touches: pages.iter().map(|&page| Touch { page, write: false }).collect() });
-    }
-    prefetch::format::write_atomic(path, &set).expect("write working set");
 }
 
 /// Touches `pages` in order from one thread (a vCPU); returns (cold, warm) times.

@@ -60,10 +60,6 @@ impl PrefetchSchedule {
         &self.batches[index]
     }
 
-    pub fn planned_pages(&self) -> u64 {
-        self.batches.iter().map(|b| b.pages).sum()
-    }
-
     /// Pages of the batches placed so far.
     pub fn placed_pages(&self) -> u64 {
         self.placed_pages

@@ -70,10 +70,6 @@ impl Recorder {
         self.closed = true;
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.closed
-    }
-
     pub fn finish(self) -> Run {
         self.run
     }

@@ -23,6 +23,20 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     path
 }
 
+/// Runs workspace binary `name` with `args`: its stdout, or an error carrying its stderr.
+pub fn run_binary(name: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(workspace_binary(name)).args(args).output()?;
+    anyhow::ensure!(out.status.success(), "{name} {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// `vmm-shim restore --json --snapshot SNAPSHOT` with `args`: the parsed report.
+pub fn vmm_shim_restore(snapshot: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let snapshot = snapshot.to_str().ok_or_else(|| anyhow::anyhow!("snapshot path is not UTF-8"))?;
+    let all = [&["restore", "--json", "--snapshot", snapshot][..], args].concat();
+    Ok(serde_json::from_str(&run_binary("vmm-shim", &all)?)?)
+}
+
 pub struct ServerProcess {
     child: Child,
     pub socket_dir: PathBuf,

@@ -61,3 +61,13 @@ impl SnapshotFile {
         self.bytes.len() / 4096
     }
 }
+
+/// Writes a working set of `runs` (file pages in first-touch order) for `snap` at `path`.
+pub fn write_working_set(path: &Path, snap: &SnapshotFile, runs: &[Vec<u64>]) {
+    use prefetch::record::{Run, Touch};
+    let mut set = prefetch::working_set::WorkingSet::new(prefetch::identity::SnapshotIdentity::of(&snap.bytes));
+    for pages in runs {
+        set.merge(&Run { touches: pages.iter().map(|&page| Touch { page, write: false }).collect() });
+    }
+    prefetch::format::write_atomic(path, &set).expect("write working set");
+}

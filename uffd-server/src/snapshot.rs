@@ -164,13 +164,6 @@ impl Snapshot {
         }
     }
 
-    pub fn storage(&self) -> Storage {
-        match self.source {
-            Source::Memory(_) => Storage::Memory,
-            Source::Disk(_) => Storage::Disk,
-        }
-    }
-
     pub fn zero_page_count(&self) -> usize {
         self.zero_pages.count_ones()
     }

@@ -15,9 +15,9 @@
 //! Run: `./x experiments [--full]` (`--quick`, the default, takes ~1 minute). Writes CSV files,
 //! PNG plots and `summary.md` to `--out` (default `target/experiments`).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
-use e2e::server_process::{workspace_binary, ServerProcess};
+use e2e::server_process::{run_binary, vmm_shim_restore, ServerProcess};
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
 use serde_json::Value;
@@ -62,28 +62,18 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Runs a workspace binary; its stdout, or an error with its stderr.
-fn run(binary: &str, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(workspace_binary(binary)).args(args).output()?;
-    if !out.status.success() {
-        bail!("{binary} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8(out.stdout)?)
-}
-
 fn path(p: &Path) -> &str {
     p.to_str().unwrap_or_default()
 }
 
 /// `vmm-shim restore --json` of `inputs` with `extra` arguments.
 fn restore(snapshot: &Path, extra: &[&str], inputs: &[u64]) -> Result<Value> {
-    let mut args = vec!["restore".to_string(), "--json".into(), "--snapshot".into(), path(snapshot).into()];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    for input in inputs {
-        args.extend(["--input".to_string(), input.to_string()]);
+    let inputs: Vec<String> = inputs.iter().map(u64::to_string).collect();
+    let mut args = extra.to_vec();
+    for input in &inputs {
+        args.extend(["--input", input.as_str()]);
     }
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    Ok(serde_json::from_str(&run("vmm-shim", &refs)?)?)
+    vmm_shim_restore(snapshot, &args)
 }
 
 /// (ms to first instruction, ms to first DONE, ms of the second invocation, faults of the first).
@@ -145,7 +135,10 @@ fn size_experiment(sizes: &[u64], work: &Path, out: &Path) -> Result<String> {
     for &mib in sizes {
         let snapshot = work.join(format!("py-{mib}"));
         let mib_arg = mib.to_string();
-        run("vmm-shim", &["snapshot", "--workload", "python-like", "--mem-mib", &mib_arg, "--out", path(&snapshot)])?;
+        run_binary(
+            "vmm-shim",
+            &["snapshot", "--workload", "python-like", "--mem-mib", &mib_arg, "--out", path(&snapshot)],
+        )?;
         let ws = work.join(format!("py-{mib}.ws"));
         record(&snapshot, &ws)?;
         bar.inc(1);
@@ -211,12 +204,15 @@ fn drop_caches() -> bool {
 
 fn disk_experiment(work: &Path, out: &Path) -> Result<String> {
     let snapshot = work.join("disk");
-    run("vmm-shim", &["snapshot", "--workload", "python-like", "--out", path(&snapshot)])?;
+    run_binary("vmm-shim", &["snapshot", "--workload", "python-like", "--out", path(&snapshot)])?;
     let mem = snapshot.join("mem");
     let ws = work.join("disk.ws");
     record(&snapshot, &ws)?;
     let ls = work.join("disk.ls");
-    run("uffd-server", &["loading-set", "--snapshot", path(&mem), "--working-set", path(&ws), "--out", path(&ls)])?;
+    run_binary(
+        "uffd-server",
+        &["loading-set", "--snapshot", path(&mem), "--working-set", path(&ws), "--out", path(&ls)],
+    )?;
     let configs: [(&str, Vec<&str>); 5] = [
         ("in-memory, union", vec!["--snapshot-storage", "memory", "--prefetch", "union"]),
         ("on-disk, none", vec!["--snapshot-storage", "disk", "--prefetch", "none"]),
@@ -293,7 +289,7 @@ fn stability_experiment(work: &Path, out: &Path) -> Result<String> {
     for (label, fraction) in fractions {
         let snapshot = work.join(format!("stab-{label}"));
         let fraction_arg = fraction.to_string();
-        run(
+        run_binary(
             "vmm-shim",
             &["snapshot", "--workload", "python-like", "--shared-fraction", &fraction_arg, "--out", path(&snapshot)],
         )?;
