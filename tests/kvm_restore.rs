@@ -34,7 +34,7 @@ fn snapshot_image(len: usize, pages: usize, seed: u64, dir: &std::path::Path) ->
 
 /// Runs the invocation program to DONE and returns the checksum it reported.
 fn run_checksum(vm: &mut Vm, pages: usize) -> u64 {
-    vmm_shim::restore::run_invocation(vm.vcpu(0), 0, CODE, pages as u64).expect("the guest reaches DONE").checksum
+    vmm_shim::restore::run_invocation(vm.vcpu(0), 0, CODE, pages as u64, 0).expect("the guest reaches DONE").checksum
 }
 
 #[test]
@@ -46,6 +46,7 @@ fn a_kvm_guest_computes_the_right_checksum_over_memory_served_by_uffd_server() {
     let (snap, list) = snapshot_image(len, pages, 61, dir.path());
     let expected = fold(
         list.iter().map(|&a| u64::from_le_bytes(snap.bytes[a as usize..a as usize + 8].try_into().expect("8 bytes"))),
+        0,
     );
 
     for fault_around in ["1", "16"] {
@@ -201,4 +202,41 @@ fn a_3_5_gib_sparse_guest_restores_across_the_mmio_gap() {
     let args = ["--mem-backend", "uffd", "--uffd-socket", socket.to_str().expect("utf-8"), "--invoke", "2"];
     assert_eq!(restore(&snap_dir, &args), file);
     server.wait_for_log("regions=2 guest_bytes=3758096384", 1);
+}
+
+#[test]
+fn a_computing_guest_folds_its_compute_into_the_checksum_the_host_verifies() {
+    let (dir, plain) = snapshot(&["--workload", "hello", "--seed", "9"]);
+    let computing = dir.path().join("computing");
+    run(
+        "vmm-shim",
+        &[
+            "snapshot",
+            "--workload",
+            "hello",
+            "--seed",
+            "9",
+            "--compute-rounds",
+            "50",
+            "--out",
+            computing.to_str().expect("utf-8"),
+        ],
+    );
+    let server = ServerProcess::start(&[("plain", &plain.join("mem")), ("computing", &computing.join("mem"))], &[]);
+    let args = |name: &str| {
+        [
+            "--mem-backend".into(),
+            "uffd".into(),
+            "--uffd-socket".into(),
+            server.socket(name).to_str().expect("utf-8").to_string(),
+            "--invoke".into(),
+            "2".into(),
+        ]
+    };
+    // vmm-shim fails the restore if the guest's checksum is not the host's fold with 50 rounds.
+    let with_compute = restore(&computing, &args("computing").each_ref().map(String::as_str));
+    let without = restore(&plain, &args("plain").each_ref().map(String::as_str));
+    assert_eq!(with_compute.len(), 2);
+    assert_ne!(with_compute, without, "the same memory and inputs: only the compute differs");
+    assert_eq!(with_compute, restore(&computing, &["--mem-backend", "copy", "--invoke", "2"]));
 }

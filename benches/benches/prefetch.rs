@@ -12,73 +12,34 @@
 //! Run: `./x bench --bench prefetch` (or `cargo bench -p benches --bench prefetch`).
 //! `BENCH_ONLY=bandwidth|touch` runs one part; `BENCH_VERBOSE=1` prints each VM's counters.
 
-use e2e::fake_vmm::{touch, FakeVmm, GuestMemory, PAGE};
+use benches::{bandwidth, median};
+use e2e::fake_vmm::{touch, FakeVmm, PAGE};
 use e2e::server_process::ServerProcess;
-use e2e::snapshot_file::{write_working_set, Rng, SnapshotFile};
+use e2e::snapshot_file::{Rng, SnapshotFile};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use userfaultfd::UffdBuilder;
 
 const MIB: usize = 1 << 20;
 
-fn main() {
+fn main() -> anyhow::Result<()> {
     e2e::require_userfaultfd();
     let dir = tempfile::tempdir().expect("temp dir");
     // BENCH_ONLY=bandwidth or BENCH_ONLY=touch runs one part.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     if only.is_empty() || only == "bandwidth" {
-        bandwidth(dir.path());
+        bandwidth(dir.path())?;
     }
     if only.is_empty() || only == "touch" {
         working_set_touch(dir.path());
     }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
 // 1. Bandwidth
 
-fn bulk_copy_ceiling(snapshot: &[u8], chunk: usize) -> f64 {
-    let memory = GuestMemory::map(&[snapshot.len()], 0, false).expect("map");
-    let uffd = UffdBuilder::new().close_on_exec(true).user_mode_only(false).create().expect("uffd");
-    let region = memory.regions[0];
-    uffd.register(region.addr as *mut _, region.size).expect("register");
-    let start = Instant::now();
-    for offset in (0..snapshot.len()).step_by(chunk) {
-        // SAFETY: the destination is a missing page range of a region registered on `uffd`, the
-        // source a live slice of `chunk` bytes.
-        unsafe { uffd.copy(snapshot[offset..].as_ptr().cast(), (region.addr + offset) as *mut _, chunk, true) }
-            .expect("copy");
-    }
-    snapshot.len() as f64 / start.elapsed().as_secs_f64() / 1e9
-}
-
-/// GB/s of the server's background prefetch of the whole snapshot: (placing only, and from
-/// the VM's attach including loading the working set and planning).
-fn server_prefetch(snap: &SnapshotFile, ws: &Path, batch_pages: u64) -> (f64, f64) {
-    let batch = batch_pages.to_string();
-    let ws = ws.to_str().expect("utf-8");
-    let args = ["--working-set", ws, "--prefetch", "union", "--prefetch-batch-pages", &batch];
-    let server = ServerProcess::start(&[("bench", &snap.path)], &args);
-    let _vmm = FakeVmm::attach_layout(&server.socket("bench"), &[snap.bytes.len()], 0, false).expect("attach");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let stats = server.stats();
-        if let Some(vm) = stats.vms.first().filter(|vm| vm.counters.prefetch_done_us > 0) {
-            let c = &vm.counters;
-            assert_eq!(c.prefetched_pages, snap.pages() as u64, "the whole set was prefetched");
-            let bytes = (c.prefetched_pages as usize * PAGE) as f64;
-            let placing_us = c.prefetch_done_us.saturating_sub(c.prefetch_plan_us).max(1);
-            return (bytes / (placing_us as f64 * 1e3), bytes / (c.prefetch_done_us as f64 * 1e3));
-        }
-        assert!(Instant::now() < deadline, "prefetch did not finish");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn bandwidth(dir: &Path) {
-    let snap = SnapshotFile::random(dir, "bw.mem", 256 * MIB, 0.0, 51);
-    let ws = dir.join("bw.ws");
-    write_working_set(&ws, &snap, &[(0..snap.pages() as u64).collect()]);
+fn bandwidth(dir: &Path) -> anyhow::Result<()> {
+    let setup = bandwidth::Setup::new(dir, 256);
     const ROUNDS: usize = 5;
     let batches: [(u64, &str); 3] = [(16, "64 KiB"), (64, "256 KiB"), (512, "2 MiB")];
     let mut rows: Vec<(String, Vec<f64>)> = vec![
@@ -92,13 +53,13 @@ fn bandwidth(dir: &Path) {
     // The first server run after the ceiling loops free their 512 MiB is measured slower,
     // whatever its batch size (an effect of the kernel's memory state, seen here): one
     // discarded warm-up run, and the order of the server runs rotates every round.
-    server_prefetch(&snap, &ws, 64);
+    setup.server_prefetch(64)?;
     for round in 0..ROUNDS {
-        rows[0].1.push(bulk_copy_ceiling(&snap.bytes, 64 << 10));
-        rows[1].1.push(bulk_copy_ceiling(&snap.bytes, 2 << 20));
+        rows[0].1.push(setup.bulk_copy_ceiling(64 << 10)?);
+        rows[1].1.push(setup.bulk_copy_ceiling(2 << 20)?);
         for i in (0..batches.len()).map(|i| (i + round) % batches.len()) {
             let (batch_pages, _) = batches[i];
-            let (placing, end_to_end) = server_prefetch(&snap, &ws, batch_pages);
+            let (placing, end_to_end) = setup.server_prefetch(batch_pages)?;
             rows[2 + 2 * i].1.push(placing);
             rows[3 + 2 * i].1.push(end_to_end);
         }
@@ -111,6 +72,7 @@ fn bandwidth(dir: &Path) {
     for (name, values) in &rows {
         println!("| {name} | {:.2} | {:.0}% |", median(values), median(values) / ceiling * 100.0);
     }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -218,10 +180,4 @@ fn working_set_touch(dir: &Path) {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }

@@ -104,6 +104,20 @@ impl ServerProcess {
         query_stats(&self.socket_dir).expect("query stats")
     }
 
+    /// CPU time (user + system) the server has used so far, all its threads, ended ones too.
+    pub fn cpu_time(&self) -> std::io::Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // The fields after the command name (which may hold spaces) end with `)`.
+        let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        let (Some(utime), Some(stime)) = (ticks(11), ticks(12)) else {
+            return Err(std::io::Error::other(format!("unexpected /proc/{}/stat", self.child.id())));
+        };
+        // SAFETY: sysconf reads a configuration value and has no other effect.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Ok(Duration::from_nanos((utime + stime) * 1_000_000_000 / hz))
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

@@ -33,6 +33,10 @@ enum Command {
         /// Fraction of an invocation's working set shared by all inputs (0..=1).
         #[arg(long)]
         shared_fraction: Option<f64>,
+        /// Rounds of xorshift64 an invocation computes after each page it touches (~2.5 ns
+        /// each): the function's own work.
+        #[arg(long)]
+        compute_rounds: Option<u64>,
         #[arg(long)]
         seed: Option<u64>,
         #[arg(long)]
@@ -68,7 +72,7 @@ enum Command {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Snapshot { workload, mem_mib, init_mib, ws_pages, shared_fraction, seed, out } => {
+        Command::Snapshot { workload, mem_mib, init_mib, ws_pages, shared_fraction, compute_rounds, seed, out } => {
             let preset = Workload::preset(&workload)
                 .with_context(|| format!("unknown workload `{workload}`: use hello, python-like or node-like"))?;
             let w = Workload {
@@ -76,6 +80,7 @@ fn main() -> Result<()> {
                 init_mib: init_mib.unwrap_or(preset.init_mib),
                 ws_pages: ws_pages.unwrap_or(preset.ws_pages),
                 shared_fraction: shared_fraction.unwrap_or(preset.shared_fraction),
+                compute_rounds: compute_rounds.unwrap_or(preset.compute_rounds),
                 seed: seed.unwrap_or(preset.seed),
             };
             if !(0.0..=1.0).contains(&w.shared_fraction)

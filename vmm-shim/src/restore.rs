@@ -7,8 +7,9 @@ use crate::memory::{x86_layout, Backing, GuestMemory};
 use crate::snapshot::{read_state, SnapshotError, INVOKE};
 use crate::uffd_backend::UffdAttachment;
 use crate::vm::{Exit, Vcpu, Vm, VmError};
-use crate::workload::{fold, PORT_DONE, PORT_RESULT, PORT_STARTED};
+use crate::workload::{fold, Workload, PORT_DONE, PORT_RESULT, PORT_STARTED};
 use serde::Serialize;
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -157,9 +158,9 @@ pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport
         // re-reads the file instead).
         let mut zeroed: Vec<(u64, u64)> = Vec::new();
         for &input in inputs {
-            let (invocation, started_at) = invoke(vm.vcpu(0), 0, &memory, &file, &state.workload, input, &zeroed)?;
+            let (invocation, started_at) = invoke(vm.vcpu(0), 0, &memory, &state.workload, input)?;
             first_instruction.get_or_insert(started_at);
-            invocations.push(invocation);
+            invocations.push((invocation, zeroed.clone()));
             if let Some((start, len)) = balloon {
                 memory.dontneed(start as usize, len as usize).map_err(mem_err)?;
                 if backend != MemBackend::File {
@@ -169,7 +170,7 @@ pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport
         }
     } else {
         // Each vCPU on its own thread, inputs dealt round-robin: concurrent faults on one uffd.
-        let (memory, file, workload) = (&memory, &file, &state.workload);
+        let (memory, workload) = (&memory, &state.workload);
         let results: Vec<Result<Vec<(Invocation, Instant)>, RestoreError>> = std::thread::scope(|scope| {
             let threads: Vec<_> = vm
                 .vcpus()
@@ -178,9 +179,7 @@ pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport
                 .map(|(index, vcpu)| {
                     let mine: Vec<u64> = inputs.iter().copied().skip(index).step_by(usize::from(vcpus)).collect();
                     scope.spawn(move || {
-                        mine.iter()
-                            .map(|&input| invoke(vcpu, index as u64, memory, file, workload, input, &[]))
-                            .collect()
+                        mine.iter().map(|&input| invoke(vcpu, index as u64, memory, workload, input)).collect()
                     })
                 })
                 .collect();
@@ -192,10 +191,10 @@ pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport
         for result in results {
             for (invocation, started_at) in result? {
                 first_instruction = Some(first_instruction.map_or(started_at, |f: Instant| f.min(started_at)));
-                invocations.push(invocation);
+                invocations.push((invocation, Vec::new()));
             }
         }
-        invocations.sort_by_key(|i| i.input);
+        invocations.sort_by_key(|(i, _)| i.input);
     }
     let first_instruction_us = first_instruction.map_or(0.0, |t| t.duration_since(started).as_secs_f64() * 1e6);
     let total_us = micros(started);
@@ -203,6 +202,15 @@ pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport
     drop(vm);
     drop(attachment);
     drop(memory);
+    // Checked after the guest ran: reading the memory file earlier would warm the page cache
+    // for the backends that read it (the File backend, an on-disk server).
+    for (invocation, zeroed) in &invocations {
+        let expected = expected_checksum(&file, &state.workload, invocation.input, zeroed).map_err(file_err)?;
+        if invocation.checksum != expected {
+            return Err(RestoreError::WrongChecksum { input: invocation.input, got: invocation.checksum, expected });
+        }
+    }
+    let invocations = invocations.into_iter().map(|(invocation, _)| invocation).collect();
     Ok(RestoreReport {
         backend,
         mem_mib: state.workload.mem_mib,
@@ -219,47 +227,47 @@ fn invoke(
     vcpu: &mut Vcpu,
     index: u64,
     memory: &GuestMemory,
-    file: &std::fs::File,
-    workload: &crate::workload::Workload,
+    workload: &Workload,
     input: u64,
-    zeroed: &[(u64, u64)],
 ) -> Result<(Invocation, Instant), RestoreError> {
     let pages = workload.invocation_pages(input);
     let max = (MAILBOX_BYTES / 8) as usize;
     if pages.len() > max {
         return Err(RestoreError::TooManyPages { input, pages: pages.len(), max });
     }
-    // The expected checksum comes from the memory file, not from guest memory.
-    let mut word = [0u8; 8];
-    let mut values = Vec::with_capacity(pages.len());
-    for &page in &pages {
-        if zeroed.iter().any(|&(start, len)| (start..start + len).contains(&page)) {
-            values.push(0);
-            continue;
-        }
-        file.read_exact_at(&mut word, page).map_err(|e| RestoreError::MemoryFile("mem".into(), e))?;
-        values.push(u64::from_le_bytes(word));
-    }
-    let expected = fold(values);
     let list: Vec<u8> = pages.iter().flat_map(|p| p.to_le_bytes()).collect();
     memory
         .write_at(mailbox(index) as usize, &list)
         .map_err(|source| RestoreError::Memory { backend: MemBackend::Uffd, source })?;
     let started = Instant::now();
     let faults_before = thread_faults();
-    let ran = run_invocation(vcpu, index, INVOKE, pages.len() as u64).map_err(|e| match e {
-        RunError::Vm(e) => RestoreError::Vm(e),
-        RunError::Stopped(exit) => RestoreError::GuestStopped { input, exit },
-    })?;
+    let ran =
+        run_invocation(vcpu, index, INVOKE, pages.len() as u64, workload.compute_rounds).map_err(|e| match e {
+            RunError::Vm(e) => RestoreError::Vm(e),
+            RunError::Stopped(exit) => RestoreError::GuestStopped { input, exit },
+        })?;
     let us = micros(started);
     let faults = thread_faults().saturating_sub(faults_before);
-    if ran.checksum != expected {
-        return Err(RestoreError::WrongChecksum { input, got: ran.checksum, expected });
-    }
     Ok((
         Invocation { input, vcpu: index, pages: pages.len(), us, faults, checksum: ran.checksum },
         ran.first_instruction,
     ))
+}
+
+/// The checksum input `input` must compute, from the memory file (not from guest memory);
+/// `zeroed` ranges read as zeros.
+fn expected_checksum(file: &File, workload: &Workload, input: u64, zeroed: &[(u64, u64)]) -> io::Result<u64> {
+    let mut word = [0u8; 8];
+    let mut values = Vec::new();
+    for page in workload.invocation_pages(input) {
+        if zeroed.iter().any(|&(start, len)| (start..start + len).contains(&page)) {
+            values.push(0);
+            continue;
+        }
+        file.read_exact_at(&mut word, page)?;
+        values.push(u64::from_le_bytes(word));
+    }
+    Ok(fold(values, workload.compute_rounds))
 }
 
 /// What an invocation reported.
@@ -277,10 +285,10 @@ pub enum RunError {
 }
 
 /// Runs the invocation program at `rip` on vCPU number `index` over the `count` page addresses
-/// in its mailbox, until DONE.
-pub fn run_invocation(vcpu: &mut Vcpu, index: u64, rip: u64, count: u64) -> Result<Ran, RunError> {
+/// in its mailbox, computing `rounds` per page, until DONE.
+pub fn run_invocation(vcpu: &mut Vcpu, index: u64, rip: u64, count: u64, rounds: u64) -> Result<Ran, RunError> {
     let mut regs = cpl3_regs(rip, index);
-    (regs.rdi, regs.rsi) = (mailbox(index), count);
+    (regs.rdi, regs.rsi, regs.rdx) = (mailbox(index), count, rounds);
     vcpu.set_regs(&regs).map_err(RunError::Vm)?;
     let mut first_instruction = Instant::now();
     let mut halves = Vec::new();

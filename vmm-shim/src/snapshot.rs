@@ -14,7 +14,8 @@ use std::path::Path;
 /// Where the invocation program lives (the init program is at `CODE`).
 pub const INVOKE: u64 = CODE + 0x1000;
 pub const STATE_MAGIC: [u8; 8] = *b"VMMSHIM\0";
-pub const STATE_VERSION: u32 = 2;
+/// 3: the workload's `compute_rounds`.
+pub const STATE_VERSION: u32 = 3;
 
 /// What a restore needs besides memory: the workload and the vCPU state at READY.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

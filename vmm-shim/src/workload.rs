@@ -7,7 +7,9 @@
 //! - *Invocation* (`invoke_program`): for each guest address in a list the VMM puts in the
 //!   mailbox (`rdi` = list, `rsi` = count), reads the qword there into a checksum and, for
 //!   every fourth page, writes the running checksum into the page's second qword (a write
-//!   fault, content the checksum never reads). Signals [`PORT_STARTED`] first. Reports the checksum with two `out`s to
+//!   fault, content the checksum never reads). After each page it computes: `rdx` rounds of
+//!   xorshift64 on the checksum (the function's own work, which background prefetch can
+//!   overlap with). Signals [`PORT_STARTED`] first. Reports the checksum with two `out`s to
 //!   [`PORT_RESULT`] (low, high) and signals [`PORT_DONE`]. The host computes the same fold
 //!   from the memory file ([`fold`]): a wrong page served to the guest is a wrong checksum.
 
@@ -24,9 +26,10 @@ const PAGE: u64 = 4096;
 /// Working sets are made of runs of this many contiguous pages (heaps have locality).
 const CHUNK_PAGES: u64 = 8;
 
-/// The checksum an invocation computes: `sum = rotl(sum, 5) ^ value` over the values in order.
-pub fn fold(values: impl IntoIterator<Item = u64>) -> u64 {
-    values.into_iter().fold(0, |sum, v| sum.rotate_left(5) ^ v)
+/// The checksum an invocation computes: `sum = rotl(sum, 5) ^ value` over the values in order,
+/// each step followed by `rounds` rounds of xorshift64 on `sum`.
+pub fn fold(values: impl IntoIterator<Item = u64>, rounds: u64) -> u64 {
+    values.into_iter().fold(0, |sum, v| (0..rounds).fold(sum.rotate_left(5) ^ v, |x, _| xorshift(x)))
 }
 
 /// xorshift64: the guest's init generator (the host mirrors it to check a snapshot).
@@ -47,12 +50,16 @@ pub struct Workload {
     pub ws_pages: u64,
     /// Fraction of an invocation's working set shared by all inputs.
     pub shared_fraction: f64,
+    /// Rounds of xorshift64 the invocation computes after each page it touches (~2.5 ns each
+    /// here): the function's work, between memory accesses as in a real function.
+    pub compute_rounds: u64,
     pub seed: u64,
 }
 
 impl Workload {
     /// `hello` (tiny), `python-like` (37 MiB heap, as measured for Python by SnapFaaS),
-    /// `node-like` (40 MiB).
+    /// `node-like` (40 MiB). None computes: an invocation is pure memory access unless
+    /// `compute_rounds` is set.
     pub fn preset(name: &str) -> Option<Workload> {
         let (mem_mib, init_mib, ws_pages) = match name {
             "hello" => (64, 4, 256),
@@ -60,7 +67,7 @@ impl Workload {
             "node-like" => (256, 40, 6144),
             _ => return None,
         };
-        Some(Workload { mem_mib, init_mib, ws_pages, shared_fraction: 0.7, seed: 1 })
+        Some(Workload { mem_mib, init_mib, ws_pages, shared_fraction: 0.7, compute_rounds: 0, seed: 1 })
     }
 
     pub fn mem_bytes(&self) -> u64 {
@@ -115,16 +122,7 @@ pub fn init_program(at: u64) -> Result<Vec<u8>, IcedError> {
     a.test(rsi, rsi)?;
     a.jz(ready)?;
     a.set_label(&mut next)?;
-    // xorshift64: x ^= x << 13; x ^= x >> 7; x ^= x << 17
-    for (shift_left, by) in [(true, 13), (false, 7), (true, 17)] {
-        a.mov(rcx, rax)?;
-        if shift_left {
-            a.shl(rcx, by)?;
-        } else {
-            a.shr(rcx, by)?;
-        }
-        a.xor(rax, rcx)?;
-    }
+    xorshift_in_place(&mut a, rax, rcx)?;
     a.mov(qword_ptr(rdi), rax)?;
     a.add(rdi, 8)?;
     a.dec(rsi)?;
@@ -136,12 +134,15 @@ pub fn init_program(at: u64) -> Result<Vec<u8>, IcedError> {
     a.assemble(at)
 }
 
-/// An invocation: `rdi` = list of guest addresses, `rsi` = count.
+/// An invocation: `rdi` = list of guest addresses, `rsi` = count, `rdx` = compute rounds per page.
 pub fn invoke_program(at: u64) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut next = a.create_label();
     let mut skip_write = a.create_label();
+    let mut compute = a.create_label();
+    let mut computed = a.create_label();
     let mut report = a.create_label();
+    a.mov(r10, rdx)?;
     a.mov(dx, PORT_STARTED as u32)?;
     a.out(dx, al)?;
     a.xor(r8, r8)?;
@@ -153,6 +154,14 @@ pub fn invoke_program(at: u64) -> Result<Vec<u8>, IcedError> {
     a.mov(rdx, qword_ptr(rax))?;
     a.rol(r8, 5)?;
     a.xor(r8, rdx)?;
+    a.mov(rcx, r10)?;
+    a.test(rcx, rcx)?;
+    a.jz(computed)?;
+    a.set_label(&mut compute)?;
+    xorshift_in_place(&mut a, r8, r11)?;
+    a.dec(rcx)?;
+    a.jnz(compute)?;
+    a.set_label(&mut computed)?;
     a.test(r9, 3)?;
     a.jnz(skip_write)?;
     a.mov(qword_ptr(rax + 8), r8)?;
@@ -174,6 +183,20 @@ pub fn invoke_program(at: u64) -> Result<Vec<u8>, IcedError> {
     a.assemble(at)
 }
 
+/// xorshift64 of `x` in place, `scratch` clobbered: x ^= x << 13; x ^= x >> 7; x ^= x << 17.
+fn xorshift_in_place(a: &mut CodeAssembler, x: AsmRegister64, scratch: AsmRegister64) -> Result<(), IcedError> {
+    for (shift_left, by) in [(true, 13), (false, 7), (true, 17)] {
+        a.mov(scratch, x)?;
+        if shift_left {
+            a.shl(scratch, by)?;
+        } else {
+            a.shr(scratch, by)?;
+        }
+        a.xor(x, scratch)?;
+    }
+    Ok(())
+}
+
 /// Never reached: the VMM stops the vCPU at the signal before.
 fn spin(a: &mut CodeAssembler) -> Result<(), IcedError> {
     let mut here = a.create_label();
@@ -184,6 +207,12 @@ fn spin(a: &mut CodeAssembler) -> Result<(), IcedError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_checksum_folds_compute_rounds_after_each_value() {
+        assert_eq!(fold([3, 5], 0), 3u64.rotate_left(5) ^ 5);
+        assert_eq!(fold([3, 5], 2), xorshift(xorshift(xorshift(xorshift(3)).rotate_left(5) ^ 5)));
+    }
 
     #[test]
     fn working_sets_share_their_core_and_differ_by_input() {
