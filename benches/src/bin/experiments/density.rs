@@ -38,7 +38,6 @@ pub fn run(counts: &[usize], work: &Path, out: &Path) -> Result<String> {
                     Some(server) => uffd_args(server).to_vec(),
                     None => vec!["--mem-backend".into(), config.into()],
                 };
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 let server_before = server.as_ref().map(|s| s.cpu_time()).transpose()?.unwrap_or_default();
                 let vmm_before = children_cpu_time();
                 let started = Instant::now();

@@ -63,18 +63,18 @@ pub fn run(work: &Path, out: &Path) -> Result<String> {
     Ok(md)
 }
 
-/// How a configuration restores: from a server with a prefetch policy and options, or from
-/// the memory file directly (the File backend).
+/// How a configuration restores: from a server (prefetch policy, snapshot on disk or in
+/// memory, with the loading set or not), or from the memory file directly (the File backend).
 enum Restore {
-    Server(&'static str, &'static [&'static str]),
+    Server { policy: &'static str, on_disk: bool, loading_set: bool },
     FileBackend,
 }
 
 const CONFIGS: [(&str, Restore); 5] = [
-    ("in-memory, union", Restore::Server("union", &["--snapshot-storage", "memory"])),
-    ("on-disk, none", Restore::Server("none", &["--snapshot-storage", "disk"])),
-    ("on-disk, union", Restore::Server("union", &["--snapshot-storage", "disk"])),
-    ("on-disk, union + loading set", Restore::Server("union", &["--snapshot-storage", "disk", "--loading-set"])),
+    ("in-memory, union", Restore::Server { policy: "union", on_disk: false, loading_set: false }),
+    ("on-disk, none", Restore::Server { policy: "none", on_disk: true, loading_set: false }),
+    ("on-disk, union", Restore::Server { policy: "union", on_disk: true, loading_set: false }),
+    ("on-disk, union + loading set", Restore::Server { policy: "union", on_disk: true, loading_set: true }),
     ("File backend (Firecracker)", Restore::FileBackend),
 ];
 
@@ -105,18 +105,18 @@ fn measure_share(
                     *dropped &= drop_caches();
                     restore(&snapshot, &["--mem-backend", "file"], &[input])?
                 }
-                Restore::Server(policy, options) => {
-                    let mut options = options.to_vec();
-                    if options.last() == Some(&"--loading-set") {
-                        options.push(path(&ls));
+                &Restore::Server { policy, on_disk, loading_set } => {
+                    let mut options = vec!["--snapshot-storage", if on_disk { "disk" } else { "memory" }];
+                    if loading_set {
+                        options.extend(["--loading-set", path(&ls)]);
                     }
                     // In memory: the server has loaded the snapshot before any VM comes (it is
                     // long-running); on disk: nothing of it is cached.
                     let server = server(&snapshot, &ws, policy, &options)?;
-                    if options.contains(&"disk") {
+                    if on_disk {
                         *dropped &= drop_caches();
                     }
-                    restore(&snapshot, &uffd_args(&server).each_ref().map(String::as_str), &[input])?
+                    restore(&snapshot, &uffd_args(&server), &[input])?
                 }
             };
             writeln!(csv, "{label},{name},{input},{:.3}", timed.first_done)?;

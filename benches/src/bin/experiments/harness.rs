@@ -25,8 +25,8 @@ pub fn snapshot(dir: PathBuf, extra: &[&str]) -> Result<PathBuf> {
 }
 
 /// `vmm-shim restore` options: `extra`, then `--input` for each of `inputs`.
-fn restore_options<'a>(extra: &[&'a str], inputs: &'a [String]) -> Vec<&'a str> {
-    let mut args = extra.to_vec();
+fn restore_options<'a>(extra: &'a [impl AsRef<str>], inputs: &'a [String]) -> Vec<&'a str> {
+    let mut args: Vec<&str> = extra.iter().map(AsRef::as_ref).collect();
     for input in inputs {
         args.extend(["--input", input.as_str()]);
     }
@@ -38,13 +38,13 @@ fn input_args(inputs: &[u64]) -> Vec<String> {
 }
 
 /// `vmm-shim restore --json` of `inputs` with `extra` arguments.
-pub fn restore(snapshot: &Path, extra: &[&str], inputs: &[u64]) -> Result<Timed> {
+pub fn restore(snapshot: &Path, extra: &[impl AsRef<str>], inputs: &[u64]) -> Result<Timed> {
     let inputs = input_args(inputs);
     Timed::from_report(&vmm_shim_restore(snapshot, &restore_options(extra, &inputs))?)
 }
 
 /// One `vmm-shim restore` per entry of `inputs`, all started at once; their reports in order.
-pub fn restore_concurrently(snapshot: &Path, extra: &[&str], inputs: &[u64]) -> Result<Vec<Timed>> {
+pub fn restore_concurrently(snapshot: &Path, extra: &[impl AsRef<str>], inputs: &[u64]) -> Result<Vec<Timed>> {
     let vmm_shim = workspace_binary("vmm-shim");
     let children = inputs
         .iter()
@@ -101,7 +101,7 @@ impl Timed {
 pub fn record(snapshot: &Path, ws: &Path) -> Result<()> {
     let server = ServerProcess::start_command("record", &[("vm", &snapshot.join("mem"))], &["--working-set", path(ws)]);
     for input in RECORDED {
-        restore(snapshot, &["--mem-backend", "uffd", "--uffd-socket", path(&server.socket("vm"))], &[input])?;
+        restore(snapshot, &uffd_args(&server), &[input])?;
     }
     server.wait_for_log("run merged into the working set", RECORDED.len());
     Ok(())
@@ -129,8 +129,7 @@ pub fn measure(snapshot: &Path, ws: &Path, config: &str, input: u64) -> Result<T
         None => restore(snapshot, &["--mem-backend", config], &[input, input]),
         Some(policy) => {
             let server = server(snapshot, ws, policy, &[])?;
-            let args = uffd_args(&server);
-            restore(snapshot, &args.each_ref().map(String::as_str), &[input, input])
+            restore(snapshot, &uffd_args(&server), &[input, input])
         }
     }
 }

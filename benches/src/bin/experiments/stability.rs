@@ -27,10 +27,9 @@ pub fn run(work: &Path, out: &Path) -> Result<String> {
         let mut medians = Vec::new();
         for policy in policies {
             let server = server(&snapshot, &ws, policy, &[])?;
-            let args = uffd_args(&server);
             let (mut times, mut faults, mut points) = (Vec::new(), Vec::new(), Vec::new());
             for (i, &input) in inputs.iter().enumerate() {
-                let done = restore(&snapshot, &args.each_ref().map(String::as_str), &[input])?.first_done;
+                let done = restore(&snapshot, &uffd_args(&server), &[input])?.first_done;
                 // Union learns from each VM when it ends: let the merge land before the next.
                 server.wait_for_log("VM ended", i + 1);
                 // Demand faults as the server counted them (getrusage does not see faults
