@@ -9,6 +9,7 @@ use e2e::{require_kvm, require_userfaultfd};
 use vmm_shim::guest::{boot_structures, CODE, DATA, MAILBOX, STACK_BOTTOM};
 use vmm_shim::memory::GuestMemory;
 use vmm_shim::uffd_backend::UffdAttachment;
+use vmm_shim::usize_of;
 use vmm_shim::vm::Vm;
 use vmm_shim::workload::{fold, invoke_program};
 
@@ -18,14 +19,14 @@ const MIB: usize = 1 << 20;
 /// structures, the checksum program and a list of `pages` random data-page addresses.
 fn snapshot_image(len: usize, pages: usize, seed: u64, dir: &std::path::Path) -> (SnapshotFile, Vec<u64>) {
     let mut bytes = SnapshotFile::random(dir, "data", len, 0.3, seed).bytes;
-    bytes[..DATA as usize].fill(0);
-    let mut put = |at: u64, data: &[u8]| bytes[at as usize..at as usize + data.len()].copy_from_slice(data);
+    bytes[..usize_of(DATA)].fill(0);
+    let mut put = |at: u64, data: &[u8]| bytes[usize_of(at)..usize_of(at) + data.len()].copy_from_slice(data);
     for (at, data) in boot_structures(len as u64) {
         put(at, &data);
     }
     put(CODE, &invoke_program(CODE).expect("assemble"));
     let mut rng = Rng::new(seed ^ 0xabc);
-    let data_pages = (len - DATA as usize) / PAGE;
+    let data_pages = (len - usize_of(DATA)) / PAGE;
     let list: Vec<u64> = (0..pages).map(|_| DATA + (rng.next_u64() % data_pages as u64) * PAGE as u64).collect();
     assert!(MAILBOX + 8 * pages as u64 <= STACK_BOTTOM);
     put(MAILBOX, &list.iter().flat_map(|a| a.to_le_bytes()).collect::<Vec<u8>>());
@@ -45,7 +46,7 @@ fn a_kvm_guest_computes_the_right_checksum_over_memory_served_by_uffd_server() {
     let (len, pages) = (64 * MIB, 1500);
     let (snap, list) = snapshot_image(len, pages, 61, dir.path());
     let expected = fold(
-        list.iter().map(|&a| u64::from_le_bytes(snap.bytes[a as usize..a as usize + 8].try_into().expect("8 bytes"))),
+        list.iter().map(|&a| u64::from_le_bytes(snap.bytes[usize_of(a)..usize_of(a) + 8].try_into().expect("8 bytes"))),
         0,
     );
 
@@ -98,7 +99,7 @@ fn snapshot_then_restore_through_every_backend_and_policy_verifies_every_invocat
     // The guest's runtime init wrote the xorshift stream into its heap: check it from the file.
     let bytes = std::fs::read(&mem).expect("memory file");
     let mut x = 5u64 | 1;
-    for qword in bytes[DATA as usize..DATA as usize + (4 << 20)].chunks(8).take(1000) {
+    for qword in bytes[usize_of(DATA)..usize_of(DATA) + (4 << 20)].chunks(8).take(1000) {
         x = vmm_shim::workload::xorshift(x);
         assert_eq!(qword, x.to_le_bytes(), "runtime init content");
     }

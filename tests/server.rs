@@ -2,9 +2,9 @@
 //! that attaches exactly as Firecracker does.
 
 use e2e::fake_vmm::{create_uffd, handshake_json, send_message, FakeVmm, GuestMemory, GuestRegion, GAP, HUGE, PAGE};
-use e2e::require_userfaultfd;
 use e2e::server_process::{workspace_binary, ServerProcess};
 use e2e::snapshot_file::{Rng, SnapshotFile};
+use e2e::{ensure_huge_pages, require_userfaultfd};
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -233,31 +233,6 @@ fn a_vmm_killed_mid_restore_does_not_disturb_the_others() {
     let stats = server.stats();
     let victim_stats = stats.vms.iter().find(|v| v.ended.is_some()).expect("the victim ended");
     assert!(victim_stats.counters.faults > 0 && victim_stats.counters.faults < snap.pages() as u64);
-}
-
-/// Makes sure `pages` 2 MiB huge pages are free, reserving more as root. Fails under CI when
-/// they cannot be had; elsewhere says so and returns false.
-fn ensure_huge_pages(pages: u64) -> bool {
-    let free = || -> u64 {
-        std::fs::read_to_string("/proc/meminfo")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("HugePages_Free:").and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0)
-    };
-    if free() < pages {
-        let total: u64 =
-            std::fs::read_to_string("/proc/sys/vm/nr_hugepages").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", (total + pages - free()).to_string());
-    }
-    let have = free();
-    if have >= pages {
-        return true;
-    }
-    let why = format!("{pages} free 2 MiB huge pages are needed, {have} could be reserved");
-    assert!(std::env::var_os("CI").is_none(), "{why} (.ci/run reserves them as root)");
-    eprintln!("SKIPPED: {why}");
-    false
 }
 
 #[test]

@@ -1,13 +1,17 @@
 //! End-to-end tests of `uffd-server record`: runs recorded through a real userfaultfd and merged
 //! into the working-set file as a union.
 
-use e2e::fake_vmm::{touch, FakeVmm, PAGE};
-use e2e::require_userfaultfd;
+use e2e::fake_vmm::{touch, FakeVmm, HUGE, PAGE};
 use e2e::server_process::{workspace_binary, ServerProcess};
 use e2e::snapshot_file::{write_working_set, SnapshotFile};
+use e2e::{ensure_huge_pages, require_userfaultfd};
 use prefetch::identity::SnapshotIdentity;
+use prefetch::loading_set::LoadingSet;
+use prefetch::plan::{Batch, BatchKind, Plan};
 use prefetch::working_set::WorkingSet;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vmm_shim::usize_of;
 
 const MIB: usize = 1 << 20;
 
@@ -206,7 +210,7 @@ fn a_demand_fault_outside_the_set_is_served_while_a_large_prefetch_is_running() 
     let vmm = FakeVmm::attach(&server.socket("fn"), snap.bytes.len()).expect("attach");
     let outside = vmm.memory.regions[1];
     touch(outside.addr + 5 * PAGE, false); // not in the set
-    let last_planned = vmm.memory.regions[0].addr + (vmm_layout_first_region as usize - 1) * PAGE;
+    let last_planned = vmm.memory.regions[0].addr + (usize_of(vmm_layout_first_region) - 1) * PAGE;
     touch(last_planned, false); // in the set, last in plan order: pulled forward
     let early = server.stats().vms[0].counters.clone();
     vmm.touch_all(2, false);
@@ -335,4 +339,79 @@ fn a_loading_set_is_read_at_once_checked_and_bound_to_its_snapshot() {
     file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5)).expect("set mtime");
     let stale = serve("memory file changed since it was written");
     assert_eq!(stale.loading_set_pages, 0);
+}
+
+/// Waits until the first VM's whole plan is placed (before the guest touches anything, so the
+/// prefetch path, not demand faults, places it).
+fn wait_for_prefetch_done(server: &ServerProcess) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.stats().vms.first().is_none_or(|vm| vm.counters.prefetch_done_us == 0) {
+        assert!(Instant::now() < deadline, "the prefetch never finished:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn prefetch_places_all_zero_huge_pages_with_batches_straddling_their_boundaries() {
+    require_userfaultfd();
+    if !ensure_huge_pages(8) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut bytes = SnapshotFile::random(dir.path(), "tmp", 16 * MIB, 0.3, 43).bytes;
+    bytes[2 * MIB..6 * MIB].fill(0); // huge pages 1 and 2 of the first region: all zeros
+    let snap = SnapshotFile::from_bytes(dir.path(), "fn.mem", bytes);
+    let ws = dir.path().join("fn.ws");
+    // Pages 1000..1100 straddle the 4 MiB boundary (two zero huge pages), 500..530 the 2 MiB one
+    // (data, then zeros), 2000..2100 lie in the second region.
+    let pages: Vec<u64> = (1000..1100).chain(500..530).chain(2000..2100).collect();
+    write_working_set(&ws, &snap, &[pages]);
+    let server = serve_with(&snap, &ws, &["--prefetch", "union", "--prefetch-batch-pages", "512"]);
+    let vmm = FakeVmm::attach_layout(&server.socket("fn"), &[8 * MIB, 8 * MIB], HUGE, true).expect("attach hugetlbfs");
+    wait_for_prefetch_done(&server);
+    vmm.touch_all(2, false);
+    vmm.assert_matches(&snap.bytes);
+    drop(vmm);
+    server.wait_for_log("VM ended", 1);
+    let c = server.stats().vms[0].counters.clone();
+    // Widened to whole huge pages (of 512 pages): 500..512 is data in huge page 0, 512..530
+    // zeros in huge page 1; 1000..1100 spans the zero huge pages 1 (placed already) and 2;
+    // 2000..2100 ends region 0 (huge page 3) and starts region 1 (its huge page 0).
+    let placed = (c.prefetched_pages, c.prefetch_present_pages, c.stage_panics);
+    assert_eq!(placed, (5 * 512, 512, 0), "{c:?}");
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+}
+
+#[test]
+fn an_all_zero_loading_set_batch_longer_than_2mib_is_placed_in_pieces() {
+    require_userfaultfd();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut bytes = SnapshotFile::random(dir.path(), "tmp", 16 * MIB, 0.3, 44).bytes;
+    bytes[100 * PAGE..1124 * PAGE].fill(0);
+    let snap = SnapshotFile::from_bytes(dir.path(), "fn.mem", bytes);
+    // A zero batch of 1024 pages (4 MiB), as a loading-set file may hold, then a copy batch.
+    let batches = vec![
+        Batch { first_page: 100, pages: 1024, kind: BatchKind::Zero, priority: 0.0 },
+        Batch { first_page: 2000, pages: 64, kind: BatchKind::Copy, priority: 1.0 },
+    ];
+    let plan = Plan::background(batches, None);
+    let mtime = std::fs::metadata(&snap.path).and_then(|m| m.modified()).expect("mtime");
+    let since_epoch = mtime.duration_since(std::time::UNIX_EPOCH).expect("after the epoch");
+    let mtime_ns = u64::try_from(since_epoch.as_nanos()).expect("before 2554");
+    let ls = dir.path().join("fn.ls");
+    let read = |offset: u64, buf: &mut [u8]| {
+        buf.copy_from_slice(&snap.bytes[usize_of(offset)..usize_of(offset) + buf.len()]);
+        Ok(())
+    };
+    LoadingSet::write(&ls, SnapshotIdentity::of(&snap.bytes), mtime_ns, &plan, read).expect("write loading set");
+    let args = ["--loading-set", ls.to_str().expect("utf-8"), "--prefetch", "union"];
+    let server = ServerProcess::start(&[("fn", &snap.path)], &args);
+    let vmm = FakeVmm::attach(&server.socket("fn"), snap.bytes.len()).expect("attach");
+    wait_for_prefetch_done(&server);
+    vmm.touch_all(3, false);
+    vmm.assert_matches(&snap.bytes);
+    drop(vmm);
+    server.wait_for_log("VM ended", 1);
+    let c = server.stats().vms[0].counters.clone();
+    assert_eq!((c.prefetched_pages, c.loading_set_pages, c.stage_panics), (1024 + 64, 64, 0), "{c:?}");
 }

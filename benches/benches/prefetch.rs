@@ -18,6 +18,7 @@ use e2e::server_process::ServerProcess;
 use e2e::snapshot_file::{Rng, SnapshotFile};
 use std::path::Path;
 use std::time::{Duration, Instant};
+use vmm_shim::usize_of;
 
 const MIB: usize = 1 << 20;
 
@@ -90,16 +91,16 @@ fn run_pages(input: u64, shared_fraction: f64) -> Vec<u64> {
     let mut fixed = Rng::new(7);
     let mut order: Vec<u64> = (0..all_chunks).collect();
     for i in (1..order.len()).rev() {
-        order.swap(i, (fixed.next_u64() % (i as u64 + 1)) as usize);
+        order.swap(i, usize_of(fixed.next_u64() % (i as u64 + 1)));
     }
-    let shared = (CHUNKS_PER_RUN as f64 * shared_fraction).round() as usize;
+    let shared = vmm_shim::share(CHUNKS_PER_RUN, shared_fraction);
     let (common, rest) = order.split_at(shared);
     let mut rng = Rng::new(1000 + input);
     let mut chunks = common.to_vec();
     let mut pool = rest.to_vec();
     for _ in shared..CHUNKS_PER_RUN {
-        let pick = pool.swap_remove((rng.next_u64() % pool.len() as u64) as usize);
-        let at = (rng.next_u64() % (chunks.len() as u64 + 1)) as usize;
+        let pick = pool.swap_remove(usize_of(rng.next_u64() % pool.len() as u64));
+        let at = usize_of(rng.next_u64() % (chunks.len() as u64 + 1));
         chunks.insert(at, pick);
     }
     chunks.iter().flat_map(|c| c * CHUNK_PAGES..(c + 1) * CHUNK_PAGES).collect()
@@ -112,7 +113,7 @@ fn touch_run(server: &ServerProcess, pages: &[u64]) -> (Duration, Duration) {
     let timed = || {
         let start = Instant::now();
         for (i, &p) in pages.iter().enumerate() {
-            touch(base + p as usize * PAGE, false);
+            touch(base + usize_of(p) * PAGE, false);
             if std::env::var_os("BENCH_VERBOSE").is_some() && (i == 0 || i == 8 || i == 64 || i == 512) {
                 eprintln!("  touch {i} done at {:?}", start.elapsed());
             }

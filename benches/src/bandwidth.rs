@@ -62,7 +62,7 @@ impl Setup {
                     c.prefetched_pages,
                     self.snapshot.pages()
                 );
-                let bytes = (c.prefetched_pages as usize * PAGE) as f64;
+                let bytes = (c.prefetched_pages * PAGE as u64) as f64;
                 let placing_us = c.prefetch_done_us.saturating_sub(c.prefetch_plan_us).max(1);
                 return Ok((bytes / (placing_us as f64 * 1e3), bytes / (c.prefetch_done_us as f64 * 1e3)));
             }

@@ -16,7 +16,7 @@ pub fn percentile(values: &[f64], q: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
-    v[((v.len() - 1) as f64 * q).round() as usize]
+    v[vmm_shim::share(v.len() - 1, q)]
 }
 
 #[cfg(test)]

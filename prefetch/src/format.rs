@@ -17,12 +17,13 @@
 
 use crate::identity::SnapshotIdentity;
 use crate::record::Run;
-use crate::working_set::WorkingSet;
+use crate::working_set::{LearnedTouch, WorkingSet};
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+/// The file's first eight bytes.
 pub const MAGIC: [u8; 8] = *b"UFFDWSET";
 /// 2: pages carry `learned_only`.
 pub const VERSION: u32 = 2;
@@ -30,7 +31,9 @@ const HEADER: usize = 28;
 /// A working set of every page of a 64 GiB guest is ~300 MiB; anything claiming more is corrupt.
 const MAX_PAYLOAD: u64 = 1 << 30;
 
+/// Why a working-set file was not used; each is a lost hint, never an error to a VM.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's message says what it is
 pub enum FormatError {
     #[error("no working-set file at {0}")]
     Missing(PathBuf),
@@ -50,6 +53,7 @@ pub enum FormatError {
     OtherSnapshot { file: SnapshotIdentity, snapshot: SnapshotIdentity },
 }
 
+/// The file's bytes for `set`.
 pub fn encode(set: &WorkingSet) -> Result<Vec<u8>, postcard::Error> {
     let payload = postcard::to_stdvec(set)?;
     let mut out = Vec::with_capacity(HEADER + payload.len());
@@ -100,6 +104,7 @@ pub fn decode(bytes: &[u8], snapshot: &SnapshotIdentity) -> Result<WorkingSet, F
     Ok(set)
 }
 
+/// Reads and decodes the file at `path`, checking that it belongs to `snapshot`.
 pub fn load(path: &Path, snapshot: &SnapshotIdentity) -> Result<WorkingSet, FormatError> {
     let bytes = std::fs::read(path).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => FormatError::Missing(path.to_path_buf()),
@@ -136,7 +141,9 @@ pub struct Merged {
     pub replaced: Option<FormatError>,
 }
 
+/// Why a merge did not update the file.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's message says what it is
 pub enum MergeError {
     #[error("working-set file {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
@@ -150,11 +157,7 @@ pub fn merge_run(path: &Path, snapshot: &SnapshotIdentity, run: &Run) -> Result<
 }
 
 /// Adds pages first seen while serving (online refinement) to the working set at `path`.
-pub fn learn(
-    path: &Path,
-    snapshot: &SnapshotIdentity,
-    touches: &[(crate::PageIndex, u32, bool)],
-) -> Result<Merged, MergeError> {
+pub fn learn(path: &Path, snapshot: &SnapshotIdentity, touches: &[LearnedTouch]) -> Result<Merged, MergeError> {
     update(path, snapshot, |set| set.learn(touches))
 }
 

@@ -10,10 +10,14 @@ use serde::{Deserialize, Serialize};
 
 const SAMPLES: u64 = 64;
 const PAGE: u64 = 4096;
+const PAGE_BYTES: usize = 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A snapshot memory file, as far as a working set needs to know it.
 pub struct SnapshotIdentity {
+    /// Its length in bytes.
     pub len: u64,
+    /// FNV-1a over the length and 64 sampled pages.
     pub fingerprint: u64,
 }
 
@@ -21,7 +25,8 @@ impl SnapshotIdentity {
     /// The identity of a snapshot whose bytes are `memory`.
     pub fn of(memory: &[u8]) -> SnapshotIdentity {
         let read = |offset: u64, buf: &mut [u8]| {
-            buf.copy_from_slice(&memory[offset as usize..offset as usize + buf.len()]);
+            let start = usize::try_from(offset).map_err(std::io::Error::other)?;
+            buf.copy_from_slice(&memory[start..start + buf.len()]);
             Ok(())
         };
         match Self::compute(memory.len() as u64, read) {
@@ -36,10 +41,10 @@ impl SnapshotIdentity {
         let pages = len.div_ceil(PAGE);
         let mut hash = crate::fnv1a(crate::FNV_OFFSET, &len.to_le_bytes());
         let samples = SAMPLES.min(pages);
-        let mut buf = vec![0u8; PAGE as usize];
+        let mut buf = [0u8; PAGE_BYTES];
         for i in 0..samples {
             let page = if samples > 1 { i * (pages - 1) / (samples - 1) } else { 0 };
-            let bytes = PAGE.min(len - page * PAGE) as usize;
+            let bytes = usize::try_from(PAGE.min(len - page * PAGE)).unwrap_or(PAGE_BYTES);
             read(page * PAGE, &mut buf[..bytes])?;
             hash = crate::fnv1a(hash, &buf[..bytes]);
         }

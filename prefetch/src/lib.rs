@@ -3,15 +3,20 @@
 //!
 //! Data flow, one module each: [`record`] (one run's first touches, bounded by a window) →
 //! [`working_set`] (the union over runs, with per-page statistics) → [`format`] (the file,
-//! merged atomically) → [`plan`] (contiguous batches in first-touch order).
+//! merged atomically) → [`policy`] (which pages, when) → [`plan`] (contiguous batches in
+//! priority order) → [`prefetcher`] (which batch next, following the guest); [`loading_set`]
+//! stores a plan with its bytes for snapshots read from disk.
 //!
 //! A working set is a hint, never data: a stale or lost one may cost a wasted copy or a demand
 //! fault, it can never make the server serve a wrong byte.
+
+#![warn(missing_docs)]
 
 pub mod format;
 pub mod identity;
 pub mod loading_set;
 pub mod plan;
+pub mod policy;
 pub mod prefetcher;
 pub mod record;
 pub mod working_set;

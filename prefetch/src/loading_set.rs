@@ -26,7 +26,7 @@
 //! ```
 
 use crate::identity::SnapshotIdentity;
-use crate::plan::{Batch, BatchKind};
+use crate::plan::{Batch, BatchKind, Plan};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -35,13 +35,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
+/// The file's first eight bytes.
 pub const MAGIC: [u8; 8] = *b"UFFDLSET";
+/// The version this build writes and reads.
 pub const VERSION: u32 = 1;
 const HEADER: usize = 48;
 const ENTRY: usize = 24;
 const PAGE: usize = 4096;
 
+/// Why a loading-set file was not used.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's message says what it is
 pub enum LoadingSetError {
     #[error("cannot read loading set {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
@@ -61,9 +65,8 @@ pub enum LoadingSetError {
 
 /// An open loading set: the plan, and each batch's checked bytes once read.
 pub struct LoadingSet {
-    batches: Vec<Batch>,
-    /// Index of the first deferred batch (deferred batches come last in plan order).
-    deferred_from: Option<usize>,
+    /// The plan it stores; batch `i` has priority `i`.
+    plan: Plan,
     /// Per batch: offset of its bytes and their CRC32; None for zero batches.
     entries: Vec<Option<(u64, u32)>>,
     source: Source,
@@ -78,23 +81,23 @@ enum Source {
 }
 
 impl LoadingSet {
-    /// Writes the loading set of `batches` for a snapshot, atomically; batches ranked
-    /// `deferred_rank` or later are flagged deferred; `read(offset, buf)` reads the snapshot.
+    /// Writes the loading set of `plan` for a snapshot, atomically (deferred batches are
+    /// flagged as such); `read(offset, buf)` reads the snapshot.
     pub fn write(
         path: &Path,
         identity: SnapshotIdentity,
         snapshot_mtime_ns: u64,
-        batches: &[Batch],
-        deferred_rank: Option<f64>,
+        plan: &Plan,
         mut read: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
     ) -> io::Result<()> {
+        let batches = &plan.batches;
         let mut table = Vec::with_capacity(batches.len() * ENTRY);
         let mut data = Vec::new();
-        for batch in batches {
+        for (index, batch) in batches.iter().enumerate() {
             let mut crc = 0;
             if batch.kind == BatchKind::Copy {
                 let start = data.len();
-                data.resize(start + batch.pages as usize * PAGE, 0);
+                data.resize(start + byte_len(batch.pages), 0);
                 read(batch.first_page * PAGE as u64, &mut data[start..])?;
                 crc = crc32fast::hash(&data[start..]);
             }
@@ -103,7 +106,7 @@ impl LoadingSet {
             table.extend_from_slice(&pages.to_le_bytes());
             table.extend_from_slice(&u32::from(batch.kind == BatchKind::Zero).to_le_bytes());
             table.extend_from_slice(&crc.to_le_bytes());
-            let deferred = deferred_rank.is_some_and(|r| batch.rank >= r);
+            let deferred = index >= plan.deferred_from;
             table.extend_from_slice(&u32::from(deferred).to_le_bytes());
         }
         let count = u32::try_from(batches.len()).map_err(|_| io::Error::other("too many batches"))?;
@@ -129,7 +132,7 @@ impl LoadingSet {
     ) -> Result<LoadingSet, LoadingSetError> {
         let io_err = |source| LoadingSetError::Io { path: path.into(), source };
         let file = File::open(path).map_err(io_err)?;
-        let len = file.metadata().map_err(io_err)?.len() as usize;
+        let len = usize::try_from(file.metadata().map_err(io_err)?.len()).map_err(|e| io_err(io::Error::other(e)))?;
         let mut head = vec![0u8; HEADER.min(len)];
         file.read_exact_at(&mut head, 0).map_err(io_err)?;
         if head.len() == HEADER && head[..8] == MAGIC && u32_at(&head, 8) == VERSION {
@@ -149,13 +152,15 @@ impl LoadingSet {
     fn read_ahead(&self) {
         let Source::File(file) = &self.source else { return };
         let first = self.entries.iter().flatten().next().map(|&(offset, _)| offset);
-        let end = self.entries[..self.deferred_from.unwrap_or(self.entries.len())]
+        let end = self.entries[..self.plan.deferred_from]
             .iter()
             .enumerate()
-            .filter_map(|(i, entry)| entry.map(|(offset, _)| offset + self.batches[i].pages * PAGE as u64))
+            .filter_map(|(i, entry)| entry.map(|(offset, _)| offset + self.plan.batches[i].pages * PAGE as u64))
             .last();
         if let (Some(first), Some(end)) = (first, end) {
-            let (offset, len) = (first as i64, end.saturating_sub(first) as i64);
+            let (Ok(offset), Ok(len)) = (i64::try_from(first), i64::try_from(end.saturating_sub(first))) else {
+                return;
+            };
             let _ = nix::fcntl::posix_fadvise(
                 file.as_raw_fd(),
                 offset,
@@ -217,7 +222,7 @@ impl LoadingSet {
             let (first_page, pages, zero, crc) =
                 (u64_at(head, entry), u32_at(head, entry + 8), u32_at(head, entry + 12), u32_at(head, entry + 16));
             let kind = if zero == 1 { BatchKind::Zero } else { BatchKind::Copy };
-            batches.push(Batch { first_page, pages: u64::from(pages), kind, rank: i as f64 });
+            batches.push(Batch { first_page, pages: u64::from(pages), kind, priority: i as f64 });
             if kind == BatchKind::Copy {
                 entries.push(Some((at as u64, crc)));
                 at += pages as usize * PAGE;
@@ -229,27 +234,27 @@ impl LoadingSet {
             return Err(truncated(at));
         }
         let cache = batches.iter().map(|_| OnceLock::new()).collect();
-        Ok(LoadingSet { batches, deferred_from, entries, source, cache, dropped: AtomicUsize::new(0) })
+        let deferred_from = deferred_from.unwrap_or(batches.len());
+        let plan = Plan { batches, deferred_from, synchronous: false };
+        Ok(LoadingSet { plan, entries, source, cache, dropped: AtomicUsize::new(0) })
     }
 
-    /// The plan, in the order the file holds it; batch `i` has rank `i`.
-    pub fn batches(&self) -> &[Batch] {
-        &self.batches
-    }
-
-    /// The rank from which batches are deferred (see `PrefetchSchedule::is_deferred`).
-    pub fn deferred_rank(&self) -> Option<f64> {
-        self.deferred_from.map(|i| i as f64)
+    /// The plan, in the order the file holds it; batch `i` has priority `i`.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
     }
 
     /// The checked bytes of batch `index`, read on first use: None for zero batches and for
     /// batches whose bytes failed their check (or could not be read).
     pub fn data(&self, index: usize) -> Option<&[u8]> {
         let (offset, crc) = (*self.entries.get(index)?)?;
-        let len = self.batches[index].pages as usize * PAGE;
+        let len = byte_len(self.plan.batches[index].pages);
         let cached = self.cache[index].get_or_init(|| {
             let bytes = match &self.source {
-                Source::Bytes(all) => all.get(offset as usize..offset as usize + len).map(<[u8]>::to_vec),
+                Source::Bytes(all) => {
+                    let start = usize::try_from(offset).ok()?;
+                    all.get(start..start.checked_add(len)?).map(<[u8]>::to_vec)
+                }
                 Source::File(file) => {
                     let mut buf = vec![0u8; len];
                     file.read_exact_at(&mut buf, offset).ok().map(|()| buf)
@@ -278,6 +283,11 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
     u64::from(u32_at(bytes, at)) | u64::from(u32_at(bytes, at + 4)) << 32
 }
 
+/// Bytes of `pages` pages (saturating: a length that large is refused as truncated).
+fn byte_len(pages: u64) -> usize {
+    usize::try_from(pages).unwrap_or(usize::MAX).saturating_mul(PAGE)
+}
+
 fn data_offset(batches: usize) -> usize {
     (HEADER + batches * ENTRY).next_multiple_of(PAGE)
 }
@@ -287,15 +297,16 @@ mod tests {
     use super::*;
 
     fn snapshot() -> Vec<u8> {
-        (0..64 * PAGE).map(|i| (i / PAGE * 7 + i % 251) as u8).collect()
+        (0..64 * PAGE).map(|i| u8::try_from((i / PAGE * 7 + i % 251) % 256).expect("a byte")).collect()
     }
 
-    fn batches() -> Vec<Batch> {
-        vec![
-            Batch { first_page: 10, pages: 3, kind: BatchKind::Copy, rank: 0.0 },
-            Batch { first_page: 40, pages: 2, kind: BatchKind::Zero, rank: 1.0 },
-            Batch { first_page: 2, pages: 1, kind: BatchKind::Copy, rank: 2.0 },
-        ]
+    fn plan() -> Plan {
+        let batches = vec![
+            Batch { first_page: 10, pages: 3, kind: BatchKind::Copy, priority: 0.0 },
+            Batch { first_page: 40, pages: 2, kind: BatchKind::Zero, priority: 1.0 },
+            Batch { first_page: 2, pages: 1, kind: BatchKind::Copy, priority: 2.0 },
+        ];
+        Plan::background(batches, Some(2.0))
     }
 
     fn written(mem: &[u8]) -> (tempfile::TempDir, PathBuf, SnapshotIdentity) {
@@ -303,10 +314,11 @@ mod tests {
         let path = dir.path().join("ls");
         let identity = SnapshotIdentity::of(mem);
         let read = |offset: u64, buf: &mut [u8]| {
-            buf.copy_from_slice(&mem[offset as usize..offset as usize + buf.len()]);
+            let start = usize::try_from(offset).expect("in memory");
+            buf.copy_from_slice(&mem[start..start + buf.len()]);
             Ok(())
         };
-        LoadingSet::write(&path, identity, 77, &batches(), Some(2.0), read).expect("write");
+        LoadingSet::write(&path, identity, 77, &plan(), read).expect("write");
         (dir, path, identity)
     }
 
@@ -315,12 +327,12 @@ mod tests {
         let mem = snapshot();
         let (_dir, path, identity) = written(&mem);
         let ls = LoadingSet::load(&path, identity, 77).expect("load");
-        assert_eq!(ls.batches().iter().map(|b| b.first_page).collect::<Vec<_>>(), vec![10, 40, 2]);
+        assert_eq!(ls.plan().batches.iter().map(|b| b.first_page).collect::<Vec<_>>(), vec![10, 40, 2]);
         assert_eq!(ls.data(0), Some(&mem[10 * PAGE..13 * PAGE]));
         assert_eq!(ls.data(1), None, "zero batches carry no bytes");
         assert_eq!(ls.data(2), Some(&mem[2 * PAGE..3 * PAGE]));
         assert_eq!(ls.dropped(), 0);
-        assert_eq!(ls.deferred_rank(), Some(2.0), "the last batch (rank 2) is deferred");
+        assert_eq!(ls.plan().deferred_from, 2, "the last batch (priority 2) is deferred");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! A prefetch plan: the selected pages as contiguous batches, each one ioctl, in the order the
-//! guest first needs them.
+//! guest first needs them (their *priority*: lower is sooner).
 //!
 //! Runs of contiguous pages are bridged over gaps of at most `bridge_gap_pages` (one larger
 //! copy is cheaper than two ioctls when the gap is small), split where all-zero stretches are
@@ -9,6 +9,7 @@
 use crate::PageIndex;
 use std::collections::BTreeMap;
 
+/// How selected pages become batches.
 #[derive(Clone, Copy, Debug)]
 pub struct PlanConfig {
     /// Gaps of at most this many unselected pages are copied along (and zero stretches this
@@ -24,6 +25,7 @@ impl Default for PlanConfig {
     }
 }
 
+/// How a batch is placed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BatchKind {
     /// UFFDIO_COPY from the snapshot.
@@ -32,46 +34,99 @@ pub enum BatchKind {
     Zero,
 }
 
+/// A contiguous range of file pages placed by one ioctl.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Batch {
+    /// Its first file page.
     pub first_page: PageIndex,
+    /// Its length in 4 KiB pages.
     pub pages: u64,
+    /// Copied or zero-mapped.
     pub kind: BatchKind,
-    /// Earliest mean first-touch rank among its selected pages: batches run in this order.
-    pub rank: f64,
+    /// The lowest priority among its selected pages: batches run in this order.
+    pub priority: f64,
 }
 
 impl Batch {
+    /// The page after its last.
     pub fn end_page(&self) -> PageIndex {
         self.first_page + self.pages
     }
 }
 
-/// Plans `selected` pages (page, mean first-touch rank); `is_zero` tells all-zero pages.
+/// What to place for a VM, in order, and when.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Batches in plan order (ascending priority).
+    pub batches: Vec<Batch>,
+    /// Batches from this index on are *deferred*: pages seen in fewer than half the recorded
+    /// runs, placed only while the guest is quiet (`batches.len()` when none is).
+    pub deferred_from: usize,
+    /// Placed before the first fault is served (`eager`, `reap`), not in the background.
+    pub synchronous: bool,
+}
+
+impl Plan {
+    /// A background plan of `batches`, those of priority `deferred_priority` or more deferred.
+    pub fn background(batches: Vec<Batch>, deferred_priority: Option<f64>) -> Plan {
+        let deferred_from =
+            deferred_priority.and_then(|p| batches.iter().position(|b| b.priority >= p)).unwrap_or(batches.len());
+        Plan { batches, deferred_from, synchronous: false }
+    }
+
+    /// Every page of `ranges` (`[first, end)` file pages) in file order, as batches of at most
+    /// `max_batch_pages`, placed before the first fault (SnapFaaS's eager copy).
+    pub fn whole(ranges: impl IntoIterator<Item = (PageIndex, PageIndex)>, max_batch_pages: u64) -> Plan {
+        let step = max_batch_pages.max(1);
+        let mut batches = Vec::new();
+        for (first, end) in ranges {
+            let mut start = first;
+            while start < end {
+                let pages = step.min(end - start);
+                batches.push(Batch { first_page: start, pages, kind: BatchKind::Copy, priority: 0.0 });
+                start += pages;
+            }
+        }
+        Plan { deferred_from: batches.len(), batches, synchronous: true }
+    }
+
+    /// Whether there is nothing to place.
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// Pages the plan places.
+    pub fn pages(&self) -> u64 {
+        self.batches.iter().map(|b| b.pages).sum()
+    }
+}
+
+/// Plans `selected` pages (page, priority); `is_zero` tells all-zero pages. Batches come in
+/// priority order.
 pub fn plan(selected: &[(PageIndex, f64)], is_zero: impl Fn(PageIndex) -> bool, config: PlanConfig) -> Vec<Batch> {
-    let ranks: BTreeMap<PageIndex, f64> = selected.iter().copied().collect();
+    let priorities: BTreeMap<PageIndex, f64> = selected.iter().copied().collect();
     let max_batch = config.max_batch_pages.max(1);
     let mut batches = Vec::new();
-    for (start, end) in runs(&ranks, config.bridge_gap_pages) {
+    for (start, end) in runs(&priorities, config.bridge_gap_pages) {
         for (seg_start, seg_end, kind) in segments(start, end, &is_zero, config.bridge_gap_pages) {
             let mut first = seg_start;
             while first < seg_end {
                 let last = (first + max_batch).min(seg_end);
-                if let Some(rank) = ranks.range(first..last).map(|(_, &r)| r).min_by(f64::total_cmp) {
-                    batches.push(Batch { first_page: first, pages: last - first, kind, rank });
+                if let Some(priority) = priorities.range(first..last).map(|(_, &p)| p).min_by(f64::total_cmp) {
+                    batches.push(Batch { first_page: first, pages: last - first, kind, priority });
                 }
                 first = last;
             }
         }
     }
-    batches.sort_by(|a, b| a.rank.total_cmp(&b.rank).then(a.first_page.cmp(&b.first_page)));
+    batches.sort_by(|a, b| a.priority.total_cmp(&b.priority).then(a.first_page.cmp(&b.first_page)));
     batches
 }
 
 /// `[start, end)` runs of selected pages, bridging gaps of at most `gap` pages.
-fn runs(ranks: &BTreeMap<PageIndex, f64>, gap: u64) -> Vec<(PageIndex, PageIndex)> {
+fn runs(priorities: &BTreeMap<PageIndex, f64>, gap: u64) -> Vec<(PageIndex, PageIndex)> {
     let mut runs: Vec<(PageIndex, PageIndex)> = Vec::new();
-    for &page in ranks.keys() {
+    for &page in priorities.keys() {
         match runs.last_mut() {
             Some((_, end)) if page <= *end + gap => *end = page + 1,
             _ => runs.push((page, page + 1)),
@@ -118,7 +173,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn batches_cover_the_selection_once_in_rank_order(
+        fn batches_cover_the_selection_once_in_priority_order(
             pages in proptest::collection::btree_set(0u64..2000, 0..300),
             zero_every in 1u64..7,
             gap in 0u64..6,
@@ -141,11 +196,11 @@ mod tests {
                     let near = pages.range(p.saturating_sub(gap)..=p + gap).next().is_some();
                     prop_assert!(pages.contains(&p) || near);
                 }
-                let rank = selected.iter().filter(|(p, _)| (b.first_page..b.end_page()).contains(p)).map(|&(_, r)| r).fold(f64::INFINITY, f64::min);
-                prop_assert_eq!(b.rank, rank);
+                let priority = selected.iter().filter(|(p, _)| (b.first_page..b.end_page()).contains(p)).map(|&(_, r)| r).fold(f64::INFINITY, f64::min);
+                prop_assert_eq!(b.priority, priority);
             }
             prop_assert!(pages.iter().all(|p| covered.contains(p)));
-            prop_assert!(batches.windows(2).all(|w| w[0].rank <= w[1].rank));
+            prop_assert!(batches.windows(2).all(|w| w[0].priority <= w[1].priority));
         }
     }
 
@@ -158,9 +213,21 @@ mod tests {
         assert_eq!(
             batches,
             vec![
-                Batch { first_page: 0, pages: 8, kind: BatchKind::Copy, rank: 0.0 },
-                Batch { first_page: 100, pages: 20, kind: BatchKind::Zero, rank: 1.5 },
+                Batch { first_page: 0, pages: 8, kind: BatchKind::Copy, priority: 0.0 },
+                Batch { first_page: 100, pages: 20, kind: BatchKind::Zero, priority: 1.5 },
             ]
         );
+    }
+
+    #[test]
+    fn whole_and_background_plans() {
+        let whole = Plan::whole([(0, 5), (10, 12)], 2);
+        let firsts: Vec<u64> = whole.batches.iter().map(|b| b.first_page).collect();
+        assert_eq!(firsts, vec![0, 2, 4, 10]);
+        assert_eq!((whole.pages(), whole.deferred_from, whole.synchronous), (7, 4, true));
+        let batch = |priority| Batch { first_page: 0, pages: 1, kind: BatchKind::Copy, priority };
+        let background = Plan::background(vec![batch(0.0), batch(1.0), batch(5.0), batch(6.0)], Some(5.0));
+        assert_eq!((background.deferred_from, background.synchronous), (2, false));
+        assert_eq!(Plan::background(vec![batch(0.0)], None).deferred_from, 1);
     }
 }

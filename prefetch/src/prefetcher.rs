@@ -10,16 +10,14 @@
 //! ([`PrefetchSchedule::follow`]) — copying behind the guest only races its own faults.
 //! Batches skipped that way come in a second pass.
 
-use crate::plan::Batch;
+use crate::plan::{Batch, Plan};
 use crate::PageIndex;
-use std::collections::BTreeMap;
 
-pub struct PrefetchSchedule {
-    batches: Vec<Batch>,
-    /// Batches of this rank or later wait until the guest is quiet (see `is_deferred`).
-    deferred_rank: f64,
-    /// first page → batch index, to find the batch of a faulting page.
-    by_first_page: BTreeMap<PageIndex, usize>,
+/// Which batch of a plan to place next. Borrows the plan, which every VM of a snapshot shares.
+pub struct PrefetchSchedule<'p> {
+    plan: &'p Plan,
+    /// (first page, batch index), sorted by first page: finds the batch of a faulting page.
+    by_first_page: Vec<(PageIndex, usize)>,
     placed: Vec<bool>,
     placed_batches: usize,
     placed_pages: u64,
@@ -29,18 +27,16 @@ pub struct PrefetchSchedule {
     low: usize,
 }
 
-impl PrefetchSchedule {
-    /// A schedule of `batches` (in plan order); batches ranked `deferred_rank` or later are
-    /// [deferred](PrefetchSchedule::is_deferred).
-    pub fn new(batches: Vec<Batch>, deferred_rank: Option<f64>) -> PrefetchSchedule {
-        let by_first_page = batches.iter().enumerate().map(|(i, b)| (b.first_page, i)).collect();
-        let placed = vec![false; batches.len()];
-        let deferred_rank = deferred_rank.unwrap_or(f64::INFINITY);
+impl<'p> PrefetchSchedule<'p> {
+    /// A schedule of `plan`'s batches, none placed yet.
+    pub fn new(plan: &'p Plan) -> PrefetchSchedule<'p> {
+        let mut by_first_page: Vec<(PageIndex, usize)> =
+            plan.batches.iter().enumerate().map(|(i, b)| (b.first_page, i)).collect();
+        by_first_page.sort_unstable();
         PrefetchSchedule {
-            batches,
-            deferred_rank,
+            plan,
             by_first_page,
-            placed,
+            placed: vec![false; plan.batches.len()],
             placed_batches: 0,
             placed_pages: 0,
             cursor: 0,
@@ -49,15 +45,17 @@ impl PrefetchSchedule {
     }
 
     /// Whether `batch` should wait until the guest has been quiet for a while: the pages seen
-    /// in fewer than half the runs. Each is needed by a new input only now and then, and
-    /// copying them while the guest demand-faults delays the faults it does need (measured:
-    /// `benches/prefetch.rs`, shifting working sets). A fault in one still pulls it forward.
+    /// in fewer than half the runs ([`Plan::deferred_from`]). Each is needed by a new input
+    /// only now and then, and copying them while the guest demand-faults delays the faults it
+    /// does need (measured: `benches/prefetch.rs`, shifting working sets). A fault in one still
+    /// pulls it forward.
     pub fn is_deferred(&self, batch: usize) -> bool {
-        self.batches.get(batch).is_some_and(|b| b.rank >= self.deferred_rank)
+        batch >= self.plan.deferred_from && batch < self.plan.batches.len()
     }
 
-    pub fn batch(&self, index: usize) -> &Batch {
-        &self.batches[index]
+    /// Batch `index` of the plan.
+    pub fn batch(&self, index: usize) -> &'p Batch {
+        &self.plan.batches[index]
     }
 
     /// Pages of the batches placed so far.
@@ -65,16 +63,19 @@ impl PrefetchSchedule {
         self.placed_pages
     }
 
+    /// Whether every batch is placed.
     pub fn is_finished(&self) -> bool {
-        self.placed_batches == self.batches.len()
+        self.placed_batches == self.plan.batches.len()
     }
 
     /// The batch holding `page`, if the plan has one (batches never overlap).
     pub fn batch_containing(&self, page: PageIndex) -> Option<usize> {
-        let (_, &i) = self.by_first_page.range(..=page).next_back()?;
-        (page < self.batches[i].end_page()).then_some(i)
+        let after = self.by_first_page.partition_point(|&(first, _)| first <= page);
+        let (_, i) = *self.by_first_page.get(after.checked_sub(1)?)?;
+        (page < self.plan.batches[i].end_page()).then_some(i)
     }
 
+    /// Whether batch `batch` is placed (an index past the plan counts as placed).
     pub fn is_placed(&self, batch: usize) -> bool {
         self.placed.get(batch).copied().unwrap_or(true)
     }
@@ -82,28 +83,28 @@ impl PrefetchSchedule {
     /// The next batch to place: the first one not placed from the cursor on, else (second pass)
     /// from the start. None once every batch is placed.
     pub fn next_batch(&mut self) -> Option<usize> {
-        while self.low < self.batches.len() && self.placed[self.low] {
+        while self.low < self.placed.len() && self.placed[self.low] {
             self.low += 1;
         }
-        let first_from = |from: usize| (from..self.batches.len()).find(|&i| !self.placed[i]);
+        let first_from = |from: usize| (from..self.placed.len()).find(|&i| !self.placed[i]);
         first_from(self.cursor).or_else(|| first_from(self.low))
     }
 
     /// Records that `batch` is placed; the schedule goes on after it.
     pub fn placed(&mut self, batch: usize) {
-        self.cursor = self.cursor.max(batch + 1).min(self.batches.len());
+        self.cursor = self.cursor.max(batch + 1).min(self.placed.len());
         if let Some(flag) = self.placed.get_mut(batch) {
             if !*flag {
                 *flag = true;
                 self.placed_batches += 1;
-                self.placed_pages += self.batches[batch].pages;
+                self.placed_pages += self.plan.batches[batch].pages;
             }
         }
     }
 
     /// The guest is at `batch`: the schedule goes on after it, wherever it was.
     pub fn follow(&mut self, batch: usize) {
-        self.cursor = (batch + 1).min(self.batches.len());
+        self.cursor = (batch + 1).min(self.placed.len());
     }
 }
 
@@ -112,16 +113,16 @@ mod tests {
     use super::*;
     use crate::plan::BatchKind;
 
-    fn schedule() -> PrefetchSchedule {
-        PrefetchSchedule::new(
-            (0..6).map(|i| Batch { first_page: i * 10, pages: 4, kind: BatchKind::Copy, rank: i as f64 }).collect(),
-            Some(4.0),
-        )
+    fn plan() -> Plan {
+        let batches =
+            (0..6).map(|i| Batch { first_page: i * 10, pages: 4, kind: BatchKind::Copy, priority: i as f64 }).collect();
+        Plan::background(batches, Some(4.0))
     }
 
     #[test]
     fn follows_the_guest_and_places_skipped_batches_last() {
-        let mut s = schedule();
+        let plan = plan();
+        let mut s = PrefetchSchedule::new(&plan);
         let mut order = Vec::new();
         while let Some(i) = s.next_batch() {
             if order.is_empty() {
@@ -142,7 +143,8 @@ mod tests {
 
     #[test]
     fn plain_order_without_faults_and_nothing_after_the_end() {
-        let mut s = schedule();
+        let plan = plan();
+        let mut s = PrefetchSchedule::new(&plan);
         let mut order = Vec::new();
         while let Some(i) = s.next_batch() {
             order.push(i);
@@ -150,7 +152,7 @@ mod tests {
         }
         assert_eq!(order, vec![0, 1, 2, 3, 4, 5]);
         assert_eq!(s.next_batch(), None);
-        assert!(PrefetchSchedule::new(vec![], None).is_finished());
+        assert!(PrefetchSchedule::new(&Plan::default()).is_finished());
         assert!((0..4).all(|i| !s.is_deferred(i)) && s.is_deferred(4) && s.is_deferred(5));
     }
 }

@@ -12,23 +12,29 @@ use std::time::{Duration, Instant};
 /// One first touch: the page and whether the first access was a write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Touch {
+    /// The file page.
     pub page: PageIndex,
+    /// Whether the first access was a write.
     pub write: bool,
 }
 
 /// A recorded run: first touches in order (a touch's rank is its position).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Run {
+    /// Each page once, in the order first touched.
     pub touches: Vec<Touch>,
 }
 
 /// Bounds of a recording; `None` means unbounded.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RecordWindow {
+    /// Stop after this many first touches.
     pub max_faults: Option<usize>,
+    /// Stop this long after the run started.
     pub max_duration: Option<Duration>,
 }
 
+/// Records one run within its window.
 pub struct Recorder {
     window: RecordWindow,
     started: Instant,
@@ -38,6 +44,7 @@ pub struct Recorder {
 }
 
 impl Recorder {
+    /// A recorder whose run starts now.
     pub fn new(window: RecordWindow) -> Recorder {
         Recorder { window, started: Instant::now(), seen: HashSet::new(), run: Run::default(), closed: false }
     }
@@ -61,6 +68,7 @@ impl Recorder {
         true
     }
 
+    /// Records a touch of `page` now (see [`Recorder::record_at`]).
     pub fn record(&mut self, page: PageIndex, write: bool) -> bool {
         self.record_at(page, write, Instant::now())
     }
@@ -70,6 +78,7 @@ impl Recorder {
         self.closed = true;
     }
 
+    /// The run recorded.
     pub fn finish(self) -> Run {
         self.run
     }

@@ -17,6 +17,7 @@ pub struct PageStats {
     pub runs: u32,
     /// Sum of its first-touch ranks over those runs (mean = rank_sum / runs).
     pub rank_sum: u64,
+    /// Its lowest first-touch rank in any run.
     pub min_rank: u32,
     /// Number (1-based) of the last run that touched it.
     pub last_run: u32,
@@ -28,22 +29,39 @@ pub struct PageStats {
 }
 
 impl PageStats {
+    /// Mean first-touch rank over the runs that touched the page.
     pub fn mean_rank(&self) -> f64 {
         self.rank_sum as f64 / f64::from(self.runs.max(1))
     }
 }
 
+/// A page first seen while serving (online refinement), not in a recorded run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LearnedTouch {
+    /// The file page.
+    pub page: PageIndex,
+    /// Its first-touch rank as estimated while serving (demand faults plus pages prefetched
+    /// before it).
+    pub rank: u32,
+    /// Whether the first access was a write.
+    pub write: bool,
+}
+
+/// The union of a snapshot's recorded runs, with per-page statistics.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorkingSet {
+    /// The snapshot the set belongs to.
     pub identity: SnapshotIdentity,
     /// Runs merged so far.
     pub runs: u32,
     /// The first run's pages in first-touch order (what REAP would prefetch).
     pub first_run: Vec<PageIndex>,
+    /// Every page any run touched, with its statistics.
     pub pages: BTreeMap<PageIndex, PageStats>,
 }
 
 impl WorkingSet {
+    /// An empty set of snapshot `identity`.
     pub fn new(identity: SnapshotIdentity) -> WorkingSet {
         WorkingSet { identity, runs: 0, first_run: Vec::new(), pages: BTreeMap::new() }
     }
@@ -77,12 +95,12 @@ impl WorkingSet {
         }
     }
 
-    /// Online refinement: adds `touches` (page, estimated first-touch rank, write) of pages the
-    /// set does not know yet, as seen once in the latest run. A serve run is not counted as a
-    /// run: its prefetched pages never fault, so it cannot say which of them were touched.
-    pub fn learn(&mut self, touches: &[(PageIndex, u32, bool)]) {
+    /// Online refinement: adds `touches` of pages the set does not know yet, as seen once in
+    /// the latest run. A serve run is not counted as a run: its prefetched pages never fault,
+    /// so it cannot say which of them were touched.
+    pub fn learn(&mut self, touches: &[LearnedTouch]) {
         let last_run = self.runs.max(1);
-        for &(page, rank, write) in touches {
+        for &LearnedTouch { page, rank, write } in touches {
             self.pages.entry(page).or_insert(PageStats {
                 runs: 1,
                 rank_sum: u64::from(rank),
@@ -194,7 +212,7 @@ mod tests {
                 let ranks: Vec<usize> = runs.iter().filter_map(|r| r.iter().position(|&p| p == page)).collect();
                 let s = set.pages[&page];
                 prop_assert_eq!(s.runs as usize, ranks.len());
-                prop_assert_eq!(s.rank_sum as usize, ranks.iter().sum::<usize>());
+                prop_assert_eq!(s.rank_sum, ranks.iter().sum::<usize>() as u64);
                 prop_assert_eq!(s.min_rank as usize, *ranks.iter().min().unwrap_or(&0));
                 let last = runs.iter().rposition(|r| r.contains(&page)).map_or(0, |i| i + 1);
                 prop_assert_eq!(s.last_run as usize, last);
@@ -209,8 +227,8 @@ mod tests {
                 set.merge(&run(r));
             }
             let selected = set.select(min_frequency);
-            let needed = ((min_frequency * runs.len() as f64).ceil() as usize).max(1);
-            let expected: BTreeSet<u64> = set.pages.iter().filter(|(_, s)| s.runs as usize >= needed).map(|(&p, _)| p).collect();
+            let needed = (min_frequency * runs.len() as f64).ceil().max(1.0);
+            let expected: BTreeSet<u64> = set.pages.iter().filter(|(_, s)| f64::from(s.runs) >= needed).map(|(&p, _)| p).collect();
             prop_assert_eq!(selected.iter().map(|&(p, _)| p).collect::<BTreeSet<_>>(), expected);
             prop_assert!(selected.windows(2).all(|w| w[0].1 < w[1].1 || (w[0].1 == w[1].1 && w[0].0 < w[1].0)));
             let threshold = set.minority_priority();
@@ -231,7 +249,7 @@ mod tests {
                 set.merge(&run(r));
             }
             let before = set.clone();
-            let touches: Vec<(u64, u32, bool)> = extra.iter().enumerate().map(|(i, &p)| (p, i as u32, false)).collect();
+            let touches: Vec<LearnedTouch> = extra.iter().enumerate().map(|(i, &page)| LearnedTouch { page, rank: u32::try_from(i).expect("few"), write: false }).collect();
             set.learn(&touches);
             prop_assert_eq!(set.runs, before.runs);
             for (page, stats) in &set.pages {

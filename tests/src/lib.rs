@@ -21,3 +21,28 @@ pub fn require_kvm() {
         panic!("these tests need KVM: opening /dev/kvm failed: {e}");
     }
 }
+
+/// Makes sure `pages` 2 MiB huge pages are free, reserving more as root. Fails under CI when
+/// they cannot be had; elsewhere says so and returns false.
+pub fn ensure_huge_pages(pages: u64) -> bool {
+    let free = || -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("HugePages_Free:").and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0)
+    };
+    if free() < pages {
+        let total: u64 =
+            std::fs::read_to_string("/proc/sys/vm/nr_hugepages").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", (total + pages - free()).to_string());
+    }
+    let have = free();
+    if have >= pages {
+        return true;
+    }
+    let why = format!("{pages} free 2 MiB huge pages are needed, {have} could be reserved");
+    assert!(std::env::var_os("CI").is_none(), "{why} (.ci/run reserves them as root)");
+    eprintln!("SKIPPED: {why}");
+    false
+}

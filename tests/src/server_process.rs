@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use uffd_server::server::{query_stats, StatsResponse, CONTROL_SOCKET};
+use uffd_server::control::{query_stats, StatsResponse, CONTROL_SOCKET};
 
 /// Path of a binary of this workspace in the current executable's `target/<profile>/` (tests and
 /// benches run from its `deps/`). `cargo build --workspace --bins` (part of the README's
@@ -53,6 +53,17 @@ impl ServerProcess {
 
     /// As [`ServerProcess::start`], for another subcommand taking the same arguments (`record`).
     pub fn start_command(command: &str, snapshots: &[(&str, &Path)], extra: &[&str]) -> ServerProcess {
+        Self::start_with_env(command, snapshots, extra, &[])
+    }
+
+    /// As [`ServerProcess::start_command`], with `env` set for the server (e.g. `FAILPOINTS`,
+    /// which the test build of the server honours: feature `failpoints`).
+    pub fn start_with_env(
+        command: &str,
+        snapshots: &[(&str, &Path)],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> ServerProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket_dir = dir.path().join("sockets");
         let log = dir.path().join("server.log");
@@ -64,6 +75,7 @@ impl ServerProcess {
         cmd.args(extra)
             .env("RUST_LOG", std::env::var("E2E_SERVER_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));
         let child = cmd.spawn().expect("spawn uffd-server");
@@ -114,7 +126,7 @@ impl ServerProcess {
             return Err(std::io::Error::other(format!("unexpected /proc/{}/stat", self.child.id())));
         };
         // SAFETY: sysconf reads a configuration value and has no other effect.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100).max(1);
         Ok(Duration::from_nanos((utime + stime) * 1_000_000_000 / hz))
     }
 

@@ -37,6 +37,7 @@ impl PageSize {
         }
     }
 
+    /// The page size in bytes.
     pub fn bytes(self) -> u64 {
         match self {
             PageSize::Base => BASE_PAGE,
@@ -46,10 +47,12 @@ impl PageSize {
 }
 
 impl HostAddr {
+    /// The address rounded down to a multiple of `align` (a power of two).
     pub fn align_down(self, align: u64) -> HostAddr {
         HostAddr(self.0 & !(align - 1))
     }
 
+    /// Whether the address is a multiple of `align`.
     pub fn is_aligned(self, align: u64) -> bool {
         self.0.is_multiple_of(align)
     }

@@ -5,9 +5,8 @@
 //! end-recording <vm-id>\n → {"ok": true} | {"error": "..."}: that VM's record window ends now
 //! ```
 
-use crate::server::{Registry, CONTROL_SOCKET};
-use crate::stats::VmStatsReport;
-use crate::store::SnapshotStore;
+use crate::registry::{Registry, VmReport};
+use crate::source::store::SnapshotStore;
 use serde::{Deserialize, Serialize};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -15,23 +14,18 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+/// Name of the control socket in the socket directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
+
 /// The reply to `stats`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct StatsResponse {
+    /// Snapshots held in memory.
     pub snapshots_loaded: Vec<String>,
+    /// RAM they hold.
     pub snapshot_resident_bytes: u64,
+    /// Every live VM and the recently ended ones.
     pub vms: Vec<VmReport>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct VmReport {
-    pub id: u64,
-    pub snapshot: String,
-    pub peer_pid: i32,
-    /// None while the VM is attached.
-    pub ended: Option<String>,
-    pub seconds: f64,
-    pub counters: VmStatsReport,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -42,20 +36,20 @@ enum CommandReply {
 }
 
 /// Answers control connections until the listener fails.
-pub(crate) fn serve(listener: UnixListener, store: &SnapshotStore, registry: &Registry) {
+pub fn serve(listener: &UnixListener, store: &SnapshotStore, registry: &Registry) {
     for stream in listener.incoming() {
-        if let Err(e) = stream.and_then(|s| answer(s, store, registry)) {
+        if let Err(e) = stream.and_then(|s| answer(&s, store, registry)) {
             tracing::warn!("control request failed: {e}");
         }
     }
 }
 
-fn answer(stream: UnixStream, store: &SnapshotStore, registry: &Registry) -> io::Result<()> {
+fn answer(stream: &UnixStream, store: &SnapshotStore, registry: &Registry) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut line = String::new();
-    BufReader::new((&stream).take(256)).read_line(&mut line)?;
+    BufReader::new(stream.take(256)).read_line(&mut line)?;
     let mut words = line.split_whitespace();
-    let mut out = &stream;
+    let mut out = stream;
     match (words.next(), words.next()) {
         (Some("stats"), None) => {
             let response = StatsResponse {

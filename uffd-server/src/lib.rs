@@ -1,19 +1,28 @@
 //! A userfaultfd lazy-restore memory server for microVM snapshots.
 //!
 //! A VMM attaches guest memory over a Unix socket with Firecracker's UFFD handshake; the server
-//! serves every page fault from snapshot memory held in RAM. Data flow, one module each:
-//! [`handshake`] → [`regions`] → [`fault_loop`] → page source ([`snapshot`], shared through the
-//! [`store`]); [`uffd_io`] is the only module that issues userfaultfd ioctls.
+//! serves every page fault from snapshots it holds, and prefetches a learned working set ahead
+//! of the guest. Data flow, one module each (`docs/design.md` draws it):
+//!
+//! - [`server`] accepts connections (one socket per snapshot) and runs each VM on a thread;
+//! - [`vm`]: [`vm::handshake`] → [`memory::regions`] → [`vm::fault_loop`], which drives the stages
+//!   [`vm::demand`], [`vm::prefetcher`] and [`vm::learner`];
+//! - [`memory`]: a file range becomes host [`memory::pieces`], placed by one
+//!   [`memory::placer`] through [`memory::uffd_io`], the only module issuing uffd ioctls;
+//! - [`source`]: where bytes come from ([`source::PageSource`]: RAM, disk, a loading-set
+//!   batch), shared through the [`source::store`];
+//! - [`plan_cache`] keeps each snapshot's plan, [`registry`] every VM's record, [`control`]
+//!   answers `stats`, [`stats`] defines the counters, [`config`] the configuration.
+
+#![warn(missing_docs)]
 
 pub mod addr;
+pub mod config;
 pub mod control;
-pub mod fault_loop;
-pub mod handshake;
-pub mod placer;
-pub mod regions;
-pub mod removed;
+pub mod memory;
+pub mod plan_cache;
+pub mod registry;
 pub mod server;
-pub mod snapshot;
+pub mod source;
 pub mod stats;
-pub mod store;
-pub mod uffd_io;
+pub mod vm;

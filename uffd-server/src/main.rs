@@ -2,17 +2,20 @@
 //! UFFD socket protocol.
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use prefetch::loading_set::LoadingSet;
-use prefetch::plan::{plan, PlanConfig};
+use prefetch::plan::PlanConfig;
+use prefetch::policy::{plan_for, PrefetchPolicy};
 use prefetch::record::RecordWindow;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use uffd_server::addr::FileOffset;
-use uffd_server::fault_loop::{FaultConfig, DEFAULT_FAULT_AROUND_PAGES};
-use uffd_server::server::{end_recording, query_stats, Mode, PrefetchPolicy, Server, ServerConfig};
-use uffd_server::snapshot::Snapshot;
-use uffd_server::snapshot::Storage;
+use uffd_server::config::{Mode, ServerConfig};
+use uffd_server::control::{end_recording, query_stats};
+use uffd_server::server::Server;
+use uffd_server::source::snapshot::{Snapshot, Storage};
+use uffd_server::vm::demand::{Demand, DEFAULT_FAULT_AROUND_PAGES};
 
 #[derive(Parser)]
 #[command(version, about)]
@@ -57,6 +60,48 @@ enum Command {
     },
 }
 
+/// `--prefetch`: what to bring in ahead of the guest.
+#[derive(Clone, Copy, ValueEnum)]
+enum PolicyArg {
+    /// Nothing: every page comes by demand fault (lazy).
+    None,
+    /// The whole snapshot, before the first fault is served (SnapFaaS).
+    Eager,
+    /// The first recorded run, synchronously before the first fault is served (REAP).
+    Reap,
+    /// The union over recorded runs, in the background in first-touch order (ours).
+    Union,
+}
+
+impl From<PolicyArg> for PrefetchPolicy {
+    fn from(arg: PolicyArg) -> Self {
+        match arg {
+            PolicyArg::None => PrefetchPolicy::None,
+            PolicyArg::Eager => PrefetchPolicy::Eager,
+            PolicyArg::Reap => PrefetchPolicy::Reap,
+            PolicyArg::Union => PrefetchPolicy::Union,
+        }
+    }
+}
+
+/// `--snapshot-storage`: where a snapshot's bytes are served from.
+#[derive(Clone, Copy, ValueEnum)]
+enum StorageArg {
+    /// Read into RAM once (zero pages indexed and given back).
+    Memory,
+    /// Read from the file on each fault.
+    Disk,
+}
+
+impl From<StorageArg> for Storage {
+    fn from(arg: StorageArg) -> Self {
+        match arg {
+            StorageArg::Memory => Storage::Memory,
+            StorageArg::Disk => Storage::Disk,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct PrefetchArgs {
     /// The snapshot's working-set file (from `record`): prefetched from, and refined with the
@@ -69,7 +114,7 @@ struct PrefetchArgs {
     loading_set: Option<PathBuf>,
     /// What to bring in ahead of the guest [default: union with --working-set, else none].
     #[arg(long, value_enum)]
-    prefetch: Option<PrefetchPolicy>,
+    prefetch: Option<PolicyArg>,
     #[command(flatten)]
     plan: PlanArgs,
 }
@@ -148,7 +193,7 @@ struct ServeArgs {
     cache_bytes: u64,
     /// Hold snapshots in RAM (memory) or read them from their files on each fault (disk).
     #[arg(long, value_enum, default_value = "memory")]
-    snapshot_storage: Storage,
+    snapshot_storage: StorageArg,
     /// Serve the aligned cluster of this many 4 KiB pages around each fault (power of two, 1..=512).
     #[arg(long, default_value_t = DEFAULT_FAULT_AROUND_PAGES)]
     fault_around: u64,
@@ -162,6 +207,8 @@ struct ServeArgs {
 }
 
 fn main() -> Result<()> {
+    // Test builds only (feature `failpoints`): FAILPOINTS=name=action injects faults.
+    let _failpoints = fail::FailScenario::setup();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -175,7 +222,8 @@ fn main() -> Result<()> {
             let (min_frequency, plan) = prefetch.plan.config()?;
             let planned = prefetch.working_set.is_some() || prefetch.loading_set.is_some();
             let default = if planned { PrefetchPolicy::Union } else { PrefetchPolicy::None };
-            let mode = Mode::Serve { policy: prefetch.prefetch.unwrap_or(default), min_frequency, plan };
+            let policy = prefetch.prefetch.map_or(default, PrefetchPolicy::from);
+            let mode = Mode::Serve { policy, min_frequency, plan };
             serve(args, (prefetch.working_set, prefetch.loading_set), mode)
         }
         Command::LoadingSet(args) => write_loading_set(&args),
@@ -209,12 +257,10 @@ fn serve(args: ServeArgs, (working_set, loading_set): (Option<PathBuf>, Option<P
         socket_dir: args.socket_dir,
         snapshots,
         cache_bytes: args.cache_bytes,
-        storage: args.snapshot_storage,
+        storage: args.snapshot_storage.into(),
         // Recording serves single pages: with fault-around, touches of a fault's neighbours
         // would never fault and the working set would miss them.
-        fault: FaultConfig {
-            fault_around_pages: if matches!(mode, Mode::Record { .. }) { 1 } else { args.fault_around },
-        },
+        demand: Demand { fault_around_pages: if matches!(mode, Mode::Record { .. }) { 1 } else { args.fault_around } },
         allow_uids: args.allow_uids,
         handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
         working_set,
@@ -226,7 +272,7 @@ fn serve(args: ServeArgs, (working_set, loading_set): (Option<PathBuf>, Option<P
         tracing::info!(
             snapshot = name,
             memory_file = %path.display(),
-            socket = %config.socket_dir.join(format!("{name}.sock")).display(),
+            socket = %config.socket_path(name).display(),
             "serving"
         );
     }
@@ -239,15 +285,18 @@ fn write_loading_set(args: &LoadingSetArgs) -> Result<()> {
     let snapshot = Snapshot::load("snapshot", &args.snapshot, Storage::Disk)?;
     let set = prefetch::format::load(&args.working_set, &snapshot.identity())
         .with_context(|| format!("cannot use working set {}", args.working_set.display()))?;
-    let batches = plan(&set.select(min_frequency), |page| snapshot.is_zero_page(page as usize), config);
-    let deferred_rank = Some(set.minority_priority());
+    let plan = plan_for(&set, PrefetchPolicy::Union, min_frequency, |page| snapshot.is_zero_page(page), config);
+    let mut scratch = Vec::new();
     let read = |offset: u64, buf: &mut [u8]| {
-        snapshot.with_bytes(FileOffset(offset), buf.len() as u64, |src| buf.copy_from_slice(src))
+        let bytes =
+            snapshot.pages().read(FileOffset(offset), buf.len() as u64, &mut scratch).map_err(std::io::Error::other)?;
+        buf.copy_from_slice(bytes);
+        Ok(())
     };
-    LoadingSet::write(&args.out, snapshot.identity(), snapshot.mtime_ns(), &batches, deferred_rank, read)
+    LoadingSet::write(&args.out, snapshot.identity(), snapshot.mtime_ns(), &plan, read)
         .with_context(|| format!("cannot write loading set {}", args.out.display()))?;
-    let pages: u64 = batches.iter().map(|b| b.pages).sum();
-    println!("wrote {}: {} batches, {} pages ({} MiB)", args.out.display(), batches.len(), pages, pages / 256);
+    let (batches, pages) = (plan.batches.len(), plan.pages());
+    println!("wrote {}: {batches} batches, {pages} pages ({} MiB)", args.out.display(), pages / 256);
     Ok(())
 }
 
@@ -258,6 +307,11 @@ fn scan_snapshot_dir(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
         let Some(stem) = path.file_stem().and_then(|s| s.to_str()).map(str::to_string) else {
             continue;
         };
+        let valid = !stem.is_empty() && stem.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        if !valid {
+            tracing::warn!(path = %path.display(), "--snapshot-dir: skipped, its name is not a valid snapshot name");
+            continue;
+        }
         if path.is_dir() && path.join("mem").is_file() {
             found.push((stem, path.join("mem")));
         } else if path.is_file() && path.extension().is_some_and(|e| e == "mem") {
@@ -271,35 +325,26 @@ fn scan_snapshot_dir(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
 fn stats(socket_dir: &Path, json: bool) -> Result<()> {
     let response =
         query_stats(socket_dir).with_context(|| format!("cannot query the server at {}", socket_dir.display()))?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&response)?);
-        return Ok(());
+    let mut out = std::io::stdout().lock();
+    let written = if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&response)?)
+    } else {
+        print_stats(&mut out, &response)
+    };
+    match written {
+        // `uffd-server stats | head`: the reader has what it wanted.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
     }
-    println!(
-        "snapshots loaded: {:?} ({} MiB resident)",
-        response.snapshots_loaded,
-        response.snapshot_resident_bytes >> 20
-    );
-    println!(
-        "{:>5} {:<16} {:>8} {:>9} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9}  state",
-        "vm", "snapshot", "pid", "seconds", "faults", "copied_pgs", "zero_pgs", "removed", "p50_us", "p99_us"
-    );
+}
+
+fn print_stats(out: &mut impl Write, response: &uffd_server::control::StatsResponse) -> std::io::Result<()> {
+    let resident_mib = response.snapshot_resident_bytes >> 20;
+    writeln!(out, "snapshots loaded: {:?} ({resident_mib} MiB resident)", response.snapshots_loaded)?;
     for vm in &response.vms {
-        let c = &vm.counters;
-        println!(
-            "{:>5} {:<16} {:>8} {:>9.3} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9}  {}",
-            vm.id,
-            vm.snapshot,
-            vm.peer_pid,
-            vm.seconds,
-            c.faults,
-            c.copied_pages,
-            c.zeropage_pages + c.zero_copied_pages,
-            c.removed_faults,
-            c.fault_latency_p50_us,
-            c.fault_latency_p99_us,
-            vm.ended.as_deref().unwrap_or("running")
-        );
+        let state = vm.ended.as_deref().unwrap_or("running");
+        writeln!(out, "vm {} snapshot {} pid {} {:.3}s {state}", vm.id, vm.snapshot, vm.peer_pid, vm.seconds)?;
+        writeln!(out, "  {}", vm.counters.summary())?;
     }
     Ok(())
 }

@@ -10,16 +10,23 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 /// Guest-physical map of the first MiB (the VMM's structures); the guest's data starts at 1 MiB.
 pub const GDT: u64 = 0x1000;
+/// The task-state segment.
 pub const TSS: u64 = 0x1800;
+/// The top-level page table.
 pub const PML4: u64 = 0x2000;
+/// The page-directory pointer table.
 pub const PDPT: u64 = 0x3000;
 /// Up to eight page directories (0x4000..0xc000): 8 GiB of guest-physical space identity-mapped.
 pub const PD: u64 = 0x4000;
+/// The init program (runtime init, then READY).
 pub const CODE: u64 = 0x10000;
 /// Free for the VMM to pass arguments (e.g. an invocation's page list), up to `STACK_BOTTOM`.
 pub const MAILBOX: u64 = 0x20000;
+/// The stack grows down from `STACK_TOP` to here.
 pub const STACK_BOTTOM: u64 = 0x70000;
+/// The initial stack pointer.
 pub const STACK_TOP: u64 = 0x80000;
+/// The guest's data (its heap) starts here.
 pub const DATA: u64 = 0x10_0000;
 /// The highest guest-physical address (exclusive) the page tables can map.
 pub const MAX_GUEST_ADDR: u64 = 8 << 30;

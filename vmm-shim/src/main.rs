@@ -1,6 +1,8 @@
 //! `vmm-shim`: snapshot a CPL3 test guest, and restore it with memory from a uffd memory server,
 //! a MAP_PRIVATE file mapping or an eager copy.
 
+mod demo;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -68,10 +70,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Restore a built-in 128 MiB snapshot through uffd-server with a host thread (no KVM),
+    /// against an eager in-memory copy, and print the table.
+    Demo,
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Demo => demo::run(),
         Command::Snapshot { workload, mem_mib, init_mib, ws_pages, shared_fraction, compute_rounds, seed, out } => {
             let preset = Workload::preset(&workload)
                 .with_context(|| format!("unknown workload `{workload}`: use hello, python-like or node-like"))?;

@@ -5,30 +5,41 @@
 
 use std::io;
 
+/// Base page size.
 pub const PAGE: usize = 4096;
+/// hugetlbfs page size.
 pub const HUGE: usize = 2 << 20;
 
 /// One region of guest memory as mapped in this process.
 #[derive(Clone, Copy, Debug)]
 pub struct GuestRegion {
+    /// Where it is mapped in this process.
     pub addr: usize,
+    /// Its length in bytes.
     pub size: usize,
+    /// Where its bytes start in the memory file.
     pub file_offset: usize,
+    /// Where the guest sees it.
     pub guest_addr: usize,
+    /// Its page size (4 KiB, or 2 MiB for hugetlbfs).
     pub page_size: usize,
 }
 
 /// A region to map: where the guest sees it, how big, where its bytes are in the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RegionSpec {
+    /// Where the guest sees it.
     pub guest_addr: usize,
+    /// Its length in bytes.
     pub size: usize,
+    /// Where its bytes start in the memory file.
     pub file_offset: usize,
 }
 
 /// What a region's memory is.
 #[derive(Clone, Copy)]
 pub enum Backing<'a> {
+    /// Private anonymous memory (what a uffd or an eager copy fills).
     Anonymous,
     /// 2 MiB hugetlbfs pages (the host must have them reserved).
     HugeTlb,
@@ -38,6 +49,7 @@ pub enum Backing<'a> {
 
 /// Start of the x86 MMIO gap in guest-physical space, and where memory resumes above it.
 pub const MMIO_GAP_START: usize = 3 << 30;
+/// Where guest memory resumes above the MMIO gap.
 pub const MMIO_GAP_END: usize = 4 << 30;
 
 /// Firecracker's x86-64 layout for `bytes` of guest memory: one region below 3 GiB, else the
@@ -53,6 +65,7 @@ pub fn x86_layout(bytes: usize) -> Vec<RegionSpec> {
 
 /// Guest memory: a PROT_NONE reservation with the regions mapped inside it.
 pub struct GuestMemory {
+    /// The regions, in guest order.
     pub regions: Vec<GuestRegion>,
     reservation: (usize, usize),
 }
@@ -98,7 +111,8 @@ impl GuestMemory {
                 Backing::HugeTlb => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB, -1, 0, HUGE),
                 Backing::File(file) => {
                     use std::os::fd::AsRawFd;
-                    (libc::MAP_PRIVATE, file.as_raw_fd(), spec.file_offset as libc::off_t, PAGE)
+                    let offset = libc::off_t::try_from(spec.file_offset).map_err(io::Error::other)?;
+                    (libc::MAP_PRIVATE, file.as_raw_fd(), offset, PAGE)
                 }
             };
             // SAFETY: MAP_FIXED inside our own reservation, which no Rust reference points into.
@@ -195,10 +209,12 @@ impl GuestMemory {
         Ok(vec.iter().map(|b| b & 1 == 1).collect())
     }
 
+    /// Bytes of guest memory over all regions.
     pub fn len(&self) -> usize {
         self.regions.iter().map(|r| r.size).sum()
     }
 
+    /// Whether there is no guest memory.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -27,33 +27,47 @@ pub enum MemBackend {
     Copy,
 }
 
+/// One invocation as timed and checked.
 #[derive(Debug, Serialize)]
 pub struct Invocation {
+    /// The input it ran on.
     pub input: u64,
+    /// The vCPU it ran on.
     pub vcpu: u64,
+    /// Pages it touched.
     pub pages: usize,
+    /// Its duration, from its first instruction to DONE.
     pub us: f64,
     /// Page faults the vCPU thread took during the invocation (minor + major, getrusage).
     pub faults: u64,
+    /// The checksum the guest computed (checked against the memory file).
     pub checksum: u64,
 }
 
+/// A restore, phase by phase (`vmm-shim restore --json`).
 #[derive(Debug, Serialize)]
 pub struct RestoreReport {
+    /// The memory backend used.
     pub backend: MemBackend,
+    /// Guest memory size.
     pub mem_mib: u64,
     /// Mapping guest memory (for `copy`, the whole read).
     pub memory_us: f64,
     /// The Firecracker handshake with the memory server (`uffd` only).
     pub handshake_us: f64,
+    /// Creating the VM and its vCPUs.
     pub vm_create_us: f64,
     /// From the start of the restore until the first invocation's first instruction ran.
     pub first_instruction_us: f64,
+    /// Every invocation, in order.
     pub invocations: Vec<Invocation>,
+    /// The whole restore.
     pub total_us: f64,
 }
 
+/// Why a restore failed.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's message says what it is
 pub enum RestoreError {
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
@@ -77,9 +91,11 @@ pub enum RestoreError {
 
 /// What to restore and how.
 pub struct RestoreOptions<'a> {
+    /// Where guest memory comes from.
     pub backend: MemBackend,
     /// The memory server's socket (`uffd` backend).
     pub socket: Option<&'a Path>,
+    /// The inputs to invoke the function on, in order.
     pub inputs: &'a [u64],
     /// A guest-physical range (bytes) dropped with MADV_DONTNEED after each invocation.
     pub balloon: Option<(u64, u64)>,
@@ -87,6 +103,7 @@ pub struct RestoreOptions<'a> {
     pub vcpus: u8,
 }
 
+/// Restores the snapshot in `dir` and runs its invocations, checking each checksum.
 pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport, RestoreError> {
     let RestoreOptions { backend, socket, inputs, balloon, vcpus } = *options;
     if vcpus == 0 || u64::from(vcpus) > MAX_VCPUS || (vcpus > 1 && balloon.is_some()) {
@@ -99,7 +116,7 @@ pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport
     let mem_path = dir.join("mem");
     let file_err = |e| RestoreError::MemoryFile(mem_path.display().to_string(), e);
     let file = std::fs::File::open(&mem_path).map_err(file_err)?;
-    let len = state.workload.mem_bytes() as usize;
+    let len = crate::usize_of(state.workload.mem_bytes());
     let mem_err = |source| RestoreError::Memory { backend, source };
     let layout = x86_layout(len);
     let mut handshake_started = None;
@@ -162,7 +179,7 @@ pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport
             first_instruction.get_or_insert(started_at);
             invocations.push((invocation, zeroed.clone()));
             if let Some((start, len)) = balloon {
-                memory.dontneed(start as usize, len as usize).map_err(mem_err)?;
+                memory.dontneed(crate::usize_of(start), crate::usize_of(len)).map_err(mem_err)?;
                 if backend != MemBackend::File {
                     zeroed.push((start, len));
                 }
@@ -231,13 +248,13 @@ fn invoke(
     input: u64,
 ) -> Result<(Invocation, Instant), RestoreError> {
     let pages = workload.invocation_pages(input);
-    let max = (MAILBOX_BYTES / 8) as usize;
+    let max = crate::usize_of(MAILBOX_BYTES / 8);
     if pages.len() > max {
         return Err(RestoreError::TooManyPages { input, pages: pages.len(), max });
     }
     let list: Vec<u8> = pages.iter().flat_map(|p| p.to_le_bytes()).collect();
     memory
-        .write_at(mailbox(index) as usize, &list)
+        .write_at(crate::usize_of(mailbox(index)), &list)
         .map_err(|source| RestoreError::Memory { backend: MemBackend::Uffd, source })?;
     let started = Instant::now();
     let faults_before = thread_faults();
@@ -272,13 +289,16 @@ fn expected_checksum(file: &File, workload: &Workload, input: u64, zeroed: &[(u6
 
 /// What an invocation reported.
 pub struct Ran {
+    /// The checksum the guest reported.
     pub checksum: u64,
     /// When its first instruction ran ([`PORT_STARTED`]).
     pub first_instruction: Instant,
 }
 
+/// Why an invocation did not reach DONE.
 #[derive(Debug)]
 pub enum RunError {
+    /// KVM failed.
     Vm(VmError),
     /// The guest stopped before DONE.
     Stopped(Exit),
@@ -311,7 +331,7 @@ fn thread_faults() -> u64 {
     if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
         return 0;
     }
-    (usage.ru_minflt + usage.ru_majflt) as u64
+    u64::try_from(usage.ru_minflt + usage.ru_majflt).unwrap_or(0)
 }
 
 fn micros(since: Instant) -> f64 {

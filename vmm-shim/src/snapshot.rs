@@ -13,6 +13,7 @@ use std::path::Path;
 
 /// Where the invocation program lives (the init program is at `CODE`).
 pub const INVOKE: u64 = CODE + 0x1000;
+/// The state file's first eight bytes.
 pub const STATE_MAGIC: [u8; 8] = *b"VMMSHIM\0";
 /// 3: the workload's `compute_rounds`.
 pub const STATE_VERSION: u32 = 3;
@@ -20,6 +21,7 @@ pub const STATE_VERSION: u32 = 3;
 /// What a restore needs besides memory: the workload and the vCPU state at READY.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmState {
+    /// The function the guest runs.
     pub workload: Workload,
     /// rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8..r15, rip, rflags at READY.
     pub regs: [u64; 18],
@@ -28,7 +30,9 @@ pub struct VmState {
     pub control: [u64; 4],
 }
 
+/// Why a snapshot could not be taken or read.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's message says what it is
 pub enum SnapshotError {
     #[error("guest memory: {0}")]
     Memory(io::Error),
@@ -46,16 +50,17 @@ pub enum SnapshotError {
 
 /// Boots `workload` to READY and writes `dir/mem` and `dir/state`.
 pub fn take(workload: &Workload, dir: &Path) -> Result<VmState, SnapshotError> {
-    let len = workload.mem_bytes() as usize;
+    let len = crate::usize_of(workload.mem_bytes());
     let layout = x86_layout(len);
     let memory = GuestMemory::map_regions(&layout, 0, Backing::Anonymous).map_err(SnapshotError::Memory)?;
     let top = layout.iter().map(|r| r.guest_addr + r.size).max().unwrap_or(0);
     for (at, bytes) in boot_structures(top as u64) {
-        memory.write_at(at as usize, &bytes).map_err(SnapshotError::Memory)?;
+        memory.write_at(crate::usize_of(at), &bytes).map_err(SnapshotError::Memory)?;
     }
     let assemble = |e: iced_x86::IcedError| SnapshotError::Assemble(e.to_string());
-    memory.write_at(CODE as usize, &init_program(CODE).map_err(assemble)?).map_err(SnapshotError::Memory)?;
-    memory.write_at(INVOKE as usize, &invoke_program(INVOKE).map_err(assemble)?).map_err(SnapshotError::Memory)?;
+    let (code, invoke) = (init_program(CODE).map_err(assemble)?, invoke_program(INVOKE).map_err(assemble)?);
+    memory.write_at(crate::usize_of(CODE), &code).map_err(SnapshotError::Memory)?;
+    memory.write_at(crate::usize_of(INVOKE), &invoke).map_err(SnapshotError::Memory)?;
     let mut vm = Vm::new(&memory)?;
     let vcpu = vm.vcpu(0);
     let mut regs = cpl3_regs(CODE, 0);

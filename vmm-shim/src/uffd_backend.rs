@@ -55,7 +55,9 @@ pub fn send_message(socket: &UnixStream, payload: &[u8], fd: Option<RawFd>) -> i
 /// Guest memory attached to a memory server: the socket (kept open: its closing ends the VM
 /// for the server) and the uffd.
 pub struct UffdAttachment {
+    /// The connection to the memory server.
     pub socket: UnixStream,
+    /// The userfaultfd over guest memory (the VMM keeps its copy, as Firecracker does).
     pub uffd: Uffd,
 }
 

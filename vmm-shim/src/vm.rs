@@ -6,7 +6,9 @@ use crate::memory::GuestMemory;
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
+/// A KVM failure.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's message says what it is
 pub enum VmError {
     #[error("cannot open /dev/kvm or create the VM: {0}")]
     Create(kvm_ioctls::Error),
@@ -16,6 +18,8 @@ pub enum VmError {
     Vcpu(kvm_ioctls::Error),
     #[error("KVM_RUN failed: {0}")]
     Run(kvm_ioctls::Error),
+    #[error("{0} guest memory regions are more than KVM has slots for")]
+    TooManyRegions(usize),
 }
 
 /// Why the vCPU stopped.
@@ -23,14 +27,18 @@ pub enum VmError {
 pub enum Exit {
     /// `out` to `port` with the value (1, 2 or 4 bytes, zero-extended).
     Out {
+        /// The I/O port.
         port: u16,
+        /// The value written.
         value: u32,
     },
     /// A triple fault: the guest hit an exception (it has no handlers).
     Shutdown,
+    /// Any other exit, as KVM named it.
     Other(String),
 }
 
+/// A KVM VM with its vCPUs.
 pub struct Vm {
     _vm: VmFd,
     vcpus: Vec<Vcpu>,
@@ -52,7 +60,7 @@ impl Vm {
         let vm = Kvm::new().and_then(|kvm| kvm.create_vm()).map_err(VmError::Create)?;
         for (index, region) in memory.regions.iter().enumerate() {
             let slot = kvm_userspace_memory_region {
-                slot: index as u32,
+                slot: u32::try_from(index).map_err(|_| VmError::TooManyRegions(memory.regions.len()))?,
                 guest_phys_addr: region.guest_addr as u64,
                 memory_size: region.size as u64,
                 userspace_addr: region.addr as u64,
@@ -73,28 +81,34 @@ impl Vm {
         Ok(Vm { _vm: vm, vcpus })
     }
 
+    /// vCPU `index`.
     pub fn vcpu(&mut self, index: usize) -> &mut Vcpu {
         &mut self.vcpus[index]
     }
 
+    /// Every vCPU.
     pub fn vcpus(&mut self) -> &mut [Vcpu] {
         &mut self.vcpus
     }
 }
 
 impl Vcpu {
+    /// The special registers.
     pub fn sregs(&self) -> Result<kvm_sregs, VmError> {
         self.fd.get_sregs().map_err(VmError::Vcpu)
     }
 
+    /// Sets the special registers.
     pub fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), VmError> {
         self.fd.set_sregs(sregs).map_err(VmError::Vcpu)
     }
 
+    /// The general registers.
     pub fn regs(&self) -> Result<kvm_regs, VmError> {
         self.fd.get_regs().map_err(VmError::Vcpu)
     }
 
+    /// Sets the general registers.
     pub fn set_regs(&self, regs: &kvm_regs) -> Result<(), VmError> {
         self.fd.set_regs(regs).map_err(VmError::Vcpu)
     }

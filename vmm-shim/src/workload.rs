@@ -17,8 +17,11 @@ use crate::guest::DATA;
 use iced_x86::code_asm::*;
 use serde::{Deserialize, Serialize};
 
+/// Runtime init is done: the snapshot is taken here.
 pub const PORT_READY: u16 = 0x10;
+/// An invocation's checksum (two 32-bit halves).
 pub const PORT_RESULT: u16 = 0x11;
+/// An invocation is done.
 pub const PORT_DONE: u16 = 0x12;
 /// The invocation's first instruction: lets the VMM time "first guest instruction".
 pub const PORT_STARTED: u16 = 0x13;
@@ -43,6 +46,7 @@ pub fn xorshift(mut x: u64) -> u64 {
 /// What the guest does; every knob settable, with presets.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Workload {
+    /// Guest memory size.
     pub mem_mib: u64,
     /// MiB of heap written by runtime init.
     pub init_mib: u64,
@@ -53,6 +57,7 @@ pub struct Workload {
     /// Rounds of xorshift64 the invocation computes after each page it touches (~2.5 ns each
     /// here): the function's work, between memory accesses as in a real function.
     pub compute_rounds: u64,
+    /// Seeds the heap's contents and the working sets' order.
     pub seed: u64,
 }
 
@@ -70,6 +75,7 @@ impl Workload {
         Some(Workload { mem_mib, init_mib, ws_pages, shared_fraction: 0.7, compute_rounds: 0, seed: 1 })
     }
 
+    /// Guest memory size in bytes.
     pub fn mem_bytes(&self) -> u64 {
         self.mem_mib << 20
     }
@@ -78,10 +84,10 @@ impl Workload {
     /// (a few swapped per input), input-specific chunks inserted at input-specific places.
     pub fn invocation_pages(&self, input: u64) -> Vec<u64> {
         let heap_chunks = ((self.init_mib << 20) / PAGE / CHUNK_PAGES).max(1);
-        let want = self.ws_pages.div_ceil(CHUNK_PAGES).min(heap_chunks) as usize;
+        let want = crate::usize_of(self.ws_pages.div_ceil(CHUNK_PAGES).min(heap_chunks));
         let mut order: Vec<u64> = (0..heap_chunks).collect();
         shuffle(&mut order, self.seed);
-        let shared = ((want as f64) * self.shared_fraction.clamp(0.0, 1.0)).round() as usize;
+        let shared = crate::share(want, self.shared_fraction);
         let (common, rest) = order.split_at(shared);
         let mut chunks = common.to_vec();
         let mut rng = self.seed ^ input.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -91,14 +97,14 @@ impl Workload {
                 break;
             }
             rng = xorshift(rng);
-            let pick = pool.swap_remove((rng % pool.len() as u64) as usize);
+            let pick = pool.swap_remove(below(rng, pool.len()));
             rng = xorshift(rng);
-            chunks.insert((rng % (chunks.len() as u64 + 1)) as usize, pick);
+            chunks.insert(below(rng, chunks.len() + 1), pick);
         }
         for _ in 0..chunks.len() / 16 {
             // Partly shuffled order: a few swaps per input.
             rng = xorshift(rng);
-            let (a, b) = ((rng % chunks.len() as u64) as usize, ((rng >> 32) % chunks.len() as u64) as usize);
+            let (a, b) = (below(rng, chunks.len()), below(rng >> 32, chunks.len()));
             chunks.swap(a, b);
         }
         chunks.iter().flat_map(|c| (c * CHUNK_PAGES..(c + 1) * CHUNK_PAGES).map(|p| DATA + p * PAGE)).collect()
@@ -109,8 +115,13 @@ fn shuffle(values: &mut [u64], seed: u64) {
     let mut rng = seed | 1;
     for i in (1..values.len()).rev() {
         rng = xorshift(rng);
-        values.swap(i, (rng % (i as u64 + 1)) as usize);
+        values.swap(i, below(rng, i + 1));
     }
+}
+
+/// A random index below `n` (> 0) from random bits `rng`.
+fn below(rng: u64, n: usize) -> usize {
+    crate::usize_of(rng % n as u64)
 }
 
 /// Runtime init: `rdi` = first address, `rsi` = qwords to write, `rdx` = seed (non-zero).

@@ -71,7 +71,8 @@ pub fn line_plot(file: &Path, labels: &Labels<'_>, series: &Series) -> Result<()
 /// Horizontal bars, one per (name, value), top to bottom, each labelled with its value.
 pub fn bar_plot(file: &Path, labels: &Labels<'_>, bars: &[(String, f64)]) -> Result<()> {
     let max = bars.iter().map(|b| b.1).filter(|v| v.is_finite()).fold(1.0, f64::max);
-    let root = BitMapBackend::new(file, (960, 120 + 60 * bars.len() as u32)).into_drawing_area();
+    let root = BitMapBackend::new(file, (960, 120 + 60 * u32::try_from(bars.len()).unwrap_or(u32::MAX / 120)))
+        .into_drawing_area();
     root.fill(&WHITE).context("plot")?;
     // Segment i is drawn at the top for i = 0.
     let row = |i: usize| bars.len() - 1 - i;

@@ -10,17 +10,23 @@ use serde::Serialize;
 /// One guest memory region as the VMM mapped it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Region {
+    /// Where the VMM mapped it.
     pub host: HostAddr,
+    /// Its length in bytes.
     pub size: u64,
+    /// Where its bytes start in the memory file.
     pub file_offset: FileOffset,
+    /// Its page size.
     pub page_size: PageSize,
 }
 
 impl Region {
+    /// The host address after its last byte.
     pub fn host_end(&self) -> u64 {
         self.host.0 + self.size
     }
 
+    /// Whether `addr` lies in the region.
     pub fn contains(&self, addr: HostAddr) -> bool {
         addr.0 >= self.host.0 && addr.0 < self.host_end()
     }
@@ -34,6 +40,7 @@ impl Region {
 
 /// Why a region list was refused. Indexes are positions in the VMM's JSON array.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[allow(missing_docs)] // each variant's message says what it is
 pub enum RegionError {
     #[error("the region list is empty")]
     Empty,
@@ -107,10 +114,12 @@ impl RegionMap {
         self.regions.iter().find(|r| r.contains(addr))
     }
 
+    /// The regions, by host address.
     pub fn regions(&self) -> &[Region] {
         &self.regions
     }
 
+    /// Guest memory bytes over all regions.
     pub fn total_bytes(&self) -> u64 {
         self.regions.iter().map(|r| r.size).sum()
     }

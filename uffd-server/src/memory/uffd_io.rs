@@ -7,26 +7,33 @@
 
 use crate::addr::HostAddr;
 use nix::errno::Errno;
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd};
 use userfaultfd::{Event, EventBuffer, Uffd};
 use userfaultfd_sys::{
-    uffdio_copy, uffdio_range, uffdio_zeropage, UFFDIO_COPY, UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_WAKE, UFFDIO_ZEROPAGE,
+    uffdio_copy, uffdio_range, uffdio_zeropage, UFFDIO_COPY, UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_ZEROPAGE,
     UFFDIO_ZEROPAGE_MODE_DONTWAKE,
 };
 
 /// What an ioctl on the uffd can report that the fault loop must act on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum IoctlError {
+    /// Some page of the range is present.
     #[error("the range is already populated (EEXIST)")]
     Exists,
     /// A memory-layout event (REMOVE, UNMAP, …) is pending and must be read first; `copied`
     /// bytes from the start of the range were placed before it stopped.
     #[error("a memory-layout event is pending; {copied} bytes were placed (EAGAIN)")]
-    Again { copied: u64 },
+    Again {
+        /// Bytes placed from the start of the range.
+        copied: u64,
+    },
+    /// The VMM exited.
     #[error("the VMM's address space is gone (ESRCH)")]
     VmGone,
-    #[error("the range is not registered on this uffd anymore (ENOENT)")]
+    /// The range is not (or not wholly) one registered mapping.
+    #[error("the range is not registered on this uffd as one mapping (ENOENT)")]
     NotRegistered,
+    /// Anything else.
     #[error("userfaultfd ioctl failed: {0}")]
     Other(Errno),
 }
@@ -35,7 +42,7 @@ impl IoctlError {
     fn from_errno(errno: Errno, copied: i64) -> Self {
         match errno {
             Errno::EEXIST => IoctlError::Exists,
-            Errno::EAGAIN => IoctlError::Again { copied: copied.max(0) as u64 },
+            Errno::EAGAIN => IoctlError::Again { copied: u64::try_from(copied).unwrap_or(0) },
             Errno::ESRCH => IoctlError::VmGone,
             Errno::ENOENT => IoctlError::NotRegistered,
             other => IoctlError::Other(other),
@@ -45,6 +52,7 @@ impl IoctlError {
 
 /// An event read from the uffd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(missing_docs)] // the fields are the kernel's
 pub enum UffdEvent {
     /// A thread touched a missing page at `addr`.
     Fault { addr: HostAddr, write: bool },
@@ -59,10 +67,13 @@ pub enum UffdEvent {
     Fork,
 }
 
+/// Why reading events failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
+    /// The uffd has no VMM behind it any more.
     #[error("the uffd reported end of file")]
     Eof,
+    /// Anything else.
     #[error("reading the uffd failed: {0}")]
     Read(String),
 }
@@ -82,10 +93,6 @@ impl Userfaultfd {
         // SAFETY: `into_raw_fd` hands over sole ownership of an open fd, which `Uffd` closes on drop.
         let uffd = unsafe { <Uffd as std::os::fd::FromRawFd>::from_raw_fd(fd.into_raw_fd()) };
         Ok(Userfaultfd { uffd })
-    }
-
-    pub fn as_raw_fd(&self) -> i32 {
-        self.uffd.as_raw_fd()
     }
 
     /// Reads every pending event (never blocks) and appends them to `out`.
@@ -121,7 +128,7 @@ impl Userfaultfd {
     pub fn copy(&self, src: &[u8], dst: HostAddr, wake: bool) -> Result<u64, IoctlError> {
         let mut arg = uffdio_copy {
             dst: dst.0,
-            src: src.as_ptr() as u64,
+            src: src.as_ptr() as usize as u64,
             len: src.len() as u64,
             mode: if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE },
             copy: 0,
@@ -131,7 +138,7 @@ impl Userfaultfd {
         // populated only if missing (see the module comment), so no observable memory changes.
         let ret = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_COPY as _, &mut arg) };
         if ret == 0 {
-            Ok(arg.copy as u64)
+            Ok(u64::try_from(arg.copy).unwrap_or(0))
         } else {
             Err(IoctlError::from_errno(Errno::last(), arg.copy))
         }
@@ -147,21 +154,22 @@ impl Userfaultfd {
         // SAFETY: as for `copy`: a valid argument struct, and only missing pages are populated.
         let ret = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut arg) };
         if ret == 0 {
-            Ok(arg.zeropage as u64)
+            Ok(u64::try_from(arg.zeropage).unwrap_or(0))
         } else {
             Err(IoctlError::from_errno(Errno::last(), arg.zeropage))
         }
     }
 
     /// Wakes threads waiting for faults in `[dst, dst + len)`.
-    pub fn wake(&self, dst: HostAddr, len: u64) -> Result<(), IoctlError> {
-        let mut arg = uffdio_range { start: dst.0, len };
-        // SAFETY: a valid uffdio_range; UFFDIO_WAKE changes no memory.
-        let ret = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_WAKE as _, &mut arg) };
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(IoctlError::from_errno(Errno::last(), 0))
-        }
+    #[allow(clippy::cast_possible_truncation)] // host addresses are pointers of a 64-bit VMM
+    pub fn wake(&self, dst: HostAddr, len: u64) -> Result<(), userfaultfd::Error> {
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        self.uffd.wake(dst.0 as usize as *mut std::ffi::c_void, len)
+    }
+}
+
+impl AsFd for Userfaultfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.uffd.as_fd()
     }
 }

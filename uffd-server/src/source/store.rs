@@ -2,18 +2,20 @@
 //! VMs restored from it. A memory budget evicts idle snapshots, least recently used first; a
 //! snapshot some VM still uses is never evicted (its pages may be needed by the next fault).
 
-use crate::snapshot::{Snapshot, SnapshotError, Storage};
+use super::snapshot::{Snapshot, SnapshotError, Storage};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+/// One snapshot the server knows: its file, and its pages while loaded.
 struct Entry {
     path: PathBuf,
     loaded: Option<Arc<Snapshot>>,
     last_used: Instant,
 }
 
+/// Every snapshot the server serves, by name.
 pub struct SnapshotStore {
     entries: Mutex<BTreeMap<String, Entry>>,
     budget_bytes: u64,
@@ -21,6 +23,8 @@ pub struct SnapshotStore {
 }
 
 impl SnapshotStore {
+    /// A store of `snapshots` (name, memory file), none loaded yet, holding at most
+    /// `budget_bytes` of idle snapshots in RAM.
     pub fn new(snapshots: impl IntoIterator<Item = (String, PathBuf)>, budget_bytes: u64, storage: Storage) -> Self {
         let now = Instant::now();
         let entries =
@@ -28,6 +32,7 @@ impl SnapshotStore {
         SnapshotStore { entries: Mutex::new(entries), budget_bytes, storage }
     }
 
+    /// The snapshots' names, in order.
     pub fn names(&self) -> Vec<String> {
         self.lock().keys().cloned().collect()
     }
@@ -62,9 +67,9 @@ impl SnapshotStore {
         tracing::info!(
             snapshot = name,
             bytes = snapshot.len(),
-            resident = snapshot.resident_bytes(),
+            resident = snapshot.pages().resident_bytes(),
             zero_pages = snapshot.zero_page_count(),
-            ms = started.elapsed().as_millis() as u64,
+            ms = started.elapsed().as_millis(),
             "snapshot loaded"
         );
         entry.loaded = Some(Arc::clone(&snapshot));
@@ -115,7 +120,7 @@ impl SnapshotStore {
 }
 
 fn resident_bytes(entries: &BTreeMap<String, Entry>) -> u64 {
-    entries.values().filter_map(|e| e.loaded.as_ref()).map(|s| s.resident_bytes()).sum()
+    entries.values().filter_map(|e| e.loaded.as_ref()).map(|s| s.pages().resident_bytes()).sum()
 }
 
 #[cfg(test)]

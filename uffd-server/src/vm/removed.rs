@@ -15,6 +15,7 @@ pub struct RemovedRanges {
 }
 
 impl RemovedRanges {
+    /// Marks `[start, end)` removed.
     pub fn insert(&mut self, start: HostAddr, end: HostAddr) {
         let (mut start, mut end) = (start.0, end.0);
         if start >= end {
@@ -37,6 +38,7 @@ impl RemovedRanges {
         self.ranges.range(..end).next_back().is_some_and(|(_, &e)| e > start.0)
     }
 
+    /// Whether nothing was removed.
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty()
     }

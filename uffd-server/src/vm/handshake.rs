@@ -6,7 +6,7 @@
 //! connection and the server goes on serving everyone else.
 
 use crate::addr::{FileOffset, HostAddr, PageSize};
-use crate::regions::Region;
+use crate::memory::regions::Region;
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use serde_json::Value;
 use std::io::IoSliceMut;
@@ -17,14 +17,21 @@ use std::os::unix::net::UnixStream;
 /// hundreds of regions would still fit in 64 KiB.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
+/// Most fds one SCM_RIGHTS message can carry (Linux `SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
+
 /// A handshake as received: the VMM's regions (unvalidated against the snapshot) and its uffd.
 #[derive(Debug)]
 pub struct Handshake {
+    /// The regions in the VMM's order.
     pub regions: Vec<Region>,
+    /// The VM's userfaultfd.
     pub uffd: OwnedFd,
 }
 
+/// Why a handshake was refused; the message names the field or region.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's message says what it is
 pub enum HandshakeError {
     #[error("no handshake message before the timeout")]
     Timeout,
@@ -77,7 +84,10 @@ pub fn receive(stream: &UnixStream) -> Result<Handshake, HandshakeError> {
 /// One `recvmsg`: Firecracker sends the whole handshake in a single `sendmsg`.
 fn receive_with_fds(fd: RawFd, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), HandshakeError> {
     let mut iov = [IoSliceMut::new(buf)];
-    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    // Room for every fd one message can carry (the kernel's SCM_MAX_FD): with less, a peer
+    // sending more would truncate the control data, and the fds received before the cut
+    // could not be owned and closed (nix refuses to parse a truncated buffer).
+    let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let msg = match recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
         Ok(msg) => msg,
         Err(nix::errno::Errno::EAGAIN) => return Err(HandshakeError::Timeout),

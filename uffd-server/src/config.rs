@@ -1,0 +1,129 @@
+//! What a server serves and how: its configuration, checked before any socket is bound.
+
+use crate::control::CONTROL_SOCKET;
+use crate::source::snapshot::Storage;
+use crate::vm::demand::Demand;
+use prefetch::plan::PlanConfig;
+use prefetch::policy::PrefetchPolicy;
+use prefetch::record::RecordWindow;
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A server's configuration.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Where the sockets are: `NAME.sock` per snapshot, and the control socket.
+    pub socket_dir: PathBuf,
+    /// (name, memory file) pairs; the socket of `name` is `socket_dir/name.sock`.
+    pub snapshots: Vec<(String, PathBuf)>,
+    /// RAM budget for loaded snapshots; idle ones are evicted beyond it.
+    pub cache_bytes: u64,
+    /// Snapshots held in RAM, or read from their files on each fault.
+    pub storage: Storage,
+    /// How demand faults are served.
+    pub demand: Demand,
+    /// When non-empty, only peers with one of these uids may attach.
+    pub allow_uids: Vec<u32>,
+    /// How long a connecting VMM may take to send its handshake.
+    pub handshake_timeout: Duration,
+    /// The working-set file of the (single) snapshot: recorded into, prefetched from, refined.
+    pub working_set: Option<PathBuf>,
+    /// A loading-set file of the (single) snapshot: `union` prefetches its batches from it.
+    pub loading_set: Option<PathBuf>,
+    /// Serve or record.
+    pub mode: Mode,
+}
+
+/// What the server does with the VMs it serves.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    /// Serve, prefetching by `policy`; with a working set, demand faults on pages new to it are
+    /// merged into it when the VM ends (online refinement).
+    Serve {
+        /// What is placed ahead of the guest.
+        policy: PrefetchPolicy,
+        /// `union`: only pages seen in at least this fraction of the runs.
+        min_frequency: f64,
+        /// How pages become batches.
+        plan: PlanConfig,
+    },
+    /// Serve on demand and merge each VM's first touches into the working set as a run.
+    Record {
+        /// When a VM's run stops recording.
+        window: RecordWindow,
+    },
+}
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's message says what it is
+pub enum ServerError {
+    #[error("no snapshot given")]
+    NoSnapshots,
+    #[error("snapshot name `{0}` is not valid: use letters, digits, '.', '_' and '-'")]
+    BadName(String),
+    #[error("snapshot name `{0}` is given twice")]
+    DuplicateName(String),
+    #[error("a working-set file belongs to exactly one snapshot, got {0} snapshots")]
+    WorkingSetNeedsOneSnapshot(usize),
+    #[error("{0:?} needs a working set (--working-set)")]
+    PolicyNeedsWorkingSet(PrefetchPolicy),
+    #[error("a loading set is prefetched by --prefetch union, and belongs to exactly one snapshot")]
+    LoadingSetNeedsUnion,
+    #[error("cannot create socket directory {0}: {1}")]
+    SocketDir(PathBuf, io::Error),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(PathBuf, io::Error),
+}
+
+impl ServerConfig {
+    /// Checks that the configuration makes sense before anything is bound or loaded.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        if self.snapshots.is_empty() {
+            return Err(ServerError::NoSnapshots);
+        }
+        if self.working_set.is_some() && self.snapshots.len() != 1 {
+            return Err(ServerError::WorkingSetNeedsOneSnapshot(self.snapshots.len()));
+        }
+        let policy = self.policy();
+        let loading_set_plans = policy == Some(PrefetchPolicy::Union) && self.loading_set.is_some();
+        if let Some(policy) = policy.filter(|p| p.needs_working_set()) {
+            if self.working_set.is_none() && !loading_set_plans {
+                return Err(ServerError::PolicyNeedsWorkingSet(policy));
+            }
+        }
+        if self.loading_set.is_some() && (policy != Some(PrefetchPolicy::Union) || self.snapshots.len() != 1) {
+            return Err(ServerError::LoadingSetNeedsUnion);
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (name, _) in &self.snapshots {
+            if !is_valid_name(name) {
+                return Err(ServerError::BadName(name.clone()));
+            }
+            if !names.insert(name.as_str()) {
+                return Err(ServerError::DuplicateName(name.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The prefetch policy when serving; None when recording.
+    pub fn policy(&self) -> Option<PrefetchPolicy> {
+        match self.mode {
+            Mode::Serve { policy, .. } => Some(policy),
+            Mode::Record { .. } => None,
+        }
+    }
+
+    /// The socket of snapshot `name`.
+    pub fn socket_path(&self, name: &str) -> PathBuf {
+        self.socket_dir.join(format!("{name}.sock"))
+    }
+}
+
+fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != CONTROL_SOCKET.trim_end_matches(".sock")
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}

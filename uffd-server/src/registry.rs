@@ -1,0 +1,136 @@
+//! Every VM the server has attached, live or recently ended, with its counters: what the
+//! control socket reports and where it finds a VM by id.
+
+use crate::stats::{VmStats, VmStatsReport};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Ended VMs kept for the stats endpoint.
+const ENDED_VMS_KEPT: usize = 1024;
+
+/// One attached VM, as the control socket sees it.
+pub struct VmRecord {
+    /// The server's id for it (in its thread's name and log lines).
+    pub id: u64,
+    /// The snapshot it was restored from.
+    pub snapshot: String,
+    /// The VMM's pid (SO_PEERCRED).
+    pub peer_pid: i32,
+    started: Instant,
+    /// Its counters, updated by its thread.
+    pub stats: VmStats,
+    /// Set through the control socket: end this VM's record window now.
+    pub end_recording: AtomicBool,
+    end: Mutex<Option<(String, Duration)>>,
+}
+
+/// A VM as `uffd-server stats` reports it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmReport {
+    /// The server's id for it.
+    pub id: u64,
+    /// The snapshot it was restored from.
+    pub snapshot: String,
+    /// The VMM's pid.
+    pub peer_pid: i32,
+    /// Why it ended; None while it is attached.
+    pub ended: Option<String>,
+    /// Seconds since it attached (until it ended).
+    pub seconds: f64,
+    /// Its counters.
+    pub counters: VmStatsReport,
+}
+
+impl VmRecord {
+    /// A VM attaching now.
+    pub fn new(id: u64, snapshot: &str, peer_pid: i32) -> VmRecord {
+        VmRecord {
+            id,
+            snapshot: snapshot.into(),
+            peer_pid,
+            started: Instant::now(),
+            stats: VmStats::default(),
+            end_recording: AtomicBool::new(false),
+            end: Mutex::new(None),
+        }
+    }
+
+    /// When it attached.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Why and after how long it ended, once it has.
+    pub fn ended(&self) -> Option<(String, Duration)> {
+        self.lock_end().clone()
+    }
+
+    /// Marks it ended; returns how long it was served.
+    pub fn set_ended(&self, why: String) -> Duration {
+        let elapsed = self.started.elapsed();
+        *self.lock_end() = Some((why, elapsed));
+        elapsed
+    }
+
+    /// Its report now.
+    pub fn report(&self) -> VmReport {
+        let ended = self.ended();
+        let seconds = ended.as_ref().map_or(self.started.elapsed(), |(_, d)| *d).as_secs_f64();
+        VmReport {
+            id: self.id,
+            snapshot: self.snapshot.clone(),
+            peer_pid: self.peer_pid,
+            ended: ended.map(|(why, _)| why),
+            seconds,
+            counters: self.stats.report(),
+        }
+    }
+
+    fn lock_end(&self) -> MutexGuard<'_, Option<(String, Duration)>> {
+        // Only ever set whole: a poisoned lock holds a consistent value.
+        self.end.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The VMs of a server.
+#[derive(Default)]
+pub struct Registry {
+    next_id: AtomicU64,
+    vms: Mutex<Vec<Arc<VmRecord>>>,
+}
+
+impl Registry {
+    /// A fresh id for a connection.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Adds an attached VM, forgetting the oldest ended one beyond [`ENDED_VMS_KEPT`].
+    pub fn add(&self, record: Arc<VmRecord>) {
+        let mut vms = self.lock();
+        let ended = vms.iter().filter(|v| v.ended().is_some()).count();
+        if ended >= ENDED_VMS_KEPT {
+            if let Some(oldest) = vms.iter().position(|v| v.ended().is_some()) {
+                vms.remove(oldest);
+            }
+        }
+        vms.push(record);
+    }
+
+    /// Every VM's report.
+    pub fn reports(&self) -> Vec<VmReport> {
+        self.lock().iter().map(|v| v.report()).collect()
+    }
+
+    /// The VM with id `id`, if known.
+    pub fn find(&self, id: u64) -> Option<Arc<VmRecord>> {
+        self.lock().iter().find(|v| v.id == id).cloned()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Arc<VmRecord>>> {
+        // Entries are added or removed whole: a poisoned lock holds a consistent list.
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

@@ -1,0 +1,127 @@
+//! Which 4 KiB pages of a memory file are all zeros: one bit per page.
+//!
+//! Zero pages are never copied (FaaSnap): a read fault maps the shared zero page, a write fault
+//! gets a copy of zeros. Sparse files' holes are found with SEEK_DATA/SEEK_HOLE, never read.
+
+use crate::addr::{FileOffset, BASE_PAGE};
+use bitvec::vec::BitVec;
+use nix::unistd::{lseek, Whence};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+/// One bit per 4 KiB page of a file: set when the page is known to be all zeros.
+#[derive(Debug)]
+pub struct ZeroPages {
+    bits: BitVec,
+}
+
+impl ZeroPages {
+    /// Every page of a `len`-byte file zero except the data extents (holes are zero).
+    pub fn from_holes(file: &File, len: u64) -> ZeroPages {
+        let mut zero = ZeroPages { bits: BitVec::repeat(true, page_count(len)) };
+        for (start, end) in data_extents(file, len) {
+            zero.bits[page_index(start)..page_index(end)].fill(false);
+        }
+        zero
+    }
+
+    /// Every page of a `len`-byte file zero; data pages are marked with [`ZeroPages::set_data`].
+    pub fn all_zero(len: u64) -> ZeroPages {
+        ZeroPages { bits: BitVec::repeat(true, page_count(len)) }
+    }
+
+    /// Marks page `index` as holding data.
+    pub fn set_data(&mut self, index: usize) {
+        if index < self.bits.len() {
+            self.bits.set(index, false);
+        }
+    }
+
+    /// Whether every page overlapping `[offset, offset + len)` is zero (false past the end).
+    pub fn covers(&self, offset: FileOffset, len: u64) -> bool {
+        let first = page_index(offset.0);
+        let last = page_index(offset.0.saturating_add(len).div_ceil(BASE_PAGE) * BASE_PAGE);
+        last <= self.bits.len() && self.bits.get(first..last).is_some_and(|bits| bits.all())
+    }
+
+    /// Number of zero pages.
+    pub fn count(&self) -> usize {
+        self.bits.count_ones()
+    }
+
+    /// Number of pages.
+    pub fn len(&self) -> usize {
+        self.bits.len()
+    }
+
+    /// Whether the file has no pages.
+    pub fn is_empty(&self) -> bool {
+        self.bits.is_empty()
+    }
+
+    /// `[first, end)` page runs that are all zero, in order.
+    pub fn zero_runs(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let start = at + self.bits[at..].first_one()?;
+            let end = start + self.bits[start..].first_zero().unwrap_or(self.bits.len() - start);
+            at = end;
+            Some((start, end))
+        })
+    }
+}
+
+fn page_count(len: u64) -> usize {
+    page_index(len.div_ceil(BASE_PAGE) * BASE_PAGE)
+}
+
+fn page_index(offset: u64) -> usize {
+    usize::try_from(offset / BASE_PAGE).unwrap_or(usize::MAX)
+}
+
+/// `[start, end)` ranges of `file` that may hold data, page aligned. Falls back to the whole
+/// file where the filesystem cannot report holes.
+pub fn data_extents(file: &File, len: u64) -> Vec<(u64, u64)> {
+    let fd = file.as_raw_fd();
+    let Ok(end_of_file) = i64::try_from(len) else {
+        return vec![(0, len)];
+    };
+    let mut extents = Vec::new();
+    let mut pos: i64 = 0;
+    while pos < end_of_file {
+        let start = match lseek(fd, pos, Whence::SeekData) {
+            Ok(start) => start,
+            Err(nix::errno::Errno::ENXIO) => break, // only a hole is left
+            Err(_) => {
+                extents.push((pos.unsigned_abs(), len)); // no hole support: read the rest
+                break;
+            }
+        };
+        let end = lseek(fd, start, Whence::SeekHole).unwrap_or(end_of_file).min(end_of_file);
+        // Extents are page-aligned on every filesystem we know; round outward to be sure.
+        let aligned_start = start.unsigned_abs() / BASE_PAGE * BASE_PAGE;
+        let aligned_end = end.unsigned_abs().div_ceil(BASE_PAGE) * BASE_PAGE;
+        extents.push((aligned_start, aligned_end.min(len)));
+        pos = end;
+    }
+    extents
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_and_coverage() {
+        let mut zero = ZeroPages::all_zero(10 * BASE_PAGE);
+        for data in [0, 4, 5, 9] {
+            zero.set_data(data);
+        }
+        assert_eq!(zero.zero_runs().collect::<Vec<_>>(), vec![(1, 4), (6, 9)]);
+        assert_eq!((zero.count(), zero.len()), (6, 10));
+        assert!(zero.covers(FileOffset(BASE_PAGE), 3 * BASE_PAGE));
+        assert!(!zero.covers(FileOffset(BASE_PAGE), 4 * BASE_PAGE), "page 4 holds data");
+        assert!(zero.covers(FileOffset(BASE_PAGE + 1), 10), "a partial page counts whole");
+        assert!(!zero.covers(FileOffset(9 * BASE_PAGE), 2 * BASE_PAGE), "past the end is not zero");
+    }
+}

@@ -1,0 +1,152 @@
+//! One attached VM, from its handshake to its end.
+//!
+//! [`handshake`] and [`crate::memory::regions`] turn the VMM's message into a validated region
+//! map; then the
+//! [`fault_loop`] — the only reader of the VM's events — drives three stages, each owning its
+//! state and returning a [`Step`]: [`demand`] serves faults, [`prefetcher`] places the plan
+//! ahead of the guest, [`learner`] records first touches. Ranges the guest gave back are kept
+//! in [`removed`].
+//!
+//! A panic never freezes a guest unseen: one in the prefetch or learning stage is contained and
+//! leaves the VM served on demand; one anywhere else ends that VM with a logged error, and the
+//! server's other VMs go on.
+
+pub mod demand;
+pub mod fault_loop;
+pub mod handshake;
+pub mod learner;
+pub mod prefetcher;
+pub mod removed;
+
+use crate::addr::{HostAddr, BASE_PAGE};
+use crate::memory::placer::Placer;
+use crate::memory::regions::{Region, RegionMap};
+use crate::source::PageSource;
+use crate::stats::VmStats;
+use fault_loop::FaultLoop;
+use learner::{Learned, Learner};
+use prefetch::PageIndex;
+use prefetcher::Prefetcher;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// What every stage places into: one VM's memory, and where its bytes come from.
+pub struct Guest<'a> {
+    /// Places pieces through the VM's uffd.
+    pub placer: Placer<'a>,
+    /// The VM's regions.
+    pub regions: &'a RegionMap,
+    /// The snapshot's bytes.
+    pub snapshot: &'a dyn PageSource,
+    /// The VM's counters.
+    pub stats: &'a VmStats,
+}
+
+impl Guest<'_> {
+    /// Wakes every thread waiting anywhere in the VM's memory: after a stage was cut short, a
+    /// thread may sleep on a page it placed without waking.
+    pub fn wake_all(&self) {
+        for region in self.regions.regions() {
+            if let Err(e) = self.placer.uffd().wake(region.host, region.size) {
+                tracing::debug!(host = %region.host, "wake of a region failed: {e}");
+            }
+        }
+    }
+}
+
+/// What a stage's step came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Its work is done.
+    Done,
+    /// A memory-layout event is pending: the loop reads events, then asks again.
+    NeedEvents,
+    /// The VMM's address space is gone.
+    Gone,
+}
+
+/// A demand fault, located in its region.
+#[derive(Clone, Copy, Debug)]
+pub struct Fault {
+    /// The faulting page (aligned to the region's page size).
+    pub page: HostAddr,
+    /// Whether the access was a write.
+    pub write: bool,
+    /// The region holding it.
+    pub region: Region,
+    /// The 4 KiB file page of the faulting address.
+    pub file_page: PageIndex,
+}
+
+impl Fault {
+    /// Locates a fault at `addr`; None when no region holds it.
+    pub fn locate(regions: &RegionMap, addr: HostAddr, write: bool) -> Option<Fault> {
+        let region = *regions.find(addr)?;
+        let file_page = region.file_offset_of(addr).0 / BASE_PAGE;
+        Some(Fault { page: addr.align_down(region.page_size.bytes()), write, region, file_page })
+    }
+}
+
+/// Why a VM's service ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEnd {
+    /// The VMM closed its socket (it exited, or was killed).
+    VmmClosed,
+    /// The uffd reported POLLHUP/POLLERR.
+    UffdHangup,
+    /// The VMM's address space is gone (ESRCH from an ioctl).
+    AddressSpaceGone,
+    /// The loop could not go on (a poll or read failure).
+    Failed(String),
+    /// Serving panicked outside the stages that can be dropped.
+    Panicked(String),
+}
+
+impl VmEnd {
+    /// Whether the end is an error of ours rather than the VMM going away.
+    pub fn is_error(&self) -> bool {
+        matches!(self, VmEnd::Failed(_) | VmEnd::Panicked(_))
+    }
+}
+
+impl std::fmt::Display for VmEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmEnd::VmmClosed => write!(f, "VMM closed its socket"),
+            VmEnd::UffdHangup => write!(f, "userfaultfd hung up"),
+            VmEnd::AddressSpaceGone => write!(f, "VMM address space gone"),
+            VmEnd::Failed(why) => write!(f, "fault loop failed: {why}"),
+            VmEnd::Panicked(why) => write!(f, "serving the VM panicked: {why}"),
+        }
+    }
+}
+
+/// Serves one VM until it ends: its stages in a fault loop, a panic contained. Returns how it
+/// ended and what it taught us.
+pub fn serve(
+    guest: Guest<'_>,
+    socket: &std::os::unix::net::UnixStream,
+    demand: demand::Demand,
+    prefetcher: Option<Prefetcher<'_>>,
+    learner: Option<Learner<'_>>,
+) -> (VmEnd, Learned) {
+    let mut fault_loop = FaultLoop::new(guest, socket, demand, prefetcher, learner);
+    let end = match contain(|| fault_loop.run()) {
+        Ok(end) => end,
+        Err(panic) => {
+            crate::stats::count(&fault_loop.guest().stats.stage_panics, 1);
+            VmEnd::Panicked(panic)
+        }
+    };
+    (end, fault_loop.finish())
+}
+
+/// Runs `f`, turning a panic into its message.
+pub(crate) fn contain<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into())
+    })
+}

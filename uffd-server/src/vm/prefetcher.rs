@@ -1,0 +1,209 @@
+//! The prefetch stage: the plan placed ahead of the guest, on the VM's fault thread.
+//!
+//! Synchronous plans (`eager`, `reap`) are placed before any fault is served. A background plan
+//! (`union`) is placed one batch per idle turn of the loop, so a demand fault waits for at most
+//! one small batch. A fault in a batch not placed yet means the guest overtook the plan: that
+//! batch and the following ones, up to [`PULL_FORWARD_BURST_BYTES`], are placed without waking
+//! and woken together (one wake-up per burst: a cross-CPU wake-up here costs more than copying
+//! a 32 KiB batch), and the plan goes on after them. Deferred batches (pages seen in fewer than
+//! half the runs) wait until the guest has not faulted for [`QUIET_BEFORE_DEFERRED`].
+
+use super::removed::RemovedRanges;
+use super::{Fault, Guest, Step};
+use crate::addr::{FileOffset, BASE_PAGE};
+use crate::memory::pieces::pieces;
+use crate::memory::placer::{Access, Stop, Wake};
+use crate::source::loading_set::BatchBytes;
+use crate::source::PageSource;
+use crate::stats::count;
+use prefetch::loading_set::LoadingSet;
+use prefetch::plan::{BatchKind, Plan};
+use prefetch::prefetcher::PrefetchSchedule;
+use prefetch::PageIndex;
+use std::time::{Duration, Instant};
+
+/// Deferred batches wait until the guest has not demand-faulted for this long.
+pub const QUIET_BEFORE_DEFERRED: Duration = Duration::from_millis(1);
+
+/// How much of the plan a fault that overtook it pulls forward at once: ~100 µs of copying,
+/// the most another fault can wait.
+pub const PULL_FORWARD_BURST_BYTES: u64 = 256 * 1024;
+
+/// The prefetch stage of one VM.
+pub struct Prefetcher<'a> {
+    schedule: PrefetchSchedule<'a>,
+    synchronous: bool,
+    /// The bytes of the plan's batches, when it came from a loading-set file.
+    loading_set: Option<&'a LoadingSet>,
+    /// When the VM attached: the plan's completion is timed from there.
+    attached: Instant,
+    last_demand: Option<Instant>,
+    /// A batch a pending event interrupted: its index and the file offset placed up to.
+    resume: Option<(usize, u64)>,
+    /// Pieces that could not be placed (left to demand faults).
+    failed_pieces: u64,
+}
+
+/// What pulling the plan forward for a fault came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pulled {
+    /// The faulting page is placed (and woken).
+    Covered,
+    /// The fault still needs serving: no unplaced batch holds it, or it was removed.
+    NotCovered,
+    /// Placing stopped: read events and ask again, or the VM is gone.
+    Stopped(Step),
+}
+
+impl<'a> Prefetcher<'a> {
+    /// The stage for `plan` (None when it is empty); `loading_set` holds its batches' bytes.
+    pub fn new(plan: &'a Plan, loading_set: Option<&'a LoadingSet>, attached: Instant) -> Option<Prefetcher<'a>> {
+        (!plan.is_empty()).then(|| Prefetcher {
+            schedule: PrefetchSchedule::new(plan),
+            synchronous: plan.synchronous,
+            loading_set,
+            attached,
+            last_demand: None,
+            resume: None,
+            failed_pieces: 0,
+        })
+    }
+
+    /// Whether a synchronous plan is still being placed (faults wait meanwhile).
+    pub fn is_installing(&self) -> bool {
+        self.synchronous && !self.schedule.is_finished()
+    }
+
+    /// Pages placed so far.
+    pub fn placed_pages(&self) -> u64 {
+        self.schedule.placed_pages()
+    }
+
+    /// When the next batch may be placed: now (zero), after a wait (a deferred batch while the
+    /// guest still faults), or never (None: nothing left).
+    pub fn next_wait(&mut self) -> Option<Duration> {
+        let next = self.schedule.next_batch()?;
+        if !self.schedule.is_deferred(next) {
+            return Some(Duration::ZERO);
+        }
+        let quiet_for = self.last_demand.map_or(QUIET_BEFORE_DEFERRED, |t| t.elapsed());
+        Some(QUIET_BEFORE_DEFERRED.saturating_sub(quiet_for))
+    }
+
+    /// The plan's view of a demand fault on `file_page`.
+    pub fn note_demand(&mut self, guest: &Guest<'_>, file_page: PageIndex) {
+        self.last_demand = Some(Instant::now());
+        if !self.schedule.is_finished() {
+            count(&guest.stats.faults_during_prefetch, 1);
+        }
+        if self.schedule.batch_containing(file_page).is_none() {
+            count(&guest.stats.faults_outside_plan, 1);
+        }
+    }
+
+    /// Places the next batch of the plan.
+    pub fn place_next(&mut self, guest: &Guest<'_>, removed: &RemovedRanges) -> Step {
+        fail::fail_point!("prefetch-step");
+        match self.schedule.next_batch() {
+            Some(index) => self.place_batch(guest, removed, index, Wake::Now),
+            None => Step::Done,
+        }
+    }
+
+    /// A fault in a batch not placed yet: places that batch and the (not deferred) ones after
+    /// it in plan order, up to [`PULL_FORWARD_BURST_BYTES`], then wakes them together.
+    pub fn pull_forward(&mut self, guest: &Guest<'_>, removed: &RemovedRanges, fault: &Fault) -> Pulled {
+        let Some(first) = self.schedule.batch_containing(fault.file_page).filter(|&b| !self.schedule.is_placed(b))
+        else {
+            return Pulled::NotCovered;
+        };
+        if self.resume.is_none_or(|(batch, _)| batch != first) {
+            count(&guest.stats.faults_unreached_plan, 1);
+        }
+        self.schedule.follow(first);
+        let failed_before = self.failed_pieces;
+        let (mut burst, mut bytes, mut next, mut step) = (Vec::new(), 0, Some(first), Step::Done);
+        while let Some(index) = next {
+            burst.push(index);
+            step = self.place_batch(guest, removed, index, Wake::Later);
+            if step != Step::Done {
+                break;
+            }
+            bytes += self.schedule.batch(index).pages * BASE_PAGE;
+            // The burst never runs into deferred batches: one-off pages of other inputs.
+            next = if bytes < PULL_FORWARD_BURST_BYTES {
+                self.schedule.next_batch().filter(|&i| !self.schedule.is_deferred(i))
+            } else {
+                None
+            };
+        }
+        for index in burst {
+            let batch = self.schedule.batch(index);
+            let (start, end) = (FileOffset(batch.first_page * BASE_PAGE), FileOffset(batch.end_page() * BASE_PAGE));
+            pieces(guest.regions, start, end).for_each(|piece| guest.placer.wake(&piece));
+        }
+        let unit = fault.region.page_size.bytes();
+        match step {
+            Step::Done if !removed.overlaps(fault.page, unit) && self.failed_pieces == failed_before => Pulled::Covered,
+            Step::Done => Pulled::NotCovered, // a removed page still needs its zeros
+            stopped => Pulled::Stopped(stopped),
+        }
+    }
+
+    /// Places plan batch `index` (from where a pending event interrupted it, if it did).
+    fn place_batch(&mut self, guest: &Guest<'_>, removed: &RemovedRanges, index: usize, wake: Wake) -> Step {
+        let batch = *self.schedule.batch(index);
+        let from = match self.resume {
+            Some((batch, offset)) if batch == index => offset,
+            _ => batch.first_page * BASE_PAGE,
+        };
+        let data = self.loading_set.and_then(|loading_set| loading_set.data(index));
+        if data.is_none() && self.loading_set.is_some() && batch.kind == BatchKind::Copy {
+            tracing::warn!(batch = index, "loading-set batch failed its checksum; its pages come from the snapshot");
+        }
+        let from_loading_set = data.map(|bytes| BatchBytes::new(&batch, bytes, guest.snapshot));
+        let source: &dyn PageSource = match &from_loading_set {
+            Some(batch_bytes) => batch_bytes,
+            None => guest.snapshot,
+        };
+        let mut step = Step::Done;
+        for piece in pieces(guest.regions, FileOffset(from), FileOffset(batch.end_page() * BASE_PAGE)) {
+            if removed.overlaps(piece.host, piece.len) {
+                // The guest gave (part of) it back; demand faults there are served zeros.
+                count(&guest.stats.prefetch_removed_pages, piece.len / BASE_PAGE);
+                continue;
+            }
+            let outcome = guest.placer.fill(piece, source, Access::Read, wake);
+            count(&guest.stats.prefetched_pages, outcome.placed() / BASE_PAGE);
+            count(&guest.stats.prefetch_present_pages, outcome.present / BASE_PAGE);
+            match outcome.stop {
+                None => {}
+                Some(Stop::NeedEvents) => {
+                    self.resume = Some((index, piece.file.0 + outcome.handled()));
+                    step = Step::NeedEvents;
+                    break;
+                }
+                Some(Stop::Gone) => {
+                    step = Step::Gone;
+                    break;
+                }
+                Some(Stop::Failed(e)) => {
+                    self.failed_pieces += 1;
+                    tracing::warn!(host = %piece.host, len = piece.len, "prefetch of a range failed, left to demand faults: {e}");
+                }
+            }
+        }
+        if let Some(batch_bytes) = from_loading_set {
+            count(&guest.stats.loading_set_pages, batch_bytes.served() / BASE_PAGE);
+        }
+        if step == Step::Done {
+            self.resume = None;
+            self.schedule.placed(index);
+            if self.schedule.is_finished() {
+                let micros = u64::try_from(self.attached.elapsed().as_micros()).unwrap_or(u64::MAX);
+                count(&guest.stats.prefetch_done_us, micros.max(1));
+            }
+        }
+        step
+    }
+}
