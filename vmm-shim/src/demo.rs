@@ -110,14 +110,22 @@ impl Server {
             .spawn()
             .with_context(|| format!("cannot start {} (build the workspace's binaries)", binary.display()))?;
         let mut server = Server { child, socket_dir: socket_dir.to_path_buf(), binary };
+        // Ready once the snapshot is loaded (the sockets are bound before): timing a restore
+        // from an earlier moment would time the server's start.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !server.socket().exists() {
+        while !server.stats().is_ok_and(|stats| stats["snapshots_loaded"][0] == "python-like") {
             if server.child.try_wait()?.is_some() || Instant::now() > deadline {
-                bail!("uffd-server did not start listening on {}", server.socket().display());
+                bail!("uffd-server did not load the snapshot and listen on {}", server.socket().display());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(server)
+    }
+
+    fn stats(&self) -> Result<serde_json::Value> {
+        let mut stats = Command::new(&self.binary);
+        let out = stats.arg("stats").arg("--json").arg("--socket-dir").arg(&self.socket_dir).output()?;
+        serde_json::from_slice(&out.stdout).context("uffd-server stats --json")
     }
 
     fn socket(&self) -> PathBuf {
@@ -128,13 +136,7 @@ impl Server {
     fn ended_vm_counters(&self) -> Result<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let out = Command::new(&self.binary)
-                .arg("stats")
-                .arg("--json")
-                .arg("--socket-dir")
-                .arg(&self.socket_dir)
-                .output()?;
-            let stats: serde_json::Value = serde_json::from_slice(&out.stdout).context("uffd-server stats --json")?;
+            let stats = self.stats()?;
             let vm = &stats["vms"][0];
             if !vm["ended"].is_null() {
                 return Ok(vm["counters"].clone());
