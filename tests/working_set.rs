@@ -11,6 +11,7 @@ use prefetch::plan::{Batch, BatchKind, Plan};
 use prefetch::working_set::WorkingSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use uffd_server::source::snapshot::FileStamp;
 use vmm_shim::usize_of;
 
 const MIB: usize = 1 << 20;
@@ -395,15 +396,13 @@ fn an_all_zero_loading_set_batch_longer_than_2mib_is_placed_in_pieces() {
         Batch { first_page: 2000, pages: 64, kind: BatchKind::Copy, priority: 1.0 },
     ];
     let plan = Plan::background(batches, None);
-    let mtime = std::fs::metadata(&snap.path).and_then(|m| m.modified()).expect("mtime");
-    let since_epoch = mtime.duration_since(std::time::UNIX_EPOCH).expect("after the epoch");
-    let mtime_ns = u64::try_from(since_epoch.as_nanos()).expect("before 2554");
+    let stamp = FileStamp::at(&snap.path).expect("stat the memory file").digest();
     let ls = dir.path().join("fn.ls");
     let read = |offset: u64, buf: &mut [u8]| {
         buf.copy_from_slice(&snap.bytes[usize_of(offset)..usize_of(offset) + buf.len()]);
         Ok(())
     };
-    LoadingSet::write(&ls, SnapshotIdentity::of(&snap.bytes), mtime_ns, &plan, read).expect("write loading set");
+    LoadingSet::write(&ls, SnapshotIdentity::of(&snap.bytes), stamp, &plan, read).expect("write loading set");
     let args = ["--loading-set", ls.to_str().expect("utf-8"), "--prefetch", "union"];
     let server = ServerProcess::start(&[("fn", &snap.path)], &args);
     let vmm = FakeVmm::attach(&server.socket("fn"), snap.bytes.len()).expect("attach");

@@ -14,6 +14,10 @@
 //! directory), and merging a run holds an exclusive lock on `FILE.lock`, so two VMs ending at
 //! once both land. Nothing is thrown away: an unreadable file is kept as `FILE.corrupt`, and a
 //! file of another snapshot is never overwritten.
+//!
+//! The server writes these files as root: the temp file has a random name and is created
+//! exclusively (never an existing file or a planted symlink), the lock file is never opened
+//! through a symlink, and a directory that group or others may write to is refused.
 
 use crate::identity::SnapshotIdentity;
 use crate::record::Run;
@@ -21,6 +25,7 @@ use crate::working_set::{LearnedTouch, WorkingSet};
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// The file's first eight bytes.
@@ -118,18 +123,37 @@ pub fn write_atomic(path: &Path, set: &WorkingSet) -> io::Result<()> {
     write_file_atomic(path, &encode(set).map_err(io::Error::other)?)
 }
 
-/// Writes `bytes` to `path` through a temp file in the same directory, fsync, rename and an
-/// fsync of the directory.
+/// Writes `bytes` to `path` through a temp file in the same directory (random name, created
+/// exclusively, mode 0600), fsync, rename and an fsync of the directory.
 pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = parent_dir(path);
+    check_private_dir(dir)?;
     let name = path.file_name().ok_or_else(|| io::Error::other("path has no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
-    let mut file = File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
+    let mut tmp =
+        tempfile::Builder::new().prefix(&format!(".{}.", name.to_string_lossy())).suffix(".tmp").tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
     File::open(dir)?.sync_all()
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Refuses a directory that group or others may write to: they could plant files (or
+/// symlinks) where this process writes.
+fn check_private_dir(dir: &Path) -> io::Result<()> {
+    let mode = std::fs::metadata(dir)?.mode();
+    if mode & 0o022 != 0 {
+        let why = format!(
+            "directory {} is writable by group or others (mode {:o}): refusing to write there",
+            dir.display(),
+            mode & 0o7777
+        );
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, why));
+    }
+    Ok(())
 }
 
 /// What merging a run into a file found there.
@@ -168,8 +192,15 @@ fn update(
     change: impl FnOnce(&mut WorkingSet),
 ) -> Result<Merged, MergeError> {
     let io_err = |source| MergeError::Io { path: path.to_path_buf(), source };
-    let lock_file =
-        OpenOptions::new().create(true).truncate(false).write(true).open(sibling(path, "lock")).map_err(io_err)?;
+    check_private_dir(parent_dir(path)).map_err(io_err)?;
+    let lock_file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(sibling(path, "lock"))
+        .map_err(io_err)?;
     let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| io_err(e.into()))?;
     let (mut set, replaced) = match load(path, snapshot) {
         Ok(set) => (set, None),

@@ -9,8 +9,10 @@
 //!
 //! Unlike a working set, a loading set carries *data*: a wrong byte in it would be served to a
 //! guest. So it is bound to its snapshot by identity (size + fingerprint) *and* by the memory
-//! file's modification time, every batch's bytes carry a CRC32 that is checked when they are
-//! read, and a batch that fails is dropped (its pages come from the snapshot), never served.
+//! file's stamp (device, inode, size, mtime and ctime, hashed: the file rewritten in place, even
+//! with its mtime set back, no longer matches), every batch's bytes carry a CRC32 that is
+//! checked when they are read, and a batch that fails is dropped (its pages come from the
+//! snapshot), never served.
 //!
 //! ```text
 //! 0   8   magic "UFFDLSET"
@@ -18,7 +20,7 @@
 //! 12  4   batch count N
 //! 16  8   snapshot length
 //! 24  8   snapshot fingerprint
-//! 32  8   memory file mtime, ns since the epoch
+//! 32  8   memory file stamp (a hash of its device, inode, size, mtime and ctime)
 //! 40  8   FNV-1a 64 of the batch table
 //! 48  24N batch table: first page u64, pages u32, kind u32 (0 copy, 1 zero), CRC32 of its bytes u32,
 //!         flags u32 (bit 0: deferred — pages seen in fewer than half the runs)
@@ -37,8 +39,8 @@ use std::sync::OnceLock;
 
 /// The file's first eight bytes.
 pub const MAGIC: [u8; 8] = *b"UFFDLSET";
-/// The version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The version this build writes and reads (2: bound to the file stamp, not only its mtime).
+pub const VERSION: u32 = 2;
 const HEADER: usize = 48;
 const ENTRY: usize = 24;
 const PAGE: usize = 4096;
@@ -59,8 +61,8 @@ pub enum LoadingSetError {
     Table,
     #[error("it belongs to another snapshot ({file:?}; this snapshot is {snapshot:?})")]
     OtherSnapshot { file: SnapshotIdentity, snapshot: SnapshotIdentity },
-    #[error("the memory file changed since it was written (mtime {file_ns} ns, now {snapshot_ns} ns)")]
-    SnapshotChanged { file_ns: u64, snapshot_ns: u64 },
+    #[error("the memory file changed since it was written (file stamp {written:#x}, now {now:#x})")]
+    SnapshotChanged { written: u64, now: u64 },
 }
 
 /// An open loading set: the plan, and each batch's checked bytes once read.
@@ -86,7 +88,7 @@ impl LoadingSet {
     pub fn write(
         path: &Path,
         identity: SnapshotIdentity,
-        snapshot_mtime_ns: u64,
+        snapshot_stamp: u64,
         plan: &Plan,
         mut read: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
     ) -> io::Result<()> {
@@ -116,7 +118,7 @@ impl LoadingSet {
         out.extend_from_slice(&count.to_le_bytes());
         out.extend_from_slice(&identity.len.to_le_bytes());
         out.extend_from_slice(&identity.fingerprint.to_le_bytes());
-        out.extend_from_slice(&snapshot_mtime_ns.to_le_bytes());
+        out.extend_from_slice(&snapshot_stamp.to_le_bytes());
         out.extend_from_slice(&crate::fnv1a(crate::FNV_OFFSET, &table).to_le_bytes());
         out.extend_from_slice(&table);
         out.resize(data_offset(batches.len()), 0);
@@ -125,11 +127,7 @@ impl LoadingSet {
     }
 
     /// Opens the file: reads and checks its header and batch table against the snapshot.
-    pub fn load(
-        path: &Path,
-        identity: SnapshotIdentity,
-        snapshot_mtime_ns: u64,
-    ) -> Result<LoadingSet, LoadingSetError> {
+    pub fn load(path: &Path, identity: SnapshotIdentity, snapshot_stamp: u64) -> Result<LoadingSet, LoadingSetError> {
         let io_err = |source| LoadingSetError::Io { path: path.into(), source };
         let file = File::open(path).map_err(io_err)?;
         let len = usize::try_from(file.metadata().map_err(io_err)?.len()).map_err(|e| io_err(io::Error::other(e)))?;
@@ -140,7 +138,7 @@ impl LoadingSet {
             head.resize(table_end, 0);
             file.read_exact_at(&mut head[HEADER..], HEADER as u64).map_err(io_err)?;
         }
-        let loading_set = Self::parse(&head, len, Source::File(file), identity, snapshot_mtime_ns)?;
+        let loading_set = Self::parse(&head, len, Source::File(file), identity, snapshot_stamp)?;
         loading_set.read_ahead();
         Ok(loading_set)
     }
@@ -171,11 +169,11 @@ impl LoadingSet {
     }
 
     /// A loading set held in memory (its whole file's bytes).
-    pub fn decode(bytes: Vec<u8>, identity: SnapshotIdentity, mtime_ns: u64) -> Result<LoadingSet, LoadingSetError> {
+    pub fn decode(bytes: Vec<u8>, identity: SnapshotIdentity, stamp: u64) -> Result<LoadingSet, LoadingSetError> {
         let len = bytes.len();
         let head_len = if len >= HEADER { (HEADER + u32_at(&bytes, 12) as usize * ENTRY).min(len) } else { len };
         let head = bytes[..head_len].to_vec();
-        Self::parse(&head, len, Source::Bytes(bytes), identity, mtime_ns)
+        Self::parse(&head, len, Source::Bytes(bytes), identity, stamp)
     }
 
     /// Checks the header and table (`head`) of a file of `len` bytes.
@@ -184,7 +182,7 @@ impl LoadingSet {
         len: usize,
         source: Source,
         identity: SnapshotIdentity,
-        mtime_ns: u64,
+        stamp: u64,
     ) -> Result<LoadingSet, LoadingSetError> {
         let truncated = |expected| LoadingSetError::Truncated { len, expected };
         if head.len() < HEADER {
@@ -208,8 +206,8 @@ impl LoadingSet {
         if file != identity {
             return Err(LoadingSetError::OtherSnapshot { file, snapshot: identity });
         }
-        if u64_at(head, 32) != mtime_ns {
-            return Err(LoadingSetError::SnapshotChanged { file_ns: u64_at(head, 32), snapshot_ns: mtime_ns });
+        if u64_at(head, 32) != stamp {
+            return Err(LoadingSetError::SnapshotChanged { written: u64_at(head, 32), now: stamp });
         }
         let mut at = data_offset(count);
         let (mut batches, mut entries) = (Vec::with_capacity(count), Vec::with_capacity(count));

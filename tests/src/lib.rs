@@ -46,3 +46,37 @@ pub fn ensure_huge_pages(pages: u64) -> bool {
     eprintln!("SKIPPED: {why}");
     false
 }
+
+/// Aborts the whole test process if it is not disarmed in time: a test whose guest thread hangs
+/// on a fault nobody answers fails, instead of hanging CI.
+pub struct Watchdog {
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Watchdog {
+    /// Arms a watchdog that aborts after `limit` with `what` on stderr.
+    pub fn arm(limit: std::time::Duration, what: &str) -> Watchdog {
+        let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (flag, what) = (std::sync::Arc::clone(&armed), what.to_string());
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + limit;
+            while std::time::Instant::now() < deadline {
+                if !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                eprintln!("WATCHDOG: {what} did not finish within {limit:?}: a fault was left unanswered");
+                std::process::abort();
+            }
+        });
+        Watchdog { armed }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.armed.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}

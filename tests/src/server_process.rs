@@ -88,7 +88,10 @@ impl ServerProcess {
         let mut paths: Vec<PathBuf> = names.map(|n| self.socket(n)).collect();
         paths.push(self.socket_dir.join(CONTROL_SOCKET));
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !paths.iter().all(|p| p.exists()) || query_stats(&self.socket_dir).is_err() {
+        // Ready: every socket bound, and no snapshot still loading (a VM's restore is timed from
+        // its connection, not from the server's start).
+        let ready = |dir: &Path| query_stats(dir).is_ok_and(|stats| stats.snapshots_loading.is_empty());
+        while !paths.iter().all(|p| p.exists()) || !ready(&self.socket_dir) {
             assert!(self.is_running(), "uffd-server exited at start:\n{}", self.log());
             assert!(Instant::now() < deadline, "uffd-server did not listen in time:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
@@ -130,6 +133,17 @@ impl ServerProcess {
         Ok(Duration::from_nanos((utime + stime) * 1_000_000_000 / hz))
     }
 
+    /// The server's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Open file descriptors of the server now.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map_or(0, Iterator::count)
+    }
+
+    /// Whether the server still runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

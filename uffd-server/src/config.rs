@@ -6,7 +6,6 @@ use crate::vm::demand::Demand;
 use prefetch::plan::PlanConfig;
 use prefetch::policy::PrefetchPolicy;
 use prefetch::record::RecordWindow;
-use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -27,6 +26,8 @@ pub struct ServerConfig {
     pub allow_uids: Vec<u32>,
     /// How long a connecting VMM may take to send its handshake.
     pub handshake_timeout: Duration,
+    /// How long a VM waits for its snapshot to load before it is refused.
+    pub load_wait: Duration,
     /// The working-set file of the (single) snapshot: recorded into, prefetched from, refined.
     pub working_set: Option<PathBuf>,
     /// A loading-set file of the (single) snapshot: `union` prefetches its batches from it.
@@ -71,10 +72,8 @@ pub enum ServerError {
     PolicyNeedsWorkingSet(PrefetchPolicy),
     #[error("a loading set is prefetched by --prefetch union, and belongs to exactly one snapshot")]
     LoadingSetNeedsUnion,
-    #[error("cannot create socket directory {0}: {1}")]
-    SocketDir(PathBuf, io::Error),
-    #[error("cannot listen on {0}: {1}")]
-    Bind(PathBuf, io::Error),
+    #[error("{0}")]
+    Socket(#[from] crate::sockets::SocketError),
 }
 
 impl ServerConfig {

@@ -22,6 +22,9 @@ pub const CONTROL_SOCKET: &str = "control.sock";
 pub struct StatsResponse {
     /// Snapshots held in memory.
     pub snapshots_loaded: Vec<String>,
+    /// Snapshots being loaded now (the server is ready once none is).
+    #[serde(default)]
+    pub snapshots_loading: Vec<String>,
     /// RAM they hold.
     pub snapshot_resident_bytes: u64,
     /// Every live VM and the recently ended ones.
@@ -37,15 +40,38 @@ enum CommandReply {
 
 /// Answers control connections until the listener fails.
 pub fn serve(listener: &UnixListener, store: &SnapshotStore, registry: &Registry) {
-    for stream in listener.incoming() {
-        if let Err(e) = stream.and_then(|s| answer(&s, store, registry)) {
-            tracing::warn!("control request failed: {e}");
+    std::thread::scope(|scope| {
+        for stream in listener.incoming() {
+            let stream = match stream {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!("control connection failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            // One thread per request: a client that never reads its reply holds up no one.
+            let spawned = std::thread::Builder::new().name("control-request".into()).spawn_scoped(scope, move || {
+                if let Err(e) = answer(&stream, store, registry) {
+                    tracing::warn!("control request failed: {e}");
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot start a thread for a control request: {e}");
+            }
         }
-    }
+    });
 }
 
 fn answer(stream: &UnixStream, store: &SnapshotStore, registry: &Registry) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let uid = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)?.uid();
+    if !crate::sockets::may_control(uid) {
+        let error = format!("uid {uid} may not use the control socket");
+        serde_json::to_writer(stream, &CommandReply::Error { error })?;
+        return Ok(());
+    }
     let mut line = String::new();
     BufReader::new(stream.take(256)).read_line(&mut line)?;
     let mut words = line.split_whitespace();
@@ -54,6 +80,7 @@ fn answer(stream: &UnixStream, store: &SnapshotStore, registry: &Registry) -> io
         (Some("stats"), None) => {
             let response = StatsResponse {
                 snapshots_loaded: store.loaded(),
+                snapshots_loading: store.loading(),
                 snapshot_resident_bytes: store.resident_bytes(),
                 vms: registry.reports(),
             };

@@ -12,17 +12,20 @@
 //! - [`source`]: where bytes come from ([`source::PageSource`]: RAM, disk, a loading-set
 //!   batch), shared through the [`source::store`];
 //! - [`plan_cache`] keeps each snapshot's plan, [`registry`] every VM's record, [`control`]
-//!   answers `stats`, [`stats`] defines the counters, [`config`] the configuration.
+//!   answers `stats`, [`stats`] defines the counters, [`config`] the configuration, [`sockets`]
+//!   who can reach the server.
 
 #![warn(missing_docs)]
 
 pub mod addr;
 pub mod config;
 pub mod control;
+pub mod log_limit;
 pub mod memory;
 pub mod plan_cache;
 pub mod registry;
 pub mod server;
+pub mod sockets;
 pub mod source;
 pub mod stats;
 pub mod vm;

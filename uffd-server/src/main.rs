@@ -204,6 +204,9 @@ struct ServeArgs {
     /// How long a connecting VMM may take to send its handshake.
     #[arg(long, default_value_t = 10_000)]
     handshake_timeout_ms: u64,
+    /// How long a VM waits for its snapshot to load (a slow or hung disk) before it is refused.
+    #[arg(long, default_value_t = 60_000)]
+    load_wait_ms: u64,
 }
 
 fn main() -> Result<()> {
@@ -263,6 +266,7 @@ fn serve(args: ServeArgs, (working_set, loading_set): (Option<PathBuf>, Option<P
         demand: Demand { fault_around_pages: if matches!(mode, Mode::Record { .. }) { 1 } else { args.fault_around } },
         allow_uids: args.allow_uids,
         handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
+        load_wait: Duration::from_millis(args.load_wait_ms),
         working_set,
         loading_set,
         mode,
@@ -293,7 +297,7 @@ fn write_loading_set(args: &LoadingSetArgs) -> Result<()> {
         buf.copy_from_slice(bytes);
         Ok(())
     };
-    LoadingSet::write(&args.out, snapshot.identity(), snapshot.mtime_ns(), &plan, read)
+    LoadingSet::write(&args.out, snapshot.identity(), snapshot.stamp().digest(), &plan, read)
         .with_context(|| format!("cannot write loading set {}", args.out.display()))?;
     let (batches, pages) = (plan.batches.len(), plan.pages());
     println!("wrote {}: {batches} batches, {pages} pages ({} MiB)", args.out.display(), pages / 256);

@@ -98,7 +98,7 @@ impl PlanCache {
             planned.working_set = Some(set);
         }
         if let Some(path) = ls_path {
-            match LoadingSet::load(path, snapshot.identity(), snapshot.mtime_ns()) {
+            match LoadingSet::load(path, snapshot.identity(), snapshot.stamp().digest()) {
                 Ok(loading_set) => {
                     let batches = loading_set.plan().batches.len();
                     tracing::info!(path = %path.display(), batches, "loading set loaded");

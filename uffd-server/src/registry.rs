@@ -18,6 +18,8 @@ pub struct VmRecord {
     pub snapshot: String,
     /// The VMM's pid (SO_PEERCRED).
     pub peer_pid: i32,
+    /// Its userfaultfd's (device, inode): one uffd serves one VM.
+    pub uffd_identity: (u64, u64),
     started: Instant,
     /// Its counters, updated by its thread.
     pub stats: VmStats,
@@ -45,11 +47,12 @@ pub struct VmReport {
 
 impl VmRecord {
     /// A VM attaching now.
-    pub fn new(id: u64, snapshot: &str, peer_pid: i32) -> VmRecord {
+    pub fn new(id: u64, snapshot: &str, peer_pid: i32, uffd_identity: (u64, u64)) -> VmRecord {
         VmRecord {
             id,
             snapshot: snapshot.into(),
             peer_pid,
+            uffd_identity,
             started: Instant::now(),
             stats: VmStats::default(),
             end_recording: AtomicBool::new(false),
@@ -107,9 +110,14 @@ impl Registry {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Adds an attached VM, forgetting the oldest ended one beyond [`ENDED_VMS_KEPT`].
-    pub fn add(&self, record: Arc<VmRecord>) {
+    /// Adds an attached VM, forgetting the oldest ended one beyond [`ENDED_VMS_KEPT`]; refuses
+    /// it (returning the live VM's id) when its uffd already serves a live VM: two loops on one
+    /// uffd would place two region maps into one guest.
+    pub fn add(&self, record: Arc<VmRecord>) -> Result<(), u64> {
         let mut vms = self.lock();
+        if let Some(live) = vms.iter().find(|v| v.uffd_identity == record.uffd_identity && v.ended().is_none()) {
+            return Err(live.id);
+        }
         let ended = vms.iter().filter(|v| v.ended().is_some()).count();
         if ended >= ENDED_VMS_KEPT {
             if let Some(oldest) = vms.iter().position(|v| v.ended().is_some()) {
@@ -117,6 +125,7 @@ impl Registry {
             }
         }
         vms.push(record);
+        Ok(())
     }
 
     /// Every VM's report.

@@ -6,11 +6,13 @@
 
 use crate::config::{Mode, ServerConfig, ServerError};
 use crate::control::CONTROL_SOCKET;
+use crate::log_limit::LogLimit;
 use crate::memory::placer::Placer;
 use crate::memory::regions::{RegionError, RegionMap};
 use crate::memory::uffd_io::Userfaultfd;
 use crate::plan_cache::PlanCache;
 use crate::registry::{Registry, VmRecord};
+use crate::sockets::{self, Access};
 use crate::source::snapshot::SnapshotError;
 use crate::source::store::SnapshotStore;
 use crate::stats::count;
@@ -22,10 +24,8 @@ use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use prefetch::plan::Plan;
 use prefetch::policy::PrefetchPolicy;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Why a connection was refused before its fault loop started.
@@ -44,6 +44,8 @@ pub enum AttachError {
     Snapshot(#[from] SnapshotError),
     #[error("cannot use the userfaultfd: {0}")]
     Uffd(nix::Error),
+    #[error("handshake refused: this userfaultfd already serves VM {0}")]
+    UffdInUse(u64),
 }
 
 /// A server with all its sockets bound, ready to run.
@@ -56,30 +58,43 @@ pub struct Server {
 }
 
 impl Server {
-    /// Validates the configuration and binds every socket (mode 0600; a stale socket file from
-    /// an earlier run is replaced).
+    /// Validates the configuration, checks the socket directory and binds every socket (see
+    /// [`sockets`]; a stale socket file from an earlier run is replaced).
     pub fn bind(config: ServerConfig) -> Result<Server, ServerError> {
         config.validate()?;
-        std::fs::create_dir_all(&config.socket_dir)
-            .map_err(|e| ServerError::SocketDir(config.socket_dir.clone(), e))?;
+        let access = if config.allow_uids.is_empty() { Access::Owner } else { Access::CheckedPeers };
+        sockets::prepare_dir(&config.socket_dir, access)?;
         let listeners = config
             .snapshots
             .iter()
-            .map(|(name, _)| Ok((name.clone(), bind_private(&config.socket_path(name))?)))
+            .map(|(name, _)| Ok((name.clone(), sockets::bind(&config.socket_path(name), access)?)))
             .collect::<Result<Vec<_>, ServerError>>()?;
-        let control = bind_private(&config.socket_dir.join(CONTROL_SOCKET))?;
-        let store = Arc::new(SnapshotStore::new(config.snapshots.clone(), config.cache_bytes, config.storage));
+        let control = sockets::bind(&config.socket_dir.join(CONTROL_SOCKET), Access::Owner)?;
+        let store = Arc::new(SnapshotStore::new(
+            config.snapshots.clone(),
+            config.cache_bytes,
+            config.storage,
+            config.load_wait,
+        ));
         Ok(Server { config, store, registry: Arc::default(), listeners, control })
     }
 
-    /// Loads what fits in the budget, then serves until the process is killed.
+    /// Loads what fits in the budget, each snapshot on a thread of its own, and serves until the
+    /// process is killed. VMs arriving during a snapshot's load wait for it (at most the load
+    /// wait); the other snapshots and `stats` do not.
     pub fn run(self) -> io::Result<()> {
-        for result in self.store.preload() {
-            if let Err(e) = result {
-                tracing::error!("{e}; VMs of this snapshot will be refused until it loads");
-            }
-        }
+        let preload = self.store.preload_names();
+        self.store.begin_preload(&preload);
         let mut threads = Vec::new();
+        for name in preload {
+            let store = Arc::clone(&self.store);
+            let load = move || {
+                if let Err(e) = store.finish_preload(&name) {
+                    tracing::error!("{e}; VMs of this snapshot will be refused until it loads");
+                }
+            };
+            std::thread::Builder::new().name("preload".into()).spawn(load)?;
+        }
         for (name, listener) in self.listeners {
             let snapshot = SnapshotService {
                 plans: PlanCache::new(&self.config),
@@ -87,6 +102,7 @@ impl Server {
                 config: self.config.clone(),
                 store: Arc::clone(&self.store),
                 registry: Arc::clone(&self.registry),
+                refusals_logged: Mutex::default(),
             };
             let accept = move || accept_loop(&listener, &Arc::new(snapshot));
             threads.push(std::thread::Builder::new().name(format!("accept-{name}")).spawn(accept)?);
@@ -101,18 +117,6 @@ impl Server {
     }
 }
 
-fn bind_private(path: &Path) -> Result<UnixListener, ServerError> {
-    let bind_err = |e| ServerError::Bind(path.to_path_buf(), e);
-    match std::fs::remove_file(path) {
-        Ok(()) => tracing::info!(path = %path.display(), "replaced a stale socket file"),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(bind_err(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-    Ok(listener)
-}
-
 /// Everything a snapshot's VMs share.
 struct SnapshotService {
     name: String,
@@ -120,6 +124,8 @@ struct SnapshotService {
     store: Arc<SnapshotStore>,
     registry: Arc<Registry>,
     plans: PlanCache,
+    /// Bounds the log lines refused connections can trigger.
+    refusals_logged: Mutex<LogLimit>,
 }
 
 fn accept_loop(listener: &UnixListener, service: &Arc<SnapshotService>) {
@@ -155,7 +161,10 @@ fn serve_connection(id: u64, stream: &UnixStream, service: &SnapshotService) {
         }
     };
     if let Err(e) = attach(id, creds.pid(), creds.uid(), stream, service) {
-        tracing::error!(peer_pid = creds.pid(), "VM refused: {e}");
+        // Poisoned only by a panic while logging: the limiter holds nothing that matters.
+        if service.refusals_logged.lock().unwrap_or_else(|p| p.into_inner()).allow() {
+            tracing::error!(peer_pid = creds.pid(), "VM refused: {e}");
+        }
     }
 }
 
@@ -176,9 +185,10 @@ fn attach(
     let handshake = handshake::receive(stream)?;
     let snapshot = service.store.get(&service.name)?;
     let regions = RegionMap::new(handshake.regions, snapshot.len())?;
+    regions.check_page_sizes(peer_pid)?;
     let uffd = Userfaultfd::from_owned(handshake.uffd).map_err(AttachError::Uffd)?;
-    let record = Arc::new(VmRecord::new(id, &service.name, peer_pid));
-    service.registry.add(Arc::clone(&record));
+    let record = Arc::new(VmRecord::new(id, &service.name, peer_pid, handshake.uffd_identity));
+    service.registry.add(Arc::clone(&record)).map_err(AttachError::UffdInUse)?;
     tracing::info!(peer_pid, regions = regions.regions().len(), guest_bytes = regions.total_bytes(), "VM attached");
 
     let planned = service.plans.get(&snapshot);
@@ -194,7 +204,13 @@ fn attach(
         Mode::Record { window } => Some(window),
         Mode::Serve { .. } => None,
     };
-    let guest = Guest { placer: Placer::new(&uffd), regions: &regions, snapshot: snapshot.pages(), stats };
+    let guest = Guest {
+        placer: Placer::new(&uffd),
+        regions: &regions,
+        snapshot: snapshot.pages(),
+        stats,
+        log_limit: LogLimit::default(),
+    };
     let prefetcher = Prefetcher::new(plan, planned.loading_set.as_ref(), record.started());
     let learner = Learner::new(window, planned.working_set.as_ref(), &record.end_recording);
     let (end, learned) = vm::serve(guest, stream, config.demand, prefetcher, learner);

@@ -142,6 +142,8 @@ vm_counters! {
     loading_set_pages,
     /// Panics contained: a dropped prefetch or learning stage, or a VM ended by one.
     stage_panics,
+    /// Pages poisoned because their bytes could not be had (the memory file changed or failed).
+    poisoned_pages,
 }
 
 #[cfg(test)]

@@ -60,6 +60,10 @@ pub enum RegionError {
     OverlappingHost { first: usize, second: usize },
     #[error("regions {first} and {second} overlap in the memory file (offset)")]
     OverlappingFile { first: usize, second: usize },
+    #[error("region at {host}: page_size {declared} but the VMM maps it with {mapped}-byte pages")]
+    PageSizeMismatch { host: HostAddr, declared: u64, mapped: u64 },
+    #[error("region at {host}: the VMM has no mapping there")]
+    NotMapped { host: HostAddr },
 }
 
 /// Validated regions, sorted by host address.
@@ -109,6 +113,25 @@ impl RegionMap {
         Ok(RegionMap { regions })
     }
 
+    /// Checks each region's page size against the page size of the VMM's mapping at its start
+    /// (`KernelPageSize` in `/proc/PID/smaps`): a 2 MiB page size declared for 4 KiB memory
+    /// would have every fault filled in 2 MiB pieces over 4 KiB pages. A VMM whose smaps cannot
+    /// be read (another pid namespace) is not checked.
+    pub fn check_page_sizes(&self, peer_pid: i32) -> Result<(), RegionError> {
+        let Ok(smaps) = std::fs::read_to_string(format!("/proc/{peer_pid}/smaps")) else {
+            tracing::warn!(peer_pid, "cannot read the VMM's smaps: region page sizes not checked");
+            return Ok(());
+        };
+        for region in &self.regions {
+            let mapped = kernel_page_size(&smaps, region.host).ok_or(RegionError::NotMapped { host: region.host })?;
+            let declared = region.page_size.bytes();
+            if mapped != declared {
+                return Err(RegionError::PageSizeMismatch { host: region.host, declared, mapped });
+            }
+        }
+        Ok(())
+    }
+
     /// The region containing `addr`, if any (a VM has a handful of regions: a scan is fastest).
     pub fn find(&self, addr: HostAddr) -> Option<&Region> {
         self.regions.iter().find(|r| r.contains(addr))
@@ -123,6 +146,26 @@ impl RegionMap {
     pub fn total_bytes(&self) -> u64 {
         self.regions.iter().map(|r| r.size).sum()
     }
+}
+
+/// The `KernelPageSize` (bytes) of the mapping holding `addr` in an smaps text.
+fn kernel_page_size(smaps: &str, addr: HostAddr) -> Option<u64> {
+    let mut inside = false;
+    for line in smaps.lines() {
+        let header =
+            line.split_whitespace().next().and_then(|range| range.split_once('-')).and_then(|(start, end)| {
+                Some((u64::from_str_radix(start, 16).ok()?, u64::from_str_radix(end, 16).ok()?))
+            });
+        // A mapping's header starts with `start-end` in hex; its fields with `Name:`.
+        if let Some((start, end)) = header {
+            inside = start <= addr.0 && addr.0 < end;
+        } else if inside {
+            if let Some(kib) = line.strip_prefix("KernelPageSize:") {
+                return kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|kib| kib * 1024);
+            }
+        }
+    }
+    None
 }
 
 /// Returns the first pair (by original index) of overlapping `[start, end)` ranges.
@@ -193,6 +236,15 @@ mod tests {
         for (regions, expected) in cases {
             assert_eq!(RegionMap::new(regions, file).unwrap_err(), expected);
         }
+    }
+
+    #[test]
+    fn reads_the_page_size_of_the_mapping_holding_an_address() {
+        let smaps = "7f0000000000-7f0000200000 rw-p 00000000 00:00 0 \nSize:               2048 kB\nKernelPageSize:        4 kB\nVmFlags: rd wr mr mw me ac \n\
+                     7f0000400000-7f0000800000 rw-p 00000000 00:0f 1234   /anon_hugepage (deleted)\nKernelPageSize:     2048 kB\n";
+        assert_eq!(kernel_page_size(smaps, HostAddr(0x7f00_0010_0000)), Some(4096));
+        assert_eq!(kernel_page_size(smaps, HostAddr(0x7f00_0040_0000)), Some(HUGE_PAGE));
+        assert_eq!(kernel_page_size(smaps, HostAddr(0x7f00_0030_0000)), None, "between mappings");
     }
 
     #[test]

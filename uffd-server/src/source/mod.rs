@@ -55,6 +55,14 @@ pub enum SourceError {
         /// The file's length.
         file_len: u64,
     },
+    /// The file changed since it was loaded: its bytes are not the snapshot's any more.
+    #[error("the memory file changed since it was loaded: {len:#x} bytes at {offset} are not served")]
+    Changed {
+        /// Start of the range.
+        offset: FileOffset,
+        /// Its length.
+        len: u64,
+    },
     /// Reading the bytes failed.
     #[error("reading {len:#x} bytes at {offset} failed: {source}")]
     Read {

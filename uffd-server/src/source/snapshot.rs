@@ -13,7 +13,54 @@ use prefetch::identity::SnapshotIdentity;
 use prefetch::PageIndex;
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+/// What identifies the content of a memory file without reading it: device, inode, size,
+/// modification and change times. Writing the file in place moves mtime and ctime, replacing
+/// it moves the inode; ctime cannot be set back by anyone but the kernel (`touch -d` sets
+/// mtime, and moves ctime).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    /// The file's device.
+    pub dev: u64,
+    /// Its inode.
+    pub ino: u64,
+    /// Its length.
+    pub len: u64,
+    /// Last modification (s, ns).
+    pub mtime: (i64, i64),
+    /// Last change of content or metadata (s, ns).
+    pub ctime: (i64, i64),
+}
+
+impl FileStamp {
+    /// The stamp of a file's metadata.
+    pub fn of(meta: &std::fs::Metadata) -> FileStamp {
+        FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// The stamp of the file at `path` now.
+    pub fn at(path: &Path) -> io::Result<FileStamp> {
+        std::fs::metadata(path).map(|meta| FileStamp::of(&meta))
+    }
+
+    /// The stamp as one number (what a loading-set file is bound to).
+    pub fn digest(&self) -> u64 {
+        let (mtime, ctime) = (self.mtime, self.ctime);
+        let times = [mtime.0, mtime.1, ctime.0, ctime.1].map(i64::cast_unsigned);
+        let words = [[self.dev, self.ino, self.len].as_slice(), &times].concat();
+        words.iter().fold(0xcbf2_9ce4_8422_2325, |hash: u64, word| {
+            word.to_le_bytes().iter().fold(hash, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+        })
+    }
+}
 
 /// Where a snapshot's bytes are served from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +78,10 @@ pub enum Storage {
 pub enum SnapshotError {
     #[error("snapshot `{name}`: cannot open memory file {path}: {source}")]
     Open { name: String, path: PathBuf, source: io::Error },
+    #[error("snapshot `{name}`: memory file {path} is not a regular file ({kind})")]
+    NotRegular { name: String, path: PathBuf, kind: String },
+    #[error("snapshot `{name}`: still loading after {waited_ms} ms (a slow or hung disk?)")]
+    LoadTimeout { name: String, waited_ms: u128 },
     #[error("snapshot `{name}`: memory file {path} is empty")]
     Empty { name: String, path: PathBuf },
     #[error("snapshot `{name}`: memory file {path} is {len} bytes, not a multiple of 4096 (truncated?)")]
@@ -51,8 +102,8 @@ pub struct Snapshot {
     pages: Box<dyn PageSource + Send + Sync>,
     zero_pages: usize,
     identity: SnapshotIdentity,
-    /// The memory file's modification time when loaded (binds loading-set files to it).
-    mtime_ns: u64,
+    /// The memory file as it was when loaded.
+    stamp: FileStamp,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -65,14 +116,15 @@ impl Snapshot {
     /// Opens memory file `path` of snapshot `name` and serves it from `storage`.
     pub fn load(name: &str, path: &Path, storage: Storage) -> Result<Snapshot, SnapshotError> {
         let open_err = |source| SnapshotError::Open { name: name.into(), path: path.into(), source };
-        let file = File::open(path).map_err(open_err)?;
+        // Non-blocking: opening a FIFO for reading would otherwise wait for a writer for ever.
+        let file = File::options().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
+        if !meta.file_type().is_file() {
+            let kind = format!("{:?}", meta.file_type());
+            return Err(SnapshotError::NotRegular { name: name.into(), path: path.into(), kind });
+        }
+        let stamp = FileStamp::of(&meta);
         let len = meta.len();
-        let mtime_ns = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         if len == 0 {
             return Err(SnapshotError::Empty { name: name.into(), path: path.into() });
         }
@@ -90,7 +142,7 @@ impl Snapshot {
                 (Box::new(pages), zero_pages)
             }
             Storage::Disk => {
-                let pages = DiskPages::open(file, len);
+                let pages = DiskPages::open(file, stamp);
                 let zero_pages = pages.zero_page_count();
                 (Box::new(pages), zero_pages)
             }
@@ -106,7 +158,7 @@ impl Snapshot {
             path: path.into(),
             source: super::SourceError::Read { offset: FileOffset(0), len, source: e },
         })?;
-        Ok(Snapshot { name: name.into(), path: path.into(), len, pages, zero_pages, identity, mtime_ns })
+        Ok(Snapshot { name: name.into(), path: path.into(), len, pages, zero_pages, identity, stamp })
     }
 
     /// Its bytes.
@@ -119,9 +171,9 @@ impl Snapshot {
         self.identity
     }
 
-    /// The memory file's modification time (ns since the epoch) when it was loaded.
-    pub fn mtime_ns(&self) -> u64 {
-        self.mtime_ns
+    /// The memory file as it was when loaded.
+    pub fn stamp(&self) -> FileStamp {
+        self.stamp
     }
 
     /// The snapshot's name.

@@ -1,69 +1,136 @@
-//! The snapshot store: every snapshot the server knows, loaded on first use and shared by all
-//! VMs restored from it. A memory budget evicts idle snapshots, least recently used first; a
-//! snapshot some VM still uses is never evicted (its pages may be needed by the next fault).
+//! The snapshot store: every snapshot the server knows, loaded on first use (or preloaded) and
+//! shared by all VMs restored from it.
+//!
+//! Each snapshot loads on its own: a slow or hung file holds up only the VMs of that snapshot,
+//! for at most the load wait (`--load-wait-ms`), never another snapshot or `stats`. A memory file
+//! that changed since it was loaded (its stamp: device, inode, size, mtime, ctime) is loaded
+//! again for the next VM; VMs already running keep the copy they started with. A memory budget
+//! evicts idle snapshots, least recently used first; a snapshot some VM still uses is never
+//! evicted (its pages may be needed by the next fault).
 
-use super::snapshot::{Snapshot, SnapshotError, Storage};
+use super::snapshot::{FileStamp, Snapshot, SnapshotError, Storage};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-/// One snapshot the server knows: its file, and its pages while loaded.
-struct Entry {
+/// Where one snapshot's load stands.
+enum State {
+    Unloaded,
+    /// A thread is loading it; others wait on the slot's condvar.
+    Loading,
+    Loaded {
+        snapshot: Arc<Snapshot>,
+        last_used: Instant,
+    },
+}
+
+/// One snapshot the server knows.
+struct Slot {
     path: PathBuf,
-    loaded: Option<Arc<Snapshot>>,
-    last_used: Instant,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A state is replaced whole: a poisoned lock holds a consistent one.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// Every snapshot the server serves, by name.
 pub struct SnapshotStore {
-    entries: Mutex<BTreeMap<String, Entry>>,
+    slots: BTreeMap<String, Slot>,
     budget_bytes: u64,
     storage: Storage,
+    load_wait: Duration,
 }
 
 impl SnapshotStore {
     /// A store of `snapshots` (name, memory file), none loaded yet, holding at most
-    /// `budget_bytes` of idle snapshots in RAM.
-    pub fn new(snapshots: impl IntoIterator<Item = (String, PathBuf)>, budget_bytes: u64, storage: Storage) -> Self {
-        let now = Instant::now();
-        let entries =
-            snapshots.into_iter().map(|(name, path)| (name, Entry { path, loaded: None, last_used: now })).collect();
-        SnapshotStore { entries: Mutex::new(entries), budget_bytes, storage }
+    /// `budget_bytes` of idle snapshots in RAM; a VM waits at most `load_wait` for a load.
+    pub fn new(
+        snapshots: impl IntoIterator<Item = (String, PathBuf)>,
+        budget_bytes: u64,
+        storage: Storage,
+        load_wait: Duration,
+    ) -> Self {
+        let slots = snapshots
+            .into_iter()
+            .map(|(name, path)| (name, Slot { path, state: Mutex::new(State::Unloaded), changed: Condvar::new() }))
+            .collect();
+        SnapshotStore { slots, budget_bytes, storage, load_wait }
     }
 
     /// The snapshots' names, in order.
     pub fn names(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
+        self.slots.keys().cloned().collect()
     }
 
-    /// Loads snapshots in name order while they fit in the budget, so the first VMs do not wait.
-    pub fn preload(&self) -> Vec<Result<Arc<Snapshot>, SnapshotError>> {
-        let mut results = Vec::new();
-        for name in self.names() {
-            let fits = {
-                let entries = self.lock();
-                let size = entries.get(&name).and_then(|e| std::fs::metadata(&e.path).ok()).map_or(0, |m| m.len());
-                resident_bytes(&entries) + size <= self.budget_bytes
-            };
-            if fits {
-                results.push(self.get(&name));
+    /// The snapshots to load at start: in name order, while their files fit in the budget.
+    pub fn preload_names(&self) -> Vec<String> {
+        let mut planned = 0;
+        let mut names = Vec::new();
+        for (name, slot) in &self.slots {
+            let size = std::fs::metadata(&slot.path).map_or(0, |m| m.len());
+            if planned + size <= self.budget_bytes {
+                planned += size;
+                names.push(name.clone());
             }
         }
-        results
+        names
     }
 
-    /// The loaded snapshot `name`, loading it if needed. The lock is held while loading so that
-    /// two VMs arriving at once load it once; running VMs never take this lock.
+    /// The loaded snapshot `name`, loading it if needed (or again, if its file changed).
     pub fn get(&self, name: &str) -> Result<Arc<Snapshot>, SnapshotError> {
-        let mut entries = self.lock();
-        let entry = entries.get_mut(name).ok_or_else(|| SnapshotError::Unknown(name.into()))?;
-        entry.last_used = Instant::now();
-        if let Some(snapshot) = &entry.loaded {
-            return Ok(Arc::clone(snapshot));
-        }
+        let slot = self.slots.get(name).ok_or_else(|| SnapshotError::Unknown(name.into()))?;
         let started = Instant::now();
-        let snapshot = Arc::new(Snapshot::load(name, &entry.path, self.storage)?);
+        let mut state = slot.lock();
+        loop {
+            match &mut *state {
+                State::Loaded { snapshot, last_used } => {
+                    if FileStamp::at(&slot.path).is_ok_and(|now| now == snapshot.stamp()) {
+                        *last_used = Instant::now();
+                        return Ok(Arc::clone(snapshot));
+                    }
+                    tracing::warn!(
+                        snapshot = name,
+                        "memory file changed since it was loaded: loading it again (running VMs keep their copy)"
+                    );
+                    *state = State::Unloaded;
+                }
+                State::Loading => {
+                    let waited = started.elapsed();
+                    if waited >= self.load_wait {
+                        return Err(SnapshotError::LoadTimeout { name: name.into(), waited_ms: waited.as_millis() });
+                    }
+                    state = slot
+                        .changed
+                        .wait_timeout(state, self.load_wait - waited)
+                        .map_or_else(|p| p.into_inner().0, |(s, _)| s);
+                }
+                State::Unloaded => {
+                    *state = State::Loading;
+                    drop(state);
+                    return self.load(name, slot);
+                }
+            }
+        }
+    }
+
+    /// Loads `slot` (marked Loading by the caller), outside every lock.
+    fn load(&self, name: &str, slot: &Slot) -> Result<Arc<Snapshot>, SnapshotError> {
+        let started = Instant::now();
+        let loaded = Snapshot::load(name, &slot.path, self.storage).map(Arc::new);
+        let mut state = slot.lock();
+        *state = match &loaded {
+            Ok(snapshot) => State::Loaded { snapshot: Arc::clone(snapshot), last_used: Instant::now() },
+            Err(_) => State::Unloaded,
+        };
+        slot.changed.notify_all();
+        drop(state);
+        let snapshot = loaded?;
         tracing::info!(
             snapshot = name,
             bytes = snapshot.len(),
@@ -72,55 +139,85 @@ impl SnapshotStore {
             ms = started.elapsed().as_millis(),
             "snapshot loaded"
         );
-        entry.loaded = Some(Arc::clone(&snapshot));
-        self.evict_idle(&mut entries, name);
+        self.evict_idle(name);
         Ok(snapshot)
     }
 
     /// Bytes of RAM held by loaded snapshots.
     pub fn resident_bytes(&self) -> u64 {
-        resident_bytes(&self.lock())
+        self.slots.values().map(|slot| loaded(&slot.lock()).map_or(0, |s| s.pages().resident_bytes())).sum()
     }
 
-    /// Names of the snapshots currently held in memory.
+    /// Names of the snapshots currently held.
     pub fn loaded(&self) -> Vec<String> {
-        self.lock().iter().filter(|(_, e)| e.loaded.is_some()).map(|(n, _)| n.clone()).collect()
+        self.names_in(|state| matches!(state, State::Loaded { .. }))
     }
 
-    fn evict_idle(&self, entries: &mut BTreeMap<String, Entry>, keep: &str) {
-        while resident_bytes(entries) > self.budget_bytes {
+    /// Names of the snapshots being loaded now.
+    pub fn loading(&self) -> Vec<String> {
+        self.names_in(|state| matches!(state, State::Loading))
+    }
+
+    /// Marks `names` as loading before their loads start, so that `stats` says so from the
+    /// server's first moment and VMs arriving meanwhile wait for them; each is then loaded by
+    /// [`SnapshotStore::finish_preload`].
+    pub fn begin_preload(&self, names: &[String]) {
+        for name in names {
+            if let Some(slot) = self.slots.get(name) {
+                *slot.lock() = State::Loading;
+            }
+        }
+    }
+
+    /// Loads a snapshot marked by [`SnapshotStore::begin_preload`].
+    pub fn finish_preload(&self, name: &str) -> Result<Arc<Snapshot>, SnapshotError> {
+        let slot = self.slots.get(name).ok_or_else(|| SnapshotError::Unknown(name.into()))?;
+        self.load(name, slot)
+    }
+
+    fn names_in(&self, wanted: impl Fn(&State) -> bool) -> Vec<String> {
+        self.slots.iter().filter(|(_, slot)| wanted(&slot.lock())).map(|(name, _)| name.clone()).collect()
+    }
+
+    fn evict_idle(&self, keep: &str) {
+        while self.resident_bytes() > self.budget_bytes {
             // Idle: nobody but the store holds it.
-            let victim = entries
+            let victim = self
+                .slots
                 .iter()
-                .filter(|(name, e)| {
-                    name.as_str() != keep && e.loaded.as_ref().is_some_and(|s| Arc::strong_count(s) == 1)
+                .filter(|(name, _)| name.as_str() != keep)
+                .filter_map(|(name, slot)| match &*slot.lock() {
+                    State::Loaded { snapshot, last_used } if Arc::strong_count(snapshot) == 1 => {
+                        Some((*last_used, name))
+                    }
+                    _ => None,
                 })
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(name, _)| name.clone());
+                .min()
+                .map(|(_, name)| name.clone());
             let Some(victim) = victim else {
                 tracing::warn!(
                     budget = self.budget_bytes,
-                    resident = resident_bytes(entries),
+                    resident = self.resident_bytes(),
                     "snapshots in use exceed the cache budget; nothing idle to evict"
                 );
                 return;
             };
-            if let Some(entry) = entries.get_mut(&victim) {
-                entry.loaded = None;
+            if let Some(slot) = self.slots.get(&victim) {
+                let mut state = slot.lock();
+                if matches!(&*state, State::Loaded { snapshot, .. } if Arc::strong_count(snapshot) == 1) {
+                    *state = State::Unloaded;
+                }
             }
             tracing::info!(snapshot = victim, "idle snapshot evicted to stay within the cache budget");
         }
     }
-
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
-        // A panic while holding the lock cannot leave an entry half-updated in a way that
-        // matters (a load either stored its Arc or did not), so poisoning is ignored.
-        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
 }
 
-fn resident_bytes(entries: &BTreeMap<String, Entry>) -> u64 {
-    entries.values().filter_map(|e| e.loaded.as_ref()).map(|s| s.pages().resident_bytes()).sum()
+fn loaded(state: &State) -> Option<&Arc<Snapshot>> {
+    match state {
+        State::Loaded { snapshot, .. } => Some(snapshot),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -138,7 +235,7 @@ mod tests {
             snapshots.push((name.to_string(), path));
         }
         // Room for two 16 KiB snapshots.
-        let store = SnapshotStore::new(snapshots, 2 * 4 * 4096, Storage::Memory);
+        let store = SnapshotStore::new(snapshots, 2 * 4 * 4096, Storage::Memory, Duration::from_secs(1));
         let a = store.get("a").expect("a");
         drop(store.get("b").expect("b"));
         drop(store.get("c").expect("c")); // over budget: b is idle and older than c, a is in use

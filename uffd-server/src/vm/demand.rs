@@ -12,6 +12,7 @@ use super::{Fault, Guest, Step};
 use crate::addr::{HostAddr, BASE_PAGE};
 use crate::memory::pieces::Piece;
 use crate::memory::placer::{Access, Outcome, Stop, Wake};
+use crate::memory::uffd_io::IoctlError;
 use crate::source::{PageSource, Zeros};
 use crate::stats::count;
 
@@ -59,10 +60,7 @@ impl Demand {
             None => Step::Done,
             Some(Stop::NeedEvents) => Step::NeedEvents,
             Some(Stop::Gone) => Step::Gone,
-            Some(Stop::Failed(e)) => {
-                tracing::error!(addr = %fault.page, "cannot serve fault: {e}");
-                Step::Done
-            }
+            Some(Stop::Failed(e)) => poison(guest, fault, &e),
         }
     }
 
@@ -75,6 +73,31 @@ impl Demand {
         let end = (aligned + size).min(region.host_end());
         Piece::of_region(region, HostAddr(start), end - start)
     }
+}
+
+/// The fault's bytes cannot be had (the memory file changed or cannot be read): rather than
+/// leave the faulting thread waiting for ever, or serve it other bytes, its page is poisoned —
+/// the guest gets a memory error, which its VMM reports.
+fn poison(guest: &Guest<'_>, fault: &Fault, why: &dyn std::fmt::Display) -> Step {
+    let unit = fault.region.page_size.bytes();
+    let poisoned = guest.placer.uffd().poison(fault.page, unit);
+    if guest.log_limit.allow() {
+        match &poisoned {
+            Ok(_) => {
+                tracing::error!(addr = %fault.page, "cannot serve fault ({why}): page poisoned, the guest gets a memory error")
+            }
+            Err(e) => {
+                tracing::error!(addr = %fault.page, "cannot serve fault ({why}) nor poison it ({e}): the faulting thread waits")
+            }
+        }
+    }
+    match poisoned {
+        Ok(_) => count(&guest.stats.poisoned_pages, unit / BASE_PAGE),
+        Err(IoctlError::Again { .. }) => return Step::NeedEvents,
+        Err(IoctlError::VmGone) => return Step::Gone,
+        Err(_) => {}
+    }
+    Step::Done
 }
 
 fn count_placed(guest: &Guest<'_>, outcome: &Outcome) {

@@ -164,7 +164,9 @@ impl<'a> FaultLoop<'a> {
     fn handle_fault(&mut self, addr: HostAddr, write: bool) -> Result<(), VmEnd> {
         let started = Instant::now();
         let Some(fault) = Fault::locate(self.guest.regions, addr, write) else {
-            tracing::error!(%addr, "fault outside every region of the handshake; cannot serve it");
+            if self.guest.log_limit.allow() {
+                tracing::error!(%addr, "fault outside every region of the handshake; cannot serve it");
+            }
             return Ok(());
         };
         self.note_demand(&fault);
@@ -255,11 +257,13 @@ impl<'a> FaultLoop<'a> {
     /// The protocol has nothing after the handshake: EOF means the VMM is gone; stray bytes are
     /// read and dropped so they cannot wake the loop forever.
     fn vmm_closed_or_drained(&self) -> bool {
-        let mut buf = [0u8; 256];
+        let mut buf = [0u8; 64 * 1024];
         match nix::sys::socket::recv(self.socket.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
             Ok(0) => true,
             Ok(n) => {
-                tracing::warn!(bytes = n, "unexpected bytes from the VMM after the handshake, ignored");
+                if self.guest.log_limit.allow() {
+                    tracing::warn!(bytes = n, "unexpected bytes from the VMM after the handshake, ignored");
+                }
                 false
             }
             Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => false,

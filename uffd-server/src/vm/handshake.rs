@@ -27,7 +27,14 @@ pub struct Handshake {
     pub regions: Vec<Region>,
     /// The VM's userfaultfd.
     pub uffd: OwnedFd,
+    /// Which userfaultfd it is: every uffd has an inode of its own, so two fds with the same
+    /// identity are the same uffd.
+    pub uffd_identity: (u64, u64),
 }
+
+/// `UFFD_FEATURE_EVENT_REMOVE`: without it, ranges the guest gives back (balloon, free-page
+/// reporting) would be served again from the snapshot instead of as zeros.
+const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 
 /// Why a handshake was refused; the message names the field or region.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +56,10 @@ pub enum HandshakeError {
     TooManyFds(usize),
     #[error("the handshake's file descriptor is not a userfaultfd (it is {0})")]
     NotUffd(String),
+    #[error("the userfaultfd was created without UFFD_FEATURE_EVENT_REMOVE (features {0:#x}): ranges the guest gives back would be served from the snapshot again")]
+    NoEventRemove(u64),
+    #[error("cannot inspect the userfaultfd: {0}")]
+    Inspect(String),
     #[error("handshake JSON is invalid: {0}")]
     InvalidJson(#[from] serde_json::Error),
     #[error("handshake JSON must be an array of regions, got {0}")]
@@ -70,15 +81,33 @@ pub enum HandshakeError {
 /// Receives and parses one handshake from `stream`. The read timeout set on `stream` bounds it.
 pub fn receive(stream: &UnixStream) -> Result<Handshake, HandshakeError> {
     let mut buf = vec![0u8; MAX_MESSAGE_BYTES];
-    let (len, fds) = receive_with_fds(stream.as_raw_fd(), &mut buf)?;
+    let (mut len, fds) = receive_with_fds(stream.as_raw_fd(), &mut buf)?;
     let uffd = match fds.len() {
         0 => return Err(HandshakeError::NoFd),
         1 => fds.into_iter().next().ok_or(HandshakeError::NoFd)?,
         n => return Err(HandshakeError::TooManyFds(n)),
     };
     check_is_userfaultfd(&uffd)?;
-    let regions = parse_regions(&buf[..len])?;
-    Ok(Handshake { regions, uffd })
+    let uffd_identity = check_features(&uffd)?;
+    // One sendmsg of a large message can arrive in several pieces (the fds come with the
+    // first): read on while the JSON is merely incomplete.
+    let regions = loop {
+        match parse_regions(&buf[..len]) {
+            Err(HandshakeError::InvalidJson(e)) if e.is_eof() && len < MAX_MESSAGE_BYTES => {
+                match std::io::Read::read(&mut &*stream, &mut buf[len..]) {
+                    Ok(0) => return Err(HandshakeError::InvalidJson(e)),
+                    Ok(n) => len += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(HandshakeError::Timeout),
+                    Err(e) => {
+                        return Err(HandshakeError::Receive(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))))
+                    }
+                }
+            }
+            Err(HandshakeError::InvalidJson(e)) if e.is_eof() => return Err(HandshakeError::TooLarge),
+            other => break other?,
+        }
+    };
+    Ok(Handshake { regions, uffd, uffd_identity })
 }
 
 /// One `recvmsg`: Firecracker sends the whole handshake in a single `sendmsg`.
@@ -108,9 +137,6 @@ fn receive_with_fds(fd: RawFd, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), 
     if len == 0 && fds.is_empty() {
         return Err(HandshakeError::Empty);
     }
-    if len == MAX_MESSAGE_BYTES {
-        return Err(HandshakeError::TooLarge);
-    }
     Ok((len, fds))
 }
 
@@ -125,6 +151,24 @@ fn check_is_userfaultfd(fd: &OwnedFd) -> Result<(), HandshakeError> {
     } else {
         Err(HandshakeError::NotUffd(link))
     }
+}
+
+/// Checks the uffd's features (`/proc/self/fdinfo`: `API:\tapi:features:ioctls`, hex) and
+/// returns its identity (device, inode).
+fn check_features(fd: &OwnedFd) -> Result<(u64, u64), HandshakeError> {
+    let inspect = |e: &dyn std::fmt::Display| HandshakeError::Inspect(e.to_string());
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).map_err(|e| inspect(&e))?;
+    let features = info
+        .lines()
+        .find_map(|line| line.strip_prefix("API:"))
+        .and_then(|api| api.trim().split(':').nth(1))
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .ok_or_else(|| inspect(&"no API line in its fdinfo"))?;
+    if features & UFFD_FEATURE_EVENT_REMOVE == 0 {
+        return Err(HandshakeError::NoEventRemove(features));
+    }
+    let stat = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| inspect(&e))?;
+    Ok((stat.st_dev, stat.st_ino))
 }
 
 /// Parses the JSON region list. Unknown fields are ignored: newer Firecracker versions may add

@@ -19,6 +19,7 @@ pub mod prefetcher;
 pub mod removed;
 
 use crate::addr::{HostAddr, BASE_PAGE};
+use crate::log_limit::LogLimit;
 use crate::memory::placer::Placer;
 use crate::memory::regions::{Region, RegionMap};
 use crate::source::PageSource;
@@ -39,6 +40,8 @@ pub struct Guest<'a> {
     pub snapshot: &'a dyn PageSource,
     /// The VM's counters.
     pub stats: &'a VmStats,
+    /// Bounds the log lines this VM's VMM can trigger.
+    pub log_limit: LogLimit,
 }
 
 impl Guest<'_> {

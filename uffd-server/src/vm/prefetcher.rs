@@ -189,7 +189,9 @@ impl<'a> Prefetcher<'a> {
                 }
                 Some(Stop::Failed(e)) => {
                     self.failed_pieces += 1;
-                    tracing::warn!(host = %piece.host, len = piece.len, "prefetch of a range failed, left to demand faults: {e}");
+                    if guest.log_limit.allow() {
+                        tracing::warn!(host = %piece.host, len = piece.len, "prefetch of a range failed, left to demand faults: {e}");
+                    }
                 }
             }
         }
