@@ -3,7 +3,7 @@
 //! the real binary, real userfaultfds and real files.
 
 use e2e::fake_vmm::{create_uffd, handshake_json, send_message, touch_pages, FakeVmm, GuestMemory, PAGE};
-use e2e::server_process::{workspace_binary, ServerProcess};
+use e2e::server_process::{workspace_binary, write_loading_set, ServerProcess};
 use e2e::snapshot_file::SnapshotFile;
 use e2e::{require_userfaultfd, Watchdog};
 use prefetch::identity::SnapshotIdentity;
@@ -274,17 +274,7 @@ fn planted_symlinks_and_open_directories_never_redirect_a_write() {
     std::fs::write(&victim, b"precious").expect("victim");
     let ws = dir.path().join("fn.ws");
     e2e::snapshot_file::write_working_set(&ws, &snap, &[(0..64).collect()]);
-    let loading_set = |out: &Path| {
-        std::process::Command::new(workspace_binary("uffd-server"))
-            .args(["loading-set", "--snapshot"])
-            .arg(&snap.path)
-            .arg("--working-set")
-            .arg(&ws)
-            .arg("--out")
-            .arg(out)
-            .output()
-            .expect("run loading-set")
-    };
+    let loading_set = |out: &Path| write_loading_set(&snap.path, &ws, out);
     // A symlink at the output name is replaced, never followed.
     let out = dir.path().join("fn.ls");
     std::os::unix::fs::symlink(&victim, &out).expect("symlink");
@@ -427,15 +417,7 @@ fn a_loading_set_is_not_used_once_its_memory_file_was_rewritten_even_with_its_mt
     let snap = snapshot(dir.path(), "fn.mem", 8 * MIB, 76);
     let (ws, ls) = (dir.path().join("fn.ws"), dir.path().join("fn.ls"));
     e2e::snapshot_file::write_working_set(&ws, &snap, &[(0..1500).collect()]);
-    let built = std::process::Command::new(workspace_binary("uffd-server"))
-        .args(["loading-set", "--snapshot"])
-        .arg(&snap.path)
-        .arg("--working-set")
-        .arg(&ws)
-        .arg("--out")
-        .arg(&ls)
-        .output()
-        .expect("run loading-set");
+    let built = write_loading_set(&snap.path, &ws, &ls);
     assert!(built.status.success());
     let mtime = std::fs::metadata(&snap.path).and_then(|m| m.modified()).expect("mtime");
     // Pages 5..10, in the loading set, none of them among the 64 pages the identity samples:
@@ -501,4 +483,31 @@ fn a_remove_racing_the_first_faults_never_hangs_reap_eager_or_the_end_of_a_union
         }
         drop(server);
     }
+}
+
+#[test]
+fn a_bad_name_in_the_snapshot_dir_is_skipped_and_stats_into_a_closed_pipe_does_not_panic() {
+    require_userfaultfd();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snapshots = dir.path().join("snapshots");
+    std::fs::create_dir(&snapshots).expect("mkdir");
+    let snap = snapshot(&snapshots, "fn.mem", MIB, 80);
+    std::fs::write(snapshots.join("bad name!.mem"), vec![0u8; 4096]).expect("write");
+    let dir_arg = snapshots.to_str().expect("utf-8");
+    let server = ServerProcess::start(&[], &["--snapshot-dir", dir_arg]);
+    server.wait_for_log("skipped, its name is not a valid snapshot name", 1);
+    serve_and_verify(&server, "fn", &snap);
+
+    // `uffd-server stats | head -0`: the reader is gone before anything is written.
+    let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
+    drop(read_end);
+    let out = std::process::Command::new(workspace_binary("uffd-server"))
+        .arg("stats")
+        .arg("--socket-dir")
+        .arg(&server.socket_dir)
+        .stdout(std::process::Stdio::from(write_end))
+        .output()
+        .expect("run stats");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("panicked"), "{:?}: {stderr}", out.status);
 }

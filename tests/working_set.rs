@@ -2,7 +2,7 @@
 //! into the working-set file as a union.
 
 use e2e::fake_vmm::{touch, FakeVmm, HUGE, PAGE};
-use e2e::server_process::{workspace_binary, ServerProcess};
+use e2e::server_process::{workspace_binary, write_loading_set, ServerProcess};
 use e2e::snapshot_file::{write_working_set, SnapshotFile};
 use e2e::{ensure_huge_pages, require_userfaultfd};
 use prefetch::identity::SnapshotIdentity;
@@ -302,15 +302,7 @@ fn a_loading_set_is_read_at_once_checked_and_bound_to_its_snapshot() {
     let snap = SnapshotFile::random(dir.path(), "fn.mem", 8 * MIB, 0.3, 42);
     let (ws, ls) = (dir.path().join("fn.ws"), dir.path().join("fn.ls"));
     write_working_set(&ws, &snap, &[(0..1500).step_by(2).collect(), (100..900).collect()]);
-    let built = std::process::Command::new(workspace_binary("uffd-server"))
-        .args(["loading-set", "--snapshot"])
-        .arg(&snap.path)
-        .arg("--working-set")
-        .arg(&ws)
-        .arg("--out")
-        .arg(&ls)
-        .output()
-        .expect("run loading-set");
+    let built = write_loading_set(&snap.path, &ws, &ls);
     assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
     let serve = |expect_log: &str| {
         let args = ["--snapshot-storage", "disk", "--loading-set", ls.to_str().expect("utf-8"), "--prefetch", "union"];

@@ -48,6 +48,8 @@ pub enum FormatError {
     Truncated { len: u64, expected: u64 },
     #[error("not a working-set file (bad magic)")]
     BadMagic,
+    #[error("the header claims a payload of {0} bytes, more than any working set holds")]
+    Oversized(u64),
     #[error("version {0} is not supported (this build reads version {VERSION})")]
     UnsupportedVersion(u32),
     #[error("checksum mismatch (stored {stored:#018x}, computed {computed:#018x}): the file is corrupt")]
@@ -93,9 +95,12 @@ pub fn decode(bytes: &[u8], snapshot: &SnapshotIdentity) -> Result<WorkingSet, F
         return Err(FormatError::UnsupportedVersion(version));
     }
     let (len, stored) = (u64_at(12)?, u64_at(20)?);
-    let expected = HEADER as u64 + len.min(MAX_PAYLOAD);
-    if bytes.len() as u64 != expected || len > MAX_PAYLOAD {
-        return Err(FormatError::Truncated { len: bytes.len() as u64, expected: HEADER as u64 + len });
+    if len > MAX_PAYLOAD {
+        return Err(FormatError::Oversized(len));
+    }
+    let expected = HEADER as u64 + len;
+    if bytes.len() as u64 != expected {
+        return Err(FormatError::Truncated { len: bytes.len() as u64, expected });
     }
     let payload = &bytes[HEADER..];
     let computed = crate::fnv1a(crate::FNV_OFFSET, payload);

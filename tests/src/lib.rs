@@ -2,6 +2,7 @@
 //! test VMM that behaves as Firecracker does towards the server.
 
 pub mod fake_vmm;
+pub mod fuzz_checks;
 pub mod server_process;
 pub mod snapshot_file;
 

@@ -30,6 +30,19 @@ pub fn run_binary(name: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// `uffd-server loading-set --snapshot SNAPSHOT --working-set WORKING_SET --out OUT`.
+pub fn write_loading_set(snapshot: &Path, working_set: &Path, out: &Path) -> std::process::Output {
+    Command::new(workspace_binary("uffd-server"))
+        .args(["loading-set", "--snapshot"])
+        .arg(snapshot)
+        .arg("--working-set")
+        .arg(working_set)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("run uffd-server loading-set")
+}
+
 /// `vmm-shim restore --json --snapshot SNAPSHOT` with `args`: the parsed report.
 pub fn vmm_shim_restore(snapshot: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let snapshot = snapshot.to_str().ok_or_else(|| anyhow::anyhow!("snapshot path is not UTF-8"))?;

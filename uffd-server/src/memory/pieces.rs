@@ -36,11 +36,6 @@ impl Piece {
     pub fn part(&self, at: u64, len: u64) -> Piece {
         Piece { host: HostAddr(self.host.0 + at), len, file: FileOffset(self.file.0 + at), page_size: self.page_size }
     }
-
-    /// Whether `addr` lies inside the piece.
-    pub fn contains(&self, addr: HostAddr) -> bool {
-        addr.0 >= self.host.0 && addr.0 - self.host.0 < self.len
-    }
 }
 
 /// The pieces holding file range `[start, end)`, region by region in host order. Parts of the

@@ -63,11 +63,6 @@ impl SnapshotStore {
         SnapshotStore { slots, budget_bytes, storage, load_wait }
     }
 
-    /// The snapshots' names, in order.
-    pub fn names(&self) -> Vec<String> {
-        self.slots.keys().cloned().collect()
-    }
-
     /// The snapshots to load at start: in name order, while their files fit in the budget.
     pub fn preload_names(&self) -> Vec<String> {
         let mut planned = 0;

@@ -1,0 +1,65 @@
+//! Writes the seed inputs of the fuzz corpora (`fuzz/corpus/TARGET/seed-*`): valid inputs of
+//! each parser, so that the fuzzer's mutations start past the magic numbers and checksums.
+//! `./x fuzz` runs it before fuzzing. Usage: fuzz_seeds CORPUS_DIR
+
+use e2e::fuzz_checks::{IDENTITY, STAMP};
+use prefetch::loading_set::LoadingSet;
+use prefetch::plan::{Batch, BatchKind, Plan};
+use prefetch::record::{Run, Touch};
+use prefetch::working_set::{LearnedTouch, WorkingSet};
+use std::path::Path;
+
+fn main() -> anyhow::Result<()> {
+    let corpus = std::env::args().nth(1).ok_or_else(|| anyhow::anyhow!("usage: fuzz_seeds CORPUS_DIR"))?;
+    let corpus = Path::new(&corpus);
+    let write = |target: &str, name: String, bytes: &[u8]| -> anyhow::Result<()> {
+        std::fs::create_dir_all(corpus.join(target))?;
+        Ok(std::fs::write(corpus.join(target).join(format!("seed-{name}")), bytes)?)
+    };
+    let region = |addr: u64, size: u64, offset: u64, page: u64| serde_json::json!({"base_host_virt_addr": addr, "size": size, "offset": offset, "page_size": page, "page_size_kib": page});
+    let handshakes = [
+        serde_json::json!([region(0x7f00_0000_0000, 64 << 20, 0, 4096)]),
+        serde_json::json!([
+            region(0x7f00_0000_0000, 3 << 30, 0, 4096),
+            region(0x7f10_0000_0000, 1 << 30, 3 << 30, 4096)
+        ]),
+        serde_json::json!([region(0x7f00_0020_0000, 8 << 20, 0, 2 << 20)]),
+        serde_json::json!([{"base_host_virt_addr": 4096, "size": 8192, "offset": 0, "page_size_kib": 4096, "future": [1, 2]}]),
+        serde_json::json!([]),
+    ];
+    for (i, json) in handshakes.iter().enumerate() {
+        write("handshake", format!("{i}"), json.to_string().as_bytes())?;
+    }
+    for runs in 1..=5u64 {
+        let mut set = WorkingSet::new(IDENTITY);
+        for run in 0..runs {
+            let touches = (0..64).map(|p| Touch { page: p * (run + 1) % 300, write: p % 3 == 0 }).collect();
+            set.merge(&Run { touches });
+        }
+        set.learn(&[LearnedTouch { page: 999, rank: 5, write: true }]);
+        write("working_set", format!("{runs}-runs"), &prefetch::format::encode(&set)?)?;
+    }
+    let dir = tempfile::tempdir()?;
+    for batches in 1..=4u64 {
+        let plan = Plan::background(
+            (0..batches)
+                .map(|b| Batch {
+                    first_page: b * 40,
+                    pages: 1 + b,
+                    kind: if b == 2 { BatchKind::Zero } else { BatchKind::Copy },
+                    priority: b as f64,
+                })
+                .collect(),
+            Some(2.0),
+        );
+        let path = dir.path().join("ls");
+        let read = |offset: u64, buf: &mut [u8]| {
+            let start = vmm_shim::usize_of(offset);
+            buf.iter_mut().enumerate().for_each(|(i, b)| *b = (start + i).to_le_bytes()[0]);
+            Ok(())
+        };
+        LoadingSet::write(&path, IDENTITY, STAMP, &plan, read)?;
+        write("loading_set", format!("{batches}-batches"), &std::fs::read(&path)?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,64 @@
+//! What the fuzz targets (`fuzz/`, `./x fuzz`) check on arbitrary input, one function per
+//! parser. `tests/fuzz_corpus.rs` replays every committed corpus file through the same
+//! functions in the normal test run, so an input that once crashed stays a regression test.
+//!
+//! Each parser must refuse bad input with an error, never panic, and what it accepts must hold
+//! its invariants.
+
+use prefetch::identity::SnapshotIdentity;
+use prefetch::loading_set::LoadingSet;
+use prefetch::plan::PlanConfig;
+use prefetch::policy::{plan_for, PrefetchPolicy};
+use uffd_server::addr::{FileOffset, HostAddr};
+use uffd_server::memory::pieces::pieces;
+use uffd_server::memory::regions::RegionMap;
+
+/// The snapshot the working-set and loading-set inputs claim to belong to (the seeds are made
+/// for it, so that mutations reach past the identity check).
+pub const IDENTITY: SnapshotIdentity = SnapshotIdentity { len: 64 << 20, fingerprint: 0x5eed_f00d };
+/// The memory-file stamp the loading-set seeds are bound to.
+pub const STAMP: u64 = 0x57a3_9000;
+
+/// A handshake payload: parsed, then validated against a memory file whose length also comes
+/// from the input; an accepted region map maps every address it holds to a file offset
+/// inside the file, and its pieces stay inside their regions.
+pub fn handshake(data: &[u8]) {
+    let Ok(regions) = uffd_server::vm::handshake::parse_regions(data) else { return };
+    let file_len = u64::from(data.first().copied().unwrap_or(0)) << 20;
+    let Ok(map) = RegionMap::new(regions, file_len) else { return };
+    for region in map.regions() {
+        let last = HostAddr(region.host.0 + region.size - 1);
+        assert_eq!(map.find(region.host), Some(region));
+        assert_eq!(map.find(last), Some(region));
+        assert!(region.file_offset_of(last).0 < file_len);
+    }
+    let end = map.regions().iter().map(|r| r.file_offset.0 + r.size).max().unwrap_or(0).min(64 << 20);
+    for piece in pieces(&map, FileOffset(0), FileOffset(end)) {
+        let region = map.find(piece.host).expect("a piece lies in a region");
+        assert!(piece.host.0 + piece.len <= region.host_end());
+    }
+}
+
+/// A working-set file: decoded; what decodes re-encodes to itself and can be planned.
+pub fn working_set(data: &[u8]) {
+    let Ok(set) = prefetch::format::decode(data, &IDENTITY) else { return };
+    let bytes = prefetch::format::encode(&set).expect("an accepted set encodes");
+    assert_eq!(prefetch::format::decode(&bytes, &IDENTITY).expect("and decodes again"), set);
+    let config = PlanConfig::default();
+    for policy in [PrefetchPolicy::Reap, PrefetchPolicy::Union] {
+        let plan = plan_for(&set, policy, 0.5, |page| page % 7 == 0, config);
+        assert!(plan.deferred_from <= plan.batches.len());
+    }
+}
+
+/// A loading-set file: opened, and every batch's bytes asked for (checked or dropped).
+pub fn loading_set(data: &[u8]) {
+    let Ok(loading_set) = LoadingSet::decode(data.to_vec(), IDENTITY, STAMP) else { return };
+    let plan = loading_set.plan();
+    assert!(plan.deferred_from <= plan.batches.len());
+    for (index, batch) in plan.batches.iter().enumerate() {
+        if let Some(bytes) = loading_set.data(index) {
+            assert_eq!(bytes.len() as u64, batch.pages * 4096);
+        }
+    }
+}
