@@ -28,6 +28,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// How long a VM waits for its snapshot to load before it is refused.
     pub load_wait: Duration,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics_listen: Option<String>,
     /// The working-set file of the (single) snapshot: recorded into, prefetched from, refined.
     pub working_set: Option<PathBuf>,
     /// A loading-set file of the (single) snapshot: `union` prefetches its batches from it.
@@ -74,6 +76,8 @@ pub enum ServerError {
     LoadingSetNeedsUnion,
     #[error("{0}")]
     Socket(#[from] crate::sockets::SocketError),
+    #[error("cannot serve metrics on {0}: {1}")]
+    Metrics(String, String),
 }
 
 impl ServerConfig {

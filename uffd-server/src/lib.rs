@@ -12,8 +12,8 @@
 //! - [`source`]: where bytes come from ([`source::PageSource`]: RAM, disk, a loading-set
 //!   batch), shared through the [`source::store`];
 //! - [`plan_cache`] keeps each snapshot's plan, [`registry`] every VM's record, [`control`]
-//!   answers `stats`, [`stats`] defines the counters, [`config`] the configuration, [`sockets`]
-//!   who can reach the server.
+//!   answers `stats`, [`metrics`] serves Prometheus, [`stats`] defines the counters and
+//!   histograms, [`config`] the configuration, [`sockets`] who can reach the server.
 
 #![warn(missing_docs)]
 
@@ -22,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod log_limit;
 pub mod memory;
+pub mod metrics;
 pub mod plan_cache;
 pub mod registry;
 pub mod server;

@@ -207,6 +207,9 @@ struct ServeArgs {
     /// How long a VM waits for its snapshot to load (a slow or hung disk) before it is refused.
     #[arg(long, default_value_t = 60_000)]
     load_wait_ms: u64,
+    /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -267,6 +270,7 @@ fn serve(args: ServeArgs, (working_set, loading_set): (Option<PathBuf>, Option<P
         allow_uids: args.allow_uids,
         handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
         load_wait: Duration::from_millis(args.load_wait_ms),
+        metrics_listen: args.metrics_listen,
         working_set,
         loading_set,
         mode,

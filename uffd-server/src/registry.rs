@@ -3,6 +3,7 @@
 
 use crate::stats::{VmStats, VmStatsReport};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -102,6 +103,29 @@ impl VmRecord {
 pub struct Registry {
     next_id: AtomicU64,
     vms: Mutex<Vec<Arc<VmRecord>>>,
+    /// Per snapshot: what the VMs no longer listed counted, and refused connections.
+    totals: Mutex<BTreeMap<String, Totals>>,
+}
+
+/// A snapshot's totals beyond the VMs listed now, so that they never go down.
+#[derive(Default)]
+struct Totals {
+    forgotten: VmStats,
+    forgotten_vms: u64,
+    refused: BTreeMap<&'static str, u64>,
+}
+
+/// Everything a snapshot's VMs counted since the server started (the metrics endpoint).
+#[derive(Default)]
+pub struct SnapshotView {
+    /// Every counter and histogram, summed over its VMs.
+    pub stats: VmStats,
+    /// VMs attached so far.
+    pub vms_attached: u64,
+    /// VMs attached now.
+    pub vms_live: u64,
+    /// Connections refused, by reason.
+    pub refused: BTreeMap<&'static str, u64>,
 }
 
 impl Registry {
@@ -121,7 +145,11 @@ impl Registry {
         let ended = vms.iter().filter(|v| v.ended().is_some()).count();
         if ended >= ENDED_VMS_KEPT {
             if let Some(oldest) = vms.iter().position(|v| v.ended().is_some()) {
-                vms.remove(oldest);
+                let forgotten = vms.remove(oldest);
+                let mut totals = self.lock_totals();
+                let totals = totals.entry(forgotten.snapshot.clone()).or_default();
+                totals.forgotten.absorb(&forgotten.stats);
+                totals.forgotten_vms += 1;
             }
         }
         vms.push(record);
@@ -131,6 +159,35 @@ impl Registry {
     /// Every VM's report.
     pub fn reports(&self) -> Vec<VmReport> {
         self.lock().iter().map(|v| v.report()).collect()
+    }
+
+    /// Counts a connection to `snapshot` refused for `reason`.
+    pub fn count_refusal(&self, snapshot: &str, reason: &'static str) {
+        *self.lock_totals().entry(snapshot.into()).or_default().refused.entry(reason).or_default() += 1;
+    }
+
+    /// Each snapshot's totals since the server started (snapshots with no VM and no refusal
+    /// yet are absent).
+    pub fn per_snapshot(&self) -> BTreeMap<String, SnapshotView> {
+        let mut views: BTreeMap<String, SnapshotView> = BTreeMap::new();
+        for vm in self.lock().iter() {
+            let view = views.entry(vm.snapshot.clone()).or_default();
+            view.stats.absorb(&vm.stats);
+            view.vms_attached += 1;
+            view.vms_live += u64::from(vm.ended().is_none());
+        }
+        for (snapshot, totals) in self.lock_totals().iter() {
+            let view = views.entry(snapshot.clone()).or_default();
+            view.stats.absorb(&totals.forgotten);
+            view.vms_attached += totals.forgotten_vms;
+            view.refused.clone_from(&totals.refused);
+        }
+        views
+    }
+
+    fn lock_totals(&self) -> MutexGuard<'_, BTreeMap<String, Totals>> {
+        // Only ever added to: a poisoned lock holds consistent (if slightly low) totals.
+        self.totals.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The VM with id `id`, if known.

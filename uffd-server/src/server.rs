@@ -10,6 +10,7 @@ use crate::log_limit::LogLimit;
 use crate::memory::placer::Placer;
 use crate::memory::regions::{RegionError, RegionMap};
 use crate::memory::uffd_io::Userfaultfd;
+use crate::metrics::Metrics;
 use crate::plan_cache::PlanCache;
 use crate::registry::{Registry, VmRecord};
 use crate::sockets::{self, Access};
@@ -48,6 +49,22 @@ pub enum AttachError {
     UffdInUse(u64),
 }
 
+impl AttachError {
+    /// A short name of the reason, for the refusals metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AttachError::PeerCredentials(_) => "peer_credentials",
+            AttachError::UidNotAllowed(_) => "uid_not_allowed",
+            AttachError::Handshake(HandshakeError::Timeout) => "handshake_timeout",
+            AttachError::Handshake(_) => "handshake",
+            AttachError::Regions(_) => "regions",
+            AttachError::Snapshot(_) => "snapshot",
+            AttachError::Uffd(_) => "uffd",
+            AttachError::UffdInUse(_) => "uffd_in_use",
+        }
+    }
+}
+
 /// A server with all its sockets bound, ready to run.
 pub struct Server {
     config: ServerConfig,
@@ -55,6 +72,7 @@ pub struct Server {
     registry: Arc<Registry>,
     listeners: Vec<(String, UnixListener)>,
     control: UnixListener,
+    metrics: Option<tiny_http::Server>,
 }
 
 impl Server {
@@ -70,13 +88,22 @@ impl Server {
             .map(|(name, _)| Ok((name.clone(), sockets::bind(&config.socket_path(name), access)?)))
             .collect::<Result<Vec<_>, ServerError>>()?;
         let control = sockets::bind(&config.socket_dir.join(CONTROL_SOCKET), Access::Owner)?;
+        let metrics = match &config.metrics_listen {
+            Some(addr) => {
+                let server =
+                    tiny_http::Server::http(addr).map_err(|e| ServerError::Metrics(addr.clone(), e.to_string()))?;
+                tracing::info!(listen = %server.server_addr(), "serving Prometheus metrics on GET /metrics");
+                Some(server)
+            }
+            None => None,
+        };
         let store = Arc::new(SnapshotStore::new(
             config.snapshots.clone(),
             config.cache_bytes,
             config.storage,
             config.load_wait,
         ));
-        Ok(Server { config, store, registry: Arc::default(), listeners, control })
+        Ok(Server { config, store, registry: Arc::default(), listeners, control, metrics })
     }
 
     /// Loads what fits in the budget, each snapshot on a thread of its own, and serves until the
@@ -106,6 +133,11 @@ impl Server {
             };
             let accept = move || accept_loop(&listener, &Arc::new(snapshot));
             threads.push(std::thread::Builder::new().name(format!("accept-{name}")).spawn(accept)?);
+        }
+        if let Some(server) = self.metrics {
+            let metrics = Arc::new(Metrics::new(Arc::clone(&self.registry), Arc::clone(&self.store)));
+            let serve = move || crate::metrics::serve(&server, &metrics);
+            threads.push(std::thread::Builder::new().name("metrics".into()).spawn(serve)?);
         }
         let (store, registry, control) = (self.store, self.registry, self.control);
         let control = move || crate::control::serve(&control, &store, &registry);
@@ -161,6 +193,7 @@ fn serve_connection(id: u64, stream: &UnixStream, service: &SnapshotService) {
         }
     };
     if let Err(e) = attach(id, creds.pid(), creds.uid(), stream, service) {
+        service.registry.count_refusal(&service.name, e.reason());
         // Poisoned only by a panic while logging: the limiter holds nothing that matters.
         if service.refusals_logged.lock().unwrap_or_else(|p| p.into_inner()).allow() {
             tracing::error!(peer_pid = creds.pid(), "VM refused: {e}");
@@ -200,6 +233,7 @@ fn attach(
     let stats = &record.stats;
     count(&stats.prefetch_plan_us, u64::try_from(record.started().elapsed().as_micros()).unwrap_or(u64::MAX));
     count(&stats.prefetch_planned_pages, plan.pages());
+    count(&stats.prefetch_deferred_pages, plan.batches[plan.deferred_from..].iter().map(|b| b.pages).sum());
     let window = match config.mode {
         Mode::Record { window } => Some(window),
         Mode::Serve { .. } => None,

@@ -45,6 +45,7 @@ pub struct SnapshotStore {
     budget_bytes: u64,
     storage: Storage,
     load_wait: Duration,
+    evictions: std::sync::atomic::AtomicU64,
 }
 
 impl SnapshotStore {
@@ -60,7 +61,7 @@ impl SnapshotStore {
             .into_iter()
             .map(|(name, path)| (name, Slot { path, state: Mutex::new(State::Unloaded), changed: Condvar::new() }))
             .collect();
-        SnapshotStore { slots, budget_bytes, storage, load_wait }
+        SnapshotStore { slots, budget_bytes, storage, load_wait, evictions: Default::default() }
     }
 
     /// The snapshots to load at start: in name order, while their files fit in the budget.
@@ -143,6 +144,17 @@ impl SnapshotStore {
         self.slots.values().map(|slot| loaded(&slot.lock()).map_or(0, |s| s.pages().resident_bytes())).sum()
     }
 
+    /// RAM held per snapshot (0 when not loaded).
+    pub fn resident_by_snapshot(&self) -> Vec<(String, u64)> {
+        let held = |slot: &Slot| loaded(&slot.lock()).map_or(0, |s| s.pages().resident_bytes());
+        self.slots.iter().map(|(name, slot)| (name.clone(), held(slot))).collect()
+    }
+
+    /// Idle snapshots evicted so far.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Names of the snapshots currently held.
     pub fn loaded(&self) -> Vec<String> {
         self.names_in(|state| matches!(state, State::Loaded { .. }))
@@ -203,6 +215,7 @@ impl SnapshotStore {
                     *state = State::Unloaded;
                 }
             }
+            self.evictions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(snapshot = victim, "idle snapshot evicted to stay within the cache budget");
         }
     }

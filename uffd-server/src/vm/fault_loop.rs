@@ -60,7 +60,8 @@ pub struct FaultLoop<'a> {
     prefetcher: Option<Prefetcher<'a>>,
     learner: Option<Learner<'a>>,
     removed: RemovedRanges,
-    faults: VecDeque<(HostAddr, bool)>,
+    /// Faults read and not served yet: address, write, when the event was read.
+    faults: VecDeque<(HostAddr, bool, Instant)>,
     events: Vec<UffdEvent>,
     buf: EventBuffer,
 }
@@ -112,8 +113,8 @@ impl<'a> FaultLoop<'a> {
         if self.prefetcher.as_ref().is_some_and(Prefetcher::is_installing) {
             return self.prefetch_step();
         }
-        if let Some((addr, write)) = self.faults.pop_front() {
-            return self.handle_fault(addr, write);
+        if let Some((addr, write, read_at)) = self.faults.pop_front() {
+            return self.handle_fault(addr, write, read_at);
         }
         let due = self.prefetcher.as_mut().and_then(Prefetcher::next_wait);
         match due {
@@ -161,7 +162,9 @@ impl<'a> FaultLoop<'a> {
         }
     }
 
-    fn handle_fault(&mut self, addr: HostAddr, write: bool) -> Result<(), VmEnd> {
+    /// Serves the fault at `addr`, read at `read_at`: from then until its page is placed, the
+    /// faulting vCPU stalls on us.
+    fn handle_fault(&mut self, addr: HostAddr, write: bool, read_at: Instant) -> Result<(), VmEnd> {
         let started = Instant::now();
         let Some(fault) = Fault::locate(self.guest.regions, addr, write) else {
             if self.guest.log_limit.allow() {
@@ -181,6 +184,7 @@ impl<'a> FaultLoop<'a> {
         }
         count(&self.guest.stats.faults, 1);
         self.guest.stats.latency.record(started.elapsed());
+        self.guest.stats.stall.record(read_at.elapsed());
         Ok(())
     }
 
@@ -281,9 +285,10 @@ impl<'a> FaultLoop<'a> {
             Err(e) => return Err(VmEnd::Failed(e.to_string())),
         }
         let read = self.events.len();
+        let read_at = Instant::now();
         for event in self.events.drain(..) {
             match event {
-                UffdEvent::Fault { addr, write } => self.faults.push_back((addr, write)),
+                UffdEvent::Fault { addr, write } => self.faults.push_back((addr, write, read_at)),
                 UffdEvent::Remove { start, end } | UffdEvent::Unmap { start, end } => {
                     count(&self.guest.stats.remove_events, 1);
                     tracing::debug!(%start, %end, "range removed: it will read as zeros");
