@@ -241,3 +241,27 @@ fn a_computing_guest_folds_its_compute_into_the_checksum_the_host_verifies() {
     assert_ne!(with_compute, without, "the same memory and inputs: only the compute differs");
     assert_eq!(with_compute, restore(&computing, &["--mem-backend", "copy", "--invoke", "2"]));
 }
+
+#[test]
+fn placed_but_untouched_heap_pages_are_counted_against_the_pages_touched() {
+    let (_dir, snap) = snapshot(&["--workload", "hello"]);
+    let mem = snap.join("mem");
+    let heap = |extra: &[&str]| {
+        let server = ServerProcess::start(&[("hello", &mem)], extra);
+        let socket = server.socket("hello");
+        let report = e2e::server_process::vmm_shim_restore(
+            &snap,
+            &["--mem-backend", "uffd", "--uffd-socket", socket.to_str().expect("utf-8")],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let field = |name: &str| report["heap"][name].as_u64().unwrap_or_else(|| panic!("heap.{name} in {report}"));
+        (field("resident_pages"), field("touched_pages"), field("untouched_resident_pages"))
+    };
+    // One page per fault, nothing prefetched: only what the guest touched is there.
+    let (resident, touched, untouched) = heap(&["--fault-around", "1"]);
+    assert_eq!((resident, untouched), (touched, 0));
+    // Everything placed before the guest runs: every other heap page is untouched.
+    let (resident, touched, untouched) = heap(&["--prefetch", "eager"]);
+    assert_eq!(untouched, resident - touched);
+    assert!(untouched > 0 && resident > touched);
+}

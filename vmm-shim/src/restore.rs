@@ -61,8 +61,41 @@ pub struct RestoreReport {
     pub first_instruction_us: f64,
     /// Every invocation, in order.
     pub invocations: Vec<Invocation>,
+    /// The guest heap right after the first invocation (`uffd` backend, one vCPU).
+    pub heap: Option<HeapUse>,
     /// The whole restore.
     pub total_us: f64,
+}
+
+/// Heap pages in the guest's memory after its first invocation, against those it touched:
+/// with the `uffd` backend, resident means placed by the server, so the difference is what it
+/// placed for nothing (prefetch, and fault-around neighbours) — the memory a policy costs.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct HeapUse {
+    /// Heap pages (guest-physical ≥ `DATA`) resident (`mincore`).
+    pub resident_pages: u64,
+    /// Heap pages the invocation touched.
+    pub touched_pages: u64,
+    /// Resident heap pages the invocation did not touch.
+    pub untouched_resident_pages: u64,
+}
+
+/// Counts the heap pages resident in `memory` and how many of them `input`'s invocation touched.
+fn heap_use(memory: &GuestMemory, workload: &Workload, input: u64) -> io::Result<HeapUse> {
+    let page = crate::memory::PAGE as u64;
+    let touched: std::collections::HashSet<u64> =
+        workload.invocation_pages(input).iter().map(|addr| addr / page).collect();
+    let mut heap = HeapUse { resident_pages: 0, touched_pages: touched.len() as u64, untouched_resident_pages: 0 };
+    for (index, region) in memory.regions.iter().enumerate() {
+        for (offset, resident) in memory.resident_pages(index)?.into_iter().enumerate() {
+            let guest_page = (region.guest_addr / crate::memory::PAGE + offset) as u64;
+            if resident && guest_page * page >= crate::guest::DATA {
+                heap.resident_pages += 1;
+                heap.untouched_resident_pages += u64::from(!touched.contains(&guest_page));
+            }
+        }
+    }
+    Ok(heap)
 }
 
 /// Why a restore failed.
@@ -170,6 +203,7 @@ pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport
     let vm_create_us = micros(vm_started);
     let mut invocations = Vec::new();
     let mut first_instruction = None;
+    let mut heap = None;
     if vcpus == 1 {
         // Ranges that read as zeros now (anonymous memory after a balloon; a file mapping
         // re-reads the file instead).
@@ -177,6 +211,9 @@ pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport
         for &input in inputs {
             let (invocation, started_at) = invoke(vm.vcpu(0), 0, &memory, &state.workload, input)?;
             first_instruction.get_or_insert(started_at);
+            if heap.is_none() && backend == MemBackend::Uffd {
+                heap = Some(heap_use(&memory, &state.workload, input).map_err(mem_err)?);
+            }
             invocations.push((invocation, zeroed.clone()));
             if let Some((start, len)) = balloon {
                 memory.dontneed(crate::usize_of(start), crate::usize_of(len)).map_err(mem_err)?;
@@ -236,6 +273,7 @@ pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport
         vm_create_us,
         first_instruction_us,
         invocations,
+        heap,
         total_us,
     })
 }

@@ -80,6 +80,8 @@ pub struct Timed {
     pub first_invocation: f64,
     /// The second invocation, if any: all memory resident (warm).
     pub second_invocation: f64,
+    /// Heap pages placed that the first invocation did not touch (uffd backend; NaN otherwise).
+    pub untouched_pages: f64,
 }
 
 impl Timed {
@@ -93,6 +95,7 @@ impl Timed {
             first_done: first_instruction + first_invocation,
             first_invocation,
             second_invocation: ms(&invocations[1]["us"]).unwrap_or(f64::NAN),
+            untouched_pages: report["heap"]["untouched_resident_pages"].as_f64().unwrap_or(f64::NAN),
         })
     }
 }
