@@ -87,13 +87,16 @@ fn answer(stream: &UnixStream, store: &SnapshotStore, registry: &Registry) -> io
             serde_json::to_writer(&mut out, &response)?;
         }
         (Some("end-recording"), Some(id)) => {
-            let reply = match id.parse().ok().and_then(|id| registry.find(id)) {
-                Some(vm) if vm.ended().is_none() => {
+            let id_number = id.parse().ok();
+            let reply = match id_number.and_then(|id| registry.find(id)) {
+                Some(vm) => {
                     vm.end_recording.store(true, Ordering::Relaxed);
                     tracing::info!(vm = vm.id, "record window ended on request");
                     CommandReply::Ok { ok: true }
                 }
-                Some(_) => CommandReply::Error { error: format!("VM {id} has ended already") },
+                None if id_number.is_some_and(|id| registry.has_ended(id)) => {
+                    CommandReply::Error { error: format!("VM {id} has ended already") }
+                }
                 None => CommandReply::Error { error: format!("no VM with id `{id}`") },
             };
             serde_json::to_writer(&mut out, &reply)?;

@@ -3,12 +3,12 @@
 
 use crate::stats::{VmStats, VmStatsReport};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// Ended VMs kept for the stats endpoint.
+/// Ended VMs whose reports are kept for the stats endpoint.
 const ENDED_VMS_KEPT: usize = 1024;
 
 /// One attached VM, as the control socket sees it.
@@ -30,7 +30,7 @@ pub struct VmRecord {
 }
 
 /// A VM as `uffd-server stats` reports it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmReport {
     /// The server's id for it.
     pub id: u64,
@@ -72,7 +72,7 @@ impl VmRecord {
     }
 
     /// Marks it ended; returns how long it was served.
-    pub fn set_ended(&self, why: String) -> Duration {
+    fn set_ended(&self, why: String) -> Duration {
         let elapsed = self.started.elapsed();
         *self.lock_end() = Some((why, elapsed));
         elapsed
@@ -98,20 +98,24 @@ impl VmRecord {
     }
 }
 
-/// The VMs of a server.
+/// The VMs of a server: the attached ones, the last [`ENDED_VMS_KEPT`] ended ones (as their final
+/// reports), and per snapshot the totals of every VM that ended.
 #[derive(Default)]
 pub struct Registry {
     next_id: AtomicU64,
-    vms: Mutex<Vec<Arc<VmRecord>>>,
-    /// Per snapshot: what the VMs no longer listed counted, and refused connections.
+    /// Attached VMs. Lock order: `live`, then `totals`.
+    live: Mutex<Vec<Arc<VmRecord>>>,
+    ended: Mutex<VecDeque<VmReport>>,
     totals: Mutex<BTreeMap<String, Totals>>,
 }
 
-/// A snapshot's totals beyond the VMs listed now, so that they never go down.
+/// A snapshot's totals beyond its attached VMs, so that they never go down.
 #[derive(Default)]
 struct Totals {
-    forgotten: VmStats,
-    forgotten_vms: u64,
+    /// Every counter and histogram of the VMs that ended, summed: an ended VM's own histograms
+    /// (~37 KB) are not kept.
+    ended: VmStats,
+    ended_vms: u64,
     refused: BTreeMap<&'static str, u64>,
 }
 
@@ -134,31 +138,54 @@ impl Registry {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Adds an attached VM, forgetting the oldest ended one beyond [`ENDED_VMS_KEPT`]; refuses
-    /// it (returning the live VM's id) when its uffd already serves a live VM: two loops on one
-    /// uffd would place two region maps into one guest.
+    /// Adds an attached VM; refuses it (returning the live VM's id) when its uffd already
+    /// serves a live VM: two loops on one uffd would place two region maps into one guest.
     pub fn add(&self, record: Arc<VmRecord>) -> Result<(), u64> {
-        let mut vms = self.lock();
-        if let Some(live) = vms.iter().find(|v| v.uffd_identity == record.uffd_identity && v.ended().is_none()) {
-            return Err(live.id);
+        let mut live = self.lock_live();
+        if let Some(other) = live.iter().find(|v| v.uffd_identity == record.uffd_identity) {
+            return Err(other.id);
         }
-        let ended = vms.iter().filter(|v| v.ended().is_some()).count();
-        if ended >= ENDED_VMS_KEPT {
-            if let Some(oldest) = vms.iter().position(|v| v.ended().is_some()) {
-                let forgotten = vms.remove(oldest);
-                let mut totals = self.lock_totals();
-                let totals = totals.entry(forgotten.snapshot.clone()).or_default();
-                totals.forgotten.absorb(&forgotten.stats);
-                totals.forgotten_vms += 1;
-            }
-        }
-        vms.push(record);
+        live.push(record);
         Ok(())
     }
 
-    /// Every VM's report.
+    /// Marks `record` ended for `why`: its final report is kept (the last [`ENDED_VMS_KEPT`]),
+    /// its counters join its snapshot's totals. Returns how long it was served.
+    pub fn end(&self, record: &Arc<VmRecord>, why: String) -> Duration {
+        let elapsed = record.set_ended(why);
+        let report = record.report();
+        {
+            let mut live = self.lock_live();
+            live.retain(|v| !Arc::ptr_eq(v, record));
+            let mut totals = self.lock_totals();
+            let totals = totals.entry(record.snapshot.clone()).or_default();
+            totals.ended.absorb(&record.stats);
+            totals.ended_vms += 1;
+        }
+        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        if ended.len() >= ENDED_VMS_KEPT {
+            ended.pop_front();
+        }
+        ended.push_back(report);
+        elapsed
+    }
+
+    /// Every live VM's report, then the ended ones kept.
     pub fn reports(&self) -> Vec<VmReport> {
-        self.lock().iter().map(|v| v.report()).collect()
+        let mut reports: Vec<VmReport> = self.lock_live().iter().map(|v| v.report()).collect();
+        reports.extend(self.ended.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
+        reports.sort_by_key(|r| r.id);
+        reports
+    }
+
+    /// The live VM with id `id`.
+    pub fn find(&self, id: u64) -> Option<Arc<VmRecord>> {
+        self.lock_live().iter().find(|v| v.id == id).cloned()
+    }
+
+    /// Whether VM `id` ended (among those kept).
+    pub fn has_ended(&self, id: u64) -> bool {
+        self.ended.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|r| r.id == id)
     }
 
     /// Counts a connection to `snapshot` refused for `reason`.
@@ -167,36 +194,37 @@ impl Registry {
     }
 
     /// Each snapshot's totals since the server started (snapshots with no VM and no refusal
-    /// yet are absent).
+    /// yet are absent). Every VM counts once: live VMs and totals are read under one hold of
+    /// both locks (as [`Registry::end`] moves a VM between them); the live VMs' counters are
+    /// summed after, without holding any lock.
     pub fn per_snapshot(&self) -> BTreeMap<String, SnapshotView> {
         let mut views: BTreeMap<String, SnapshotView> = BTreeMap::new();
-        for vm in self.lock().iter() {
+        let live: Vec<Arc<VmRecord>> = {
+            let live = self.lock_live();
+            for (snapshot, totals) in self.lock_totals().iter() {
+                let view = views.entry(snapshot.clone()).or_default();
+                view.stats.absorb(&totals.ended);
+                view.vms_attached += totals.ended_vms;
+                view.refused.clone_from(&totals.refused);
+            }
+            live.clone()
+        };
+        for vm in live {
             let view = views.entry(vm.snapshot.clone()).or_default();
             view.stats.absorb(&vm.stats);
             view.vms_attached += 1;
-            view.vms_live += u64::from(vm.ended().is_none());
-        }
-        for (snapshot, totals) in self.lock_totals().iter() {
-            let view = views.entry(snapshot.clone()).or_default();
-            view.stats.absorb(&totals.forgotten);
-            view.vms_attached += totals.forgotten_vms;
-            view.refused.clone_from(&totals.refused);
+            view.vms_live += 1;
         }
         views
+    }
+
+    fn lock_live(&self) -> MutexGuard<'_, Vec<Arc<VmRecord>>> {
+        // Entries are added or removed whole: a poisoned lock holds a consistent list.
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_totals(&self) -> MutexGuard<'_, BTreeMap<String, Totals>> {
         // Only ever added to: a poisoned lock holds consistent (if slightly low) totals.
         self.totals.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The VM with id `id`, if known.
-    pub fn find(&self, id: u64) -> Option<Arc<VmRecord>> {
-        self.lock().iter().find(|v| v.id == id).cloned()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Vec<Arc<VmRecord>>> {
-        // Entries are added or removed whole: a poisoned lock holds a consistent list.
-        self.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -253,7 +253,7 @@ fn attach(
     // in the same process waits for this hang-up (docs/protocol.md).
     drop(uffd);
     let _ = stream.shutdown(std::net::Shutdown::Both);
-    let elapsed = record.set_ended(end.to_string());
+    let elapsed = service.registry.end(&record, end.to_string());
     let summary = format!("VM ended ({end}) after {:.3}s: {}", elapsed.as_secs_f64(), stats.report().summary());
     if end.is_error() {
         tracing::error!(peer_pid, "{summary}");
