@@ -15,6 +15,7 @@ use crate::stats::Histogram;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -130,20 +131,33 @@ impl Collector for Metrics {
         for (snapshot, view) in &views {
             live.encode_family(&[("snapshot", snapshot.as_str())])?.encode_gauge(&view.vms_live)?;
         }
-        for (name, help, histogram) in HISTOGRAMS {
-            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
-            for (snapshot, view) in &views {
-                let h = histogram(view);
-                let buckets = h.buckets_seconds(&BOUNDS);
-                let labels = [("snapshot", snapshot.as_str())];
-                metric.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
-                    h.sum_seconds(),
-                    h.count(),
-                    &buckets,
-                    None,
-                )?;
-            }
+        encode_latencies(&mut encoder, &views)?;
+        self.encode_store(&mut encoder)
+    }
+}
+
+/// The latency histograms of each snapshot.
+fn encode_latencies(encoder: &mut DescriptorEncoder, views: &BTreeMap<String, SnapshotView>) -> std::fmt::Result {
+    for (name, help, histogram) in HISTOGRAMS {
+        let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+        for (snapshot, view) in views {
+            let h = histogram(view);
+            let buckets = h.buckets_seconds(&BOUNDS);
+            let labels = [("snapshot", snapshot.as_str())];
+            metric.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+                h.sum_seconds(),
+                h.count(),
+                &buckets,
+                None,
+            )?;
         }
+    }
+    Ok(())
+}
+
+impl Metrics {
+    /// The snapshot store's series.
+    fn encode_store(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
         let mut resident = encoder.encode_descriptor(
             "uffd_snapshot_resident_bytes",
             "RAM a loaded snapshot holds",

@@ -253,17 +253,22 @@ fn attach(
     // in the same process waits for this hang-up (docs/protocol.md).
     drop(uffd);
     let _ = stream.shutdown(std::net::Shutdown::Both);
-    let elapsed = service.registry.end(&record, end.to_string());
-    let summary = format!("VM ended ({end}) after {:.3}s: {}", elapsed.as_secs_f64(), stats.report().summary());
-    if end.is_error() {
-        tracing::error!(peer_pid, "{summary}");
-    } else {
-        tracing::info!(peer_pid, "{summary}");
-    }
+    log_end(service, &record, &end);
     if let Some(path) = &config.working_set {
         learned.save(path, &snapshot.identity());
     }
     Ok(())
+}
+
+/// Marks the VM ended in the registry and logs its counters (as an error if it failed).
+fn log_end(service: &SnapshotService, record: &Arc<VmRecord>, end: &vm::VmEnd) {
+    let elapsed = service.registry.end(record, end.to_string());
+    let summary = format!("VM ended ({end}) after {:.3}s: {}", elapsed.as_secs_f64(), record.stats.report().summary());
+    if end.is_error() {
+        tracing::error!(peer_pid = record.peer_pid, "{summary}");
+    } else {
+        tracing::info!(peer_pid = record.peer_pid, "{summary}");
+    }
 }
 
 /// Every page of every region, in file order (the `eager` policy).
