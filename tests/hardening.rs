@@ -230,10 +230,7 @@ fn allow_uid_lets_that_user_s_vmm_in_and_keeps_others_out() {
     };
     let allowed = vmm(65534).output().expect("run fake-vmm");
     assert!(allowed.status.success(), "{}", String::from_utf8_lossy(&allowed.stderr));
-    let fnv = snap
-        .bytes
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
+    let fnv = prefetch::fnv1a(prefetch::FNV_OFFSET, &snap.bytes);
     assert_eq!(String::from_utf8_lossy(&allowed.stdout).lines().last(), Some(format!("fnv={fnv:#x}").as_str()));
     // Refused, its guest waits for pages nobody sends (as a refused Firecracker's restore
     // times out): stop it once the server has said why.

@@ -24,10 +24,12 @@ pub mod working_set;
 /// Index of a 4 KiB page in a snapshot memory file (file offset / 4096).
 pub type PageIndex = u64;
 
-/// FNV-1a, 64 bit: the fingerprint of a snapshot and the checksum of a working-set file. Any
-/// change confined to one byte always changes it (each step is a bijection of the state).
-pub(crate) fn fnv1a(state: u64, bytes: &[u8]) -> u64 {
+/// FNV-1a, 64 bit, continuing from `state` ([`FNV_OFFSET`] to start): the fingerprint of a
+/// snapshot, the checksum of a working-set file, the digest of a memory file's stamp. Any change
+/// confined to one byte always changes it (each step is a bijection of the state).
+pub fn fnv1a(state: u64, bytes: &[u8]) -> u64 {
     bytes.iter().fold(state, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
-pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+/// FNV-1a's initial state.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;

@@ -33,8 +33,7 @@ fn main() -> anyhow::Result<()> {
     }
     if flag("--then-exit") {
         let hash = (0..vmm.memory.regions.len())
-            .flat_map(|i| vmm.memory.region_bytes(i).iter())
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
+            .fold(prefetch::FNV_OFFSET, |hash, i| prefetch::fnv1a(hash, vmm.memory.region_bytes(i)));
         println!("fnv={hash:#x}");
         return Ok(());
     }

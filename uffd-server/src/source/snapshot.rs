@@ -56,9 +56,7 @@ impl FileStamp {
         let (mtime, ctime) = (self.mtime, self.ctime);
         let times = [mtime.0, mtime.1, ctime.0, ctime.1].map(i64::cast_unsigned);
         let words = [[self.dev, self.ino, self.len].as_slice(), &times].concat();
-        words.iter().fold(0xcbf2_9ce4_8422_2325, |hash: u64, word| {
-            word.to_le_bytes().iter().fold(hash, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
-        })
+        words.iter().fold(prefetch::FNV_OFFSET, |hash, word| prefetch::fnv1a(hash, &word.to_le_bytes()))
     }
 }
 
@@ -89,7 +87,7 @@ pub enum SnapshotError {
     #[error("snapshot `{name}`: memory file {path}: {source}")]
     Load { name: String, path: PathBuf, source: LoadError },
     #[error("snapshot `{name}`: reading memory file {path} failed: {source}")]
-    Read { name: String, path: PathBuf, source: super::SourceError },
+    Read { name: String, path: PathBuf, source: io::Error },
     #[error("no snapshot named `{0}`")]
     Unknown(String),
 }
@@ -153,11 +151,7 @@ impl Snapshot {
             buf.copy_from_slice(bytes);
             Ok(())
         })
-        .map_err(|e| SnapshotError::Read {
-            name: name.into(),
-            path: path.into(),
-            source: super::SourceError::Read { offset: FileOffset(0), len, source: e },
-        })?;
+        .map_err(|source| SnapshotError::Read { name: name.into(), path: path.into(), source })?;
         Ok(Snapshot { name: name.into(), path: path.into(), len, pages, zero_pages, identity, stamp })
     }
 
