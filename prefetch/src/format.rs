@@ -130,7 +130,7 @@ pub fn write_atomic(path: &Path, set: &WorkingSet) -> io::Result<()> {
 
 /// Writes `bytes` to `path` through a temp file in the same directory (random name, created
 /// exclusively, mode 0600), fsync, rename and an fsync of the directory.
-pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = parent_dir(path);
     check_private_dir(dir)?;
     let name = path.file_name().ok_or_else(|| io::Error::other("path has no file name"))?;
@@ -148,7 +148,7 @@ fn parent_dir(path: &Path) -> &Path {
 
 /// Refuses a directory that group or others may write to: they could plant files (or
 /// symlinks) where this process writes.
-fn check_private_dir(dir: &Path) -> io::Result<()> {
+pub fn check_private_dir(dir: &Path) -> io::Result<()> {
     let mode = std::fs::metadata(dir)?.mode();
     if mode & 0o022 != 0 {
         let why = format!(

@@ -16,6 +16,8 @@ pub struct ServerConfig {
     pub socket_dir: PathBuf,
     /// (name, memory file) pairs; the socket of `name` is `socket_dir/name.sock`.
     pub snapshots: Vec<(String, PathBuf)>,
+    /// Snapshots served from a chunk store (`uffd-server import`), if any.
+    pub chunk_store: Option<ChunkStoreConfig>,
     /// RAM budget for loaded snapshots; idle ones are evicted beyond it.
     pub cache_bytes: u64,
     /// Snapshots held in RAM, or read from their files on each fault.
@@ -36,6 +38,17 @@ pub struct ServerConfig {
     pub loading_set: Option<PathBuf>,
     /// Serve or record.
     pub mode: Mode,
+}
+
+/// Snapshots served from a content-addressed chunk store.
+#[derive(Clone, Debug)]
+pub struct ChunkStoreConfig {
+    /// The store's directory.
+    pub root: PathBuf,
+    /// The snapshots of it to serve.
+    pub names: Vec<String>,
+    /// How chunks are held in RAM: LZ4 where it saves ≥ 1/8, or as they are.
+    pub ram_codec: snapstore::Codec,
 }
 
 /// What the server does with the VMs it serves.
@@ -78,16 +91,21 @@ pub enum ServerError {
     Socket(#[from] crate::sockets::SocketError),
     #[error("cannot serve metrics on {0}: {1}")]
     Metrics(String, String),
+    #[error("{0}")]
+    ChunkStore(Box<snapstore::store::StoreError>),
+    #[error("{0}")]
+    Snapshot(Box<crate::source::snapshot::SnapshotError>),
 }
 
 impl ServerConfig {
     /// Checks that the configuration makes sense before anything is bound or loaded.
     pub fn validate(&self) -> Result<(), ServerError> {
-        if self.snapshots.is_empty() {
+        let all = self.names();
+        if all.is_empty() {
             return Err(ServerError::NoSnapshots);
         }
-        if self.working_set.is_some() && self.snapshots.len() != 1 {
-            return Err(ServerError::WorkingSetNeedsOneSnapshot(self.snapshots.len()));
+        if self.working_set.is_some() && all.len() != 1 {
+            return Err(ServerError::WorkingSetNeedsOneSnapshot(all.len()));
         }
         let policy = self.policy();
         let loading_set_plans = policy == Some(PrefetchPolicy::Union) && self.loading_set.is_some();
@@ -96,19 +114,25 @@ impl ServerConfig {
                 return Err(ServerError::PolicyNeedsWorkingSet(policy));
             }
         }
-        if self.loading_set.is_some() && (policy != Some(PrefetchPolicy::Union) || self.snapshots.len() != 1) {
+        if self.loading_set.is_some() && (policy != Some(PrefetchPolicy::Union) || all.len() != 1) {
             return Err(ServerError::LoadingSetNeedsUnion);
         }
         let mut names = std::collections::BTreeSet::new();
-        for (name, _) in &self.snapshots {
+        for name in all {
             if !is_valid_name(name) {
-                return Err(ServerError::BadName(name.clone()));
+                return Err(ServerError::BadName(name.into()));
             }
-            if !names.insert(name.as_str()) {
-                return Err(ServerError::DuplicateName(name.clone()));
+            if !names.insert(name) {
+                return Err(ServerError::DuplicateName(name.into()));
             }
         }
         Ok(())
+    }
+
+    /// Every snapshot served: memory files, then the chunk store's.
+    pub fn names(&self) -> Vec<&str> {
+        let files = self.snapshots.iter().map(|(name, _)| name.as_str());
+        files.chain(self.chunk_store.iter().flat_map(|store| store.names.iter().map(String::as_str))).collect()
     }
 
     /// The prefetch policy when serving; None when recording.

@@ -1,6 +1,8 @@
 //! `uffd-server`: serve guest memory of microVMs from in-memory snapshots over Firecracker's
 //! UFFD socket protocol.
 
+mod store_commands;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use prefetch::loading_set::LoadingSet;
@@ -48,6 +50,14 @@ enum Command {
         /// The VM's id (`uffd-server stats`).
         #[arg(long)]
         vm: u64,
+    },
+    /// Import a memory file into a chunk store: content-addressed, deduplicated, compressed
+    /// chunks and a manifest (docs/snapshot-store-format.md).
+    Import(store_commands::ImportArgs),
+    /// Inspect or maintain a chunk store.
+    Store {
+        #[command(subcommand)]
+        command: store_commands::StoreCommand,
     },
     /// Print the counters of every VM of a running server (live and recently ended).
     Stats {
@@ -182,9 +192,17 @@ struct ServeArgs {
     /// Directory for the sockets (created if missing): NAME.sock per snapshot, control.sock.
     #[arg(long)]
     socket_dir: PathBuf,
-    /// A snapshot memory file (Firecracker layout), as NAME=PATH. Repeatable.
-    #[arg(long = "snapshot", value_name = "NAME=PATH")]
+    /// A snapshot memory file (Firecracker layout), as NAME=PATH; or NAME, a snapshot of
+    /// --store. Repeatable.
+    #[arg(long = "snapshot", value_name = "NAME=PATH|NAME")]
     snapshots: Vec<String>,
+    /// A chunk store (`uffd-server import`): serves its snapshots named by --snapshot NAME, or
+    /// all of them if none is named.
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// How stored chunks are held in RAM: lz4 (where it saves ≥ 1/8) or none.
+    #[arg(long, value_enum, default_value = "lz4")]
+    store_ram_codec: store_commands::CodecArg,
     /// A directory of snapshots: each NAME.mem file, and each NAME/ directory holding `mem`.
     #[arg(long)]
     snapshot_dir: Option<PathBuf>,
@@ -240,6 +258,8 @@ fn main() -> Result<()> {
             };
             serve(args.serve, (Some(args.working_set), None), Mode::Record { window })
         }
+        Command::Import(args) => store_commands::run_import(&args),
+        Command::Store { command } => store_commands::run_store(&command),
         Command::Stats { socket_dir, json } => stats(&socket_dir, json),
         Command::EndRecording { socket_dir, vm } => {
             end_recording(&socket_dir, vm).with_context(|| format!("cannot end the recording of VM {vm}"))
@@ -252,16 +272,32 @@ fn serve(args: ServeArgs, (working_set, loading_set): (Option<PathBuf>, Option<P
         bail!("--fault-around must be a power of two between 1 and 512, got {}", args.fault_around);
     }
     let mut snapshots = Vec::new();
+    let mut stored = Vec::new();
     for spec in &args.snapshots {
-        let (name, path) = spec.split_once('=').with_context(|| format!("--snapshot `{spec}`: expected NAME=PATH"))?;
-        snapshots.push((name.to_string(), PathBuf::from(path)));
+        match spec.split_once('=') {
+            Some((name, path)) => snapshots.push((name.to_string(), PathBuf::from(path))),
+            None if args.store.is_some() => stored.push(spec.clone()),
+            None => bail!("--snapshot `{spec}`: expected NAME=PATH (or NAME with --store)"),
+        }
     }
+    let chunk_store = match &args.store {
+        Some(root) => {
+            if stored.is_empty() {
+                let store = snapstore::store::Store::open(root)?;
+                stored = store.names().with_context(|| format!("cannot list store {}", root.display()))?;
+            }
+            let ram_codec = args.store_ram_codec.into();
+            Some(uffd_server::config::ChunkStoreConfig { root: root.clone(), names: stored, ram_codec })
+        }
+        None => None,
+    };
     if let Some(dir) = &args.snapshot_dir {
         snapshots.extend(scan_snapshot_dir(dir)?);
     }
     let config = ServerConfig {
         socket_dir: args.socket_dir,
         snapshots,
+        chunk_store,
         cache_bytes: args.cache_bytes,
         storage: args.snapshot_storage.into(),
         // Recording serves single pages: with fault-around, touches of a fault's neighbours
@@ -358,7 +394,7 @@ fn print_stats(out: &mut impl Write, response: &uffd_server::control::StatsRespo
 }
 
 /// Parses `4096`, `64K`, `512M`, `16G` (binary units).
-fn parse_bytes(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (digits, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
         Some('K') => (&s[..s.len() - 1], 10),

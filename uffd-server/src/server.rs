@@ -14,6 +14,7 @@ use crate::metrics::Metrics;
 use crate::plan_cache::PlanCache;
 use crate::registry::{Registry, VmRecord};
 use crate::sockets::{self, Access};
+use crate::source::chunked::ChunkPool;
 use crate::source::snapshot::SnapshotError;
 use crate::source::store::SnapshotStore;
 use crate::stats::count;
@@ -83,9 +84,9 @@ impl Server {
         let access = if config.allow_uids.is_empty() { Access::Owner } else { Access::CheckedPeers };
         sockets::prepare_dir(&config.socket_dir, access)?;
         let listeners = config
-            .snapshots
-            .iter()
-            .map(|(name, _)| Ok((name.clone(), sockets::bind(&config.socket_path(name), access)?)))
+            .names()
+            .into_iter()
+            .map(|name| Ok((name.to_string(), sockets::bind(&config.socket_path(name), access)?)))
             .collect::<Result<Vec<_>, ServerError>>()?;
         let control = sockets::bind(&config.socket_dir.join(CONTROL_SOCKET), Access::Owner)?;
         let metrics = match &config.metrics_listen {
@@ -97,12 +98,15 @@ impl Server {
             }
             None => None,
         };
-        let store = Arc::new(SnapshotStore::new(
-            config.snapshots.clone(),
-            config.cache_bytes,
-            config.storage,
-            config.load_wait,
-        ));
+        let mut store =
+            SnapshotStore::new(config.snapshots.clone(), config.cache_bytes, config.storage, config.load_wait);
+        if let Some(chunks) = &config.chunk_store {
+            let opened =
+                snapstore::store::Store::open(&chunks.root).map_err(|e| ServerError::ChunkStore(Box::new(e)))?;
+            let pool = Arc::new(ChunkPool::new(opened, chunks.ram_codec));
+            store = store.with_stored(pool, &chunks.names).map_err(|e| ServerError::Snapshot(Box::new(e)))?;
+        }
+        let store = Arc::new(store);
         Ok(Server { config, store, registry: Arc::default(), listeners, control, metrics })
     }
 

@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod guest;
+pub mod image;
 pub mod memory;
 pub mod restore;
 pub mod snapshot;

@@ -21,9 +21,13 @@ struct Cli {
 enum Command {
     /// Boot the guest to READY (after its runtime init) and save memory + state to --out.
     Snapshot {
-        /// hello, python-like or node-like; the options below override it.
+        /// hello, python-like, node-like (xorshift heaps), python-image or node-image (real
+        /// runtime memory: docs/vmm-shim.md); the options below override it.
         #[arg(long, default_value = "hello")]
         workload: String,
+        /// For python-image and node-image: the function on top of the runtime (0: none).
+        #[arg(long, default_value_t = 0)]
+        function: u16,
         #[arg(long)]
         mem_mib: Option<u64>,
         /// MiB of heap the runtime init writes.
@@ -78,9 +82,20 @@ enum Command {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Demo => demo::run(),
-        Command::Snapshot { workload, mem_mib, init_mib, ws_pages, shared_fraction, compute_rounds, seed, out } => {
-            let preset = Workload::preset(&workload)
-                .with_context(|| format!("unknown workload `{workload}`: use hello, python-like or node-like"))?;
+        Command::Snapshot {
+            workload,
+            function,
+            mem_mib,
+            init_mib,
+            ws_pages,
+            shared_fraction,
+            compute_rounds,
+            seed,
+            out,
+        } => {
+            let preset = Workload::preset(&workload, function).with_context(|| {
+                format!("unknown workload `{workload}`: use hello, python-like, node-like, python-image or node-image")
+            })?;
             let w = Workload {
                 mem_mib: mem_mib.unwrap_or(preset.mem_mib),
                 init_mib: init_mib.unwrap_or(preset.init_mib),
@@ -88,6 +103,7 @@ fn main() -> Result<()> {
                 shared_fraction: shared_fraction.unwrap_or(preset.shared_fraction),
                 compute_rounds: compute_rounds.unwrap_or(preset.compute_rounds),
                 seed: seed.unwrap_or(preset.seed),
+                image: preset.image,
             };
             if !(0.0..=1.0).contains(&w.shared_fraction)
                 || w.mem_mib < 2
@@ -96,8 +112,8 @@ fn main() -> Result<()> {
             {
                 bail!("invalid workload {w:?}: need 2 ≤ mem-mib ≤ 7168, init-mib < min(mem-mib, 3072), 0 ≤ shared-fraction ≤ 1");
             }
-            snapshot::take(&w, &out).with_context(|| format!("cannot snapshot into {}", out.display()))?;
-            println!("snapshot of {w:?} written to {}", out.display());
+            let state = snapshot::take(&w, &out).with_context(|| format!("cannot snapshot into {}", out.display()))?;
+            println!("snapshot of {:?} written to {}", state.workload, out.display());
             Ok(())
         }
         Command::Restore { snapshot, mem_backend, uffd_socket, invoke, input, balloon_range, vcpus, json } => {

@@ -15,8 +15,8 @@ use std::path::Path;
 pub const INVOKE: u64 = CODE + 0x1000;
 /// The state file's first eight bytes.
 pub const STATE_MAGIC: [u8; 8] = *b"VMMSHIM\0";
-/// 3: the workload's `compute_rounds`.
-pub const STATE_VERSION: u32 = 3;
+/// 4: the workload's `image`.
+pub const STATE_VERSION: u32 = 4;
 
 /// What a restore needs besides memory: the workload and the vCPU state at READY.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -46,10 +46,15 @@ pub enum SnapshotError {
     Write(String, io::Error),
     #[error("state file {0}: {1}")]
     State(String, String),
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error("the runtime image is {image_mib} MiB: it does not fit a {mem_mib} MiB guest's heap")]
+    ImageTooLarge { image_mib: u64, mem_mib: u64 },
 }
 
 /// Boots `workload` to READY and writes `dir/mem` and `dir/state`.
 pub fn take(workload: &Workload, dir: &Path) -> Result<VmState, SnapshotError> {
+    let mut workload = *workload;
     let len = crate::usize_of(workload.mem_bytes());
     let layout = x86_layout(len);
     let memory = GuestMemory::map_regions(&layout, 0, Backing::Anonymous).map_err(SnapshotError::Memory)?;
@@ -64,7 +69,17 @@ pub fn take(workload: &Workload, dir: &Path) -> Result<VmState, SnapshotError> {
     let mut vm = Vm::new(&memory)?;
     let vcpu = vm.vcpu(0);
     let mut regs = cpl3_regs(CODE, 0);
-    let heap_bytes = (workload.init_mib << 20).min(len as u64 - DATA);
+    let mut heap_bytes = (workload.init_mib << 20).min(len as u64 - DATA);
+    if let Some(spec) = workload.image {
+        // The runtime image is the heap: init writes nothing more.
+        let heap = crate::image::guest_heap(spec)?;
+        let image_mib = (heap.len() as u64).div_ceil(1 << 20);
+        if DATA + (image_mib << 20) > len as u64 {
+            return Err(SnapshotError::ImageTooLarge { image_mib, mem_mib: workload.mem_mib });
+        }
+        memory.write_at(crate::usize_of(DATA), &heap).map_err(SnapshotError::Memory)?;
+        (workload.init_mib, heap_bytes) = (image_mib, 0);
+    }
     (regs.rdi, regs.rsi, regs.rdx) = (DATA, heap_bytes / 8, workload.seed | 1);
     vcpu.set_regs(&regs)?;
     match vcpu.run()? {
@@ -81,7 +96,7 @@ pub fn take(workload: &Workload, dir: &Path) -> Result<VmState, SnapshotError> {
     drop(vm);
     std::fs::create_dir_all(dir).map_err(|e| SnapshotError::Write(dir.display().to_string(), e))?;
     write_memory_file(&memory, &dir.join("mem"))?;
-    let state = VmState { workload: *workload, regs, control };
+    let state = VmState { workload, regs, control };
     write_state(&dir.join("state"), &state)?;
     Ok(state)
 }

@@ -14,6 +14,7 @@
 //!   from the memory file ([`fold`]): a wrong page served to the guest is a wrong checksum.
 
 use crate::guest::DATA;
+use crate::image::{ImageSpec, Runtime};
 use iced_x86::code_asm::*;
 use serde::{Deserialize, Serialize};
 
@@ -59,20 +60,28 @@ pub struct Workload {
     pub compute_rounds: u64,
     /// Seeds the heap's contents and the working sets' order.
     pub seed: u64,
+    /// The heap is a runtime image ([`crate::image`]) instead of xorshift noise; `init_mib` is
+    /// then the image's size.
+    pub image: Option<ImageSpec>,
 }
 
 impl Workload {
     /// `hello` (tiny), `python-like` (37 MiB heap, as measured for Python by SnapFaaS),
-    /// `node-like` (40 MiB). None computes: an invocation is pure memory access unless
-    /// `compute_rounds` is set.
-    pub fn preset(name: &str) -> Option<Workload> {
-        let (mem_mib, init_mib, ws_pages) = match name {
-            "hello" => (64, 4, 256),
-            "python-like" => (128, 37, 4096),
-            "node-like" => (256, 40, 6144),
+    /// `node-like` (40 MiB): heaps of xorshift noise, the incompressible worst case.
+    /// `python-image` and `node-image`: heaps that are a real runtime's memory
+    /// ([`crate::image`]), of function `function` (0: the runtime alone). None computes: an
+    /// invocation is pure memory access unless `compute_rounds` is set.
+    pub fn preset(name: &str, function: u16) -> Option<Workload> {
+        let (mem_mib, init_mib, ws_pages, runtime) = match name {
+            "hello" => (64, 4, 256, None),
+            "python-like" => (128, 37, 4096, None),
+            "node-like" => (256, 40, 6144, None),
+            "python-image" => (128, 0, 2048, Some(Runtime::Python)),
+            "node-image" => (256, 0, 4096, Some(Runtime::Node)),
             _ => return None,
         };
-        Some(Workload { mem_mib, init_mib, ws_pages, shared_fraction: 0.7, compute_rounds: 0, seed: 1 })
+        let image = runtime.map(|runtime| ImageSpec { runtime, function });
+        Some(Workload { mem_mib, init_mib, ws_pages, shared_fraction: 0.7, compute_rounds: 0, seed: 1, image })
     }
 
     /// Guest memory size in bytes.
@@ -227,7 +236,7 @@ mod tests {
 
     #[test]
     fn working_sets_share_their_core_and_differ_by_input() {
-        let w = Workload { shared_fraction: 0.7, ..Workload::preset("python-like").expect("preset") };
+        let w = Workload { shared_fraction: 0.7, ..Workload::preset("python-like", 0).expect("preset") };
         let (a, b) = (w.invocation_pages(1), w.invocation_pages(2));
         assert_eq!(a.len(), 4096);
         assert_eq!(a, w.invocation_pages(1), "deterministic");

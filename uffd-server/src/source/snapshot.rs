@@ -5,6 +5,7 @@
 //! `disk` reads pages from the file on each fault ([`DiskPages`]). Either way all-zero pages are
 //! indexed, so they are mapped, never copied.
 
+use super::chunked::{ChunkPool, ChunkedPages};
 use super::disk::DiskPages;
 use super::ram::{LoadError, RamPages};
 use super::PageSource;
@@ -15,6 +16,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// What identifies the content of a memory file without reading it: device, inode, size,
 /// modification and change times. Writing the file in place moves mtime and ctime, replacing
@@ -90,6 +92,8 @@ pub enum SnapshotError {
     Read { name: String, path: PathBuf, source: io::Error },
     #[error("no snapshot named `{0}`")]
     Unknown(String),
+    #[error("snapshot `{name}`: {source}")]
+    Store { name: String, source: Box<snapstore::store::StoreError> },
 }
 
 /// A loaded snapshot. Immutable after [`Snapshot::load`].
@@ -153,6 +157,31 @@ impl Snapshot {
         })
         .map_err(|source| SnapshotError::Read { name: name.into(), path: path.into(), source })?;
         Ok(Snapshot { name: name.into(), path: path.into(), len, pages, zero_pages, identity, stamp })
+    }
+
+    /// Snapshot `name` of the store `pool` reads from: its manifest, and its chunks brought
+    /// into the pool (shared with every other snapshot that has them).
+    pub fn load_stored(name: &str, pool: &Arc<ChunkPool>) -> Result<Snapshot, SnapshotError> {
+        let store_err = |source| SnapshotError::Store { name: name.into(), source: Box::new(source) };
+        let path = pool.store().manifest_path(name).map_err(store_err)?;
+        // The stamp first: a manifest replaced after it is read is seen as changed, never missed.
+        let stamp = FileStamp::at(&path).map_err(|source| SnapshotError::Open {
+            name: name.into(),
+            path: path.clone(),
+            source,
+        })?;
+        let manifest = pool.store().read_manifest(name).map_err(store_err)?;
+        let pages = ChunkedPages::load(&manifest, pool, name);
+        let zero_pages = pages.zero_page_count();
+        Ok(Snapshot {
+            name: name.into(),
+            path,
+            len: manifest.file_len(),
+            pages: Box::new(pages),
+            zero_pages,
+            identity: manifest.identity,
+            stamp,
+        })
     }
 
     /// Its bytes.

@@ -8,6 +8,7 @@
 //! evicts idle snapshots, least recently used first; a snapshot some VM still uses is never
 //! evicted (its pages may be needed by the next fault).
 
+use super::chunked::ChunkPool;
 use super::snapshot::{FileStamp, Snapshot, SnapshotError, Storage};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -27,12 +28,19 @@ enum State {
 
 /// One snapshot the server knows.
 struct Slot {
+    /// Its memory file, or its manifest in the chunk store.
     path: PathBuf,
+    /// Served from the chunk store.
+    stored: bool,
     state: Mutex<State>,
     changed: Condvar,
 }
 
 impl Slot {
+    fn new(path: PathBuf, stored: bool) -> Slot {
+        Slot { path, stored, state: Mutex::new(State::Unloaded), changed: Condvar::new() }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A state is replaced whole: a poisoned lock holds a consistent one.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -46,6 +54,8 @@ pub struct SnapshotStore {
     storage: Storage,
     load_wait: Duration,
     evictions: std::sync::atomic::AtomicU64,
+    /// Chunks of stored snapshots, each held once.
+    pool: Option<Arc<ChunkPool>>,
 }
 
 impl SnapshotStore {
@@ -57,11 +67,22 @@ impl SnapshotStore {
         storage: Storage,
         load_wait: Duration,
     ) -> Self {
-        let slots = snapshots
-            .into_iter()
-            .map(|(name, path)| (name, Slot { path, state: Mutex::new(State::Unloaded), changed: Condvar::new() }))
-            .collect();
-        SnapshotStore { slots, budget_bytes, storage, load_wait, evictions: Default::default() }
+        let slots = snapshots.into_iter().map(|(name, path)| (name, Slot::new(path, false))).collect();
+        SnapshotStore { slots, budget_bytes, storage, load_wait, evictions: Default::default(), pool: None }
+    }
+
+    /// Adds snapshots `names` of the chunk store `pool` reads from (their chunks held once in
+    /// the pool, within the same budget).
+    pub fn with_stored(mut self, pool: Arc<ChunkPool>, names: &[String]) -> Result<Self, SnapshotError> {
+        for name in names {
+            let path = pool
+                .store()
+                .manifest_path(name)
+                .map_err(|source| SnapshotError::Store { name: name.clone(), source: Box::new(source) })?;
+            self.slots.insert(name.clone(), Slot::new(path, true));
+        }
+        self.pool = Some(pool);
+        Ok(self)
     }
 
     /// The snapshots to load at start: in name order, while their files fit in the budget.
@@ -118,7 +139,11 @@ impl SnapshotStore {
     /// Loads `slot` (marked Loading by the caller), outside every lock.
     fn load(&self, name: &str, slot: &Slot) -> Result<Arc<Snapshot>, SnapshotError> {
         let started = Instant::now();
-        let loaded = Snapshot::load(name, &slot.path, self.storage).map(Arc::new);
+        let loaded = match (&self.pool, slot.stored) {
+            (Some(pool), true) => Snapshot::load_stored(name, pool),
+            _ => Snapshot::load(name, &slot.path, self.storage),
+        }
+        .map(Arc::new);
         let mut state = slot.lock();
         *state = match &loaded {
             Ok(snapshot) => State::Loaded { snapshot: Arc::clone(snapshot), last_used: Instant::now() },
@@ -139,12 +164,24 @@ impl SnapshotStore {
         Ok(snapshot)
     }
 
-    /// Bytes of RAM held by loaded snapshots.
+    /// Bytes of RAM held by loaded snapshots: memory files, plus the chunk pool (each chunk
+    /// once, however many snapshots hold it).
     pub fn resident_bytes(&self) -> u64 {
-        self.slots.values().map(|slot| loaded(&slot.lock()).map_or(0, |s| s.pages().resident_bytes())).sum()
+        let files: u64 = self
+            .slots
+            .values()
+            .filter(|slot| !slot.stored)
+            .map(|slot| loaded(&slot.lock()).map_or(0, |s| s.pages().resident_bytes()))
+            .sum();
+        files + self.pool.as_ref().map_or(0, |pool| pool.resident_bytes())
     }
 
-    /// RAM held per snapshot (0 when not loaded).
+    /// The chunk pool of stored snapshots, if any are served.
+    pub fn chunk_pool(&self) -> Option<&Arc<ChunkPool>> {
+        self.pool.as_ref()
+    }
+
+    /// RAM held per snapshot (0 when not loaded; a chunk shared by several counts in each).
     pub fn resident_by_snapshot(&self) -> Vec<(String, u64)> {
         let held = |slot: &Slot| loaded(&slot.lock()).map_or(0, |s| s.pages().resident_bytes());
         self.slots.iter().map(|(name, slot)| (name.clone(), held(slot))).collect()
@@ -187,7 +224,15 @@ impl SnapshotStore {
     }
 
     fn evict_idle(&self, keep: &str) {
-        while self.resident_bytes() > self.budget_bytes {
+        loop {
+            // Chunks no loaded snapshot needs go first, least recently used first.
+            if let Some(pool) = &self.pool {
+                let files = self.resident_bytes() - pool.resident_bytes();
+                pool.trim(self.budget_bytes.saturating_sub(files));
+            }
+            if self.resident_bytes() <= self.budget_bytes {
+                return;
+            }
             // Idle: nobody but the store holds it.
             let victim = self
                 .slots

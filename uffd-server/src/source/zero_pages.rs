@@ -5,9 +5,8 @@
 
 use crate::addr::{FileOffset, BASE_PAGE};
 use bitvec::vec::BitVec;
-use nix::unistd::{lseek, Whence};
+pub use snapstore::extents::data_extents;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 
 /// One bit per 4 KiB page of a file: set when the page is known to be all zeros.
 #[derive(Debug)]
@@ -77,34 +76,6 @@ fn page_count(len: u64) -> usize {
 
 fn page_index(offset: u64) -> usize {
     usize::try_from(offset / BASE_PAGE).unwrap_or(usize::MAX)
-}
-
-/// `[start, end)` ranges of `file` that may hold data, page aligned. Falls back to the whole
-/// file where the filesystem cannot report holes.
-pub fn data_extents(file: &File, len: u64) -> Vec<(u64, u64)> {
-    let fd = file.as_raw_fd();
-    let Ok(end_of_file) = i64::try_from(len) else {
-        return vec![(0, len)];
-    };
-    let mut extents = Vec::new();
-    let mut pos: i64 = 0;
-    while pos < end_of_file {
-        let start = match lseek(fd, pos, Whence::SeekData) {
-            Ok(start) => start,
-            Err(nix::errno::Errno::ENXIO) => break, // only a hole is left
-            Err(_) => {
-                extents.push((pos.unsigned_abs(), len)); // no hole support: read the rest
-                break;
-            }
-        };
-        let end = lseek(fd, start, Whence::SeekHole).unwrap_or(end_of_file).min(end_of_file);
-        // Extents are page-aligned on every filesystem we know; round outward to be sure.
-        let aligned_start = start.unsigned_abs() / BASE_PAGE * BASE_PAGE;
-        let aligned_end = end.unsigned_abs().div_ceil(BASE_PAGE) * BASE_PAGE;
-        extents.push((aligned_start, aligned_end.min(len)));
-        pos = end;
-    }
-    extents
 }
 
 #[cfg(test)]

@@ -1,0 +1,216 @@
+//! One chunk as stored: a 48-byte header (magic, version, codec, lengths, id) and the stored
+//! bytes. Decoding checks every header field and the id against the uncompressed bytes, so a
+//! chunk that decodes is the chunk its name says (docs/snapshot-store-format.md).
+
+use crate::{ChunkId, Codec};
+
+/// A chunk file's first four bytes.
+pub const MAGIC: [u8; 4] = *b"USCK";
+/// The chunk format this build writes and reads.
+pub const VERSION: u16 = 1;
+/// Bytes before the stored bytes.
+pub const HEADER_LEN: usize = 48;
+/// The largest chunk (uncompressed) the format allows.
+pub const MAX_CHUNK: usize = 2 << 20;
+/// zstd level for chunks at rest: level 3 is zstd's default, the knee of ratio against speed.
+const ZSTD_LEVEL: i32 = 3;
+
+/// Why stored bytes are not a good chunk.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChunkError {
+    /// The header is wrong (magic, version, codec, lengths).
+    #[error("bad chunk header: {0}")]
+    Header(String),
+    /// The stored bytes are shorter or longer than the header says (truncated?).
+    #[error("stored length {actual} is not the {expected} bytes the header says (truncated?)")]
+    Length {
+        /// What the header says.
+        expected: usize,
+        /// What is there.
+        actual: usize,
+    },
+    /// The stored bytes do not decompress to the header's length.
+    #[error("the stored bytes do not decompress ({0})")]
+    Decompress(String),
+    /// The bytes hash to another id: corrupt, or stored under the wrong name.
+    #[error("content hashes to {actual}, not to its name {expected}")]
+    Hash {
+        /// The name.
+        expected: ChunkId,
+        /// What the bytes hash to.
+        actual: ChunkId,
+    },
+}
+
+/// `bytes` (at most [`MAX_CHUNK`]) stored with `codec`, header first; stored as they are when
+/// compressing would not make them smaller.
+pub fn encode(bytes: &[u8], codec: Codec) -> Vec<u8> {
+    let compressed = compress(bytes, codec);
+    let (codec, stored) = match compressed {
+        Some(stored) if stored.len() < bytes.len() => (codec, stored),
+        _ => (Codec::None, bytes.to_vec()),
+    };
+    let mut out = Vec::with_capacity(HEADER_LEN + stored.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.push(codec.tag());
+    out.push(0);
+    out.extend_from_slice(&u32_of(bytes.len()).to_le_bytes());
+    out.extend_from_slice(&u32_of(stored.len()).to_le_bytes());
+    out.extend_from_slice(&ChunkId::of(bytes).0);
+    out.extend_from_slice(&stored);
+    out
+}
+
+/// `bytes` compressed with `codec` (None for [`Codec::None`]).
+pub fn compress(bytes: &[u8], codec: Codec) -> Option<Vec<u8>> {
+    match codec {
+        Codec::None => None,
+        Codec::Lz4 => Some(lz4_flex::block::compress(bytes)),
+        Codec::Zstd => zstd::bulk::compress(bytes, ZSTD_LEVEL).ok(),
+    }
+}
+
+/// Decompresses `stored` (written with `codec`) into `out`, which must be exactly the
+/// uncompressed length.
+pub fn decompress_into(codec: Codec, stored: &[u8], out: &mut [u8]) -> Result<(), ChunkError> {
+    let written = match codec {
+        Codec::None if stored.len() == out.len() => {
+            out.copy_from_slice(stored);
+            Ok(out.len())
+        }
+        Codec::None => Err("stored length differs".to_string()),
+        Codec::Lz4 => lz4_flex::block::decompress_into(stored, out).map_err(|e| e.to_string()),
+        Codec::Zstd => zstd::bulk::Decompressor::new()
+            .and_then(|mut d| d.decompress_to_buffer(stored, out))
+            .map_err(|e| e.to_string()),
+    }
+    .map_err(ChunkError::Decompress)?;
+    if written != out.len() {
+        return Err(ChunkError::Decompress(format!("{written} bytes, not {}", out.len())));
+    }
+    Ok(())
+}
+
+/// A chunk file's header fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// How the bytes after the header are stored.
+    pub codec: Codec,
+    /// The chunk's length uncompressed.
+    pub len: usize,
+    /// The stored bytes' length.
+    pub stored_len: usize,
+    /// The id the header names.
+    pub id: ChunkId,
+}
+
+/// The header of a chunk file, every field checked.
+pub fn header(file: &[u8]) -> Result<Header, ChunkError> {
+    let bad = |what: &str| ChunkError::Header(what.to_string());
+    if file.len() < HEADER_LEN {
+        return Err(ChunkError::Length { expected: HEADER_LEN, actual: file.len() });
+    }
+    if file[..4] != MAGIC {
+        return Err(bad("not a chunk (magic)"));
+    }
+    let version = u16::from_le_bytes([file[4], file[5]]);
+    if version != VERSION {
+        return Err(ChunkError::Header(format!("version {version} (this build reads {VERSION})")));
+    }
+    let codec = Codec::from_tag(file[6]).ok_or_else(|| ChunkError::Header(format!("unknown codec {}", file[6])))?;
+    if file[7] != 0 {
+        return Err(bad("reserved byte is not zero"));
+    }
+    let len = usize_of(&file[8..12]);
+    let stored_len = usize_of(&file[12..16]);
+    if len == 0 || len > MAX_CHUNK {
+        return Err(ChunkError::Header(format!("length {len} outside 1..={MAX_CHUNK}")));
+    }
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&file[16..48]);
+    Ok(Header { codec, len, stored_len, id: ChunkId(id) })
+}
+
+/// The uncompressed bytes of chunk file `file`, which must be chunk `expected`.
+pub fn decode(file: &[u8], expected: &ChunkId) -> Result<Vec<u8>, ChunkError> {
+    let header = header(file)?;
+    let stored = &file[HEADER_LEN..];
+    if stored.len() != header.stored_len {
+        return Err(ChunkError::Length { expected: header.stored_len, actual: stored.len() });
+    }
+    let mut bytes = vec![0u8; header.len];
+    decompress_into(header.codec, stored, &mut bytes)?;
+    let actual = ChunkId::of(&bytes);
+    if actual != *expected {
+        return Err(ChunkError::Hash { expected: *expected, actual });
+    }
+    Ok(bytes)
+}
+
+fn usize_of(bytes: &[u8]) -> usize {
+    let mut word = [0u8; 4];
+    word.copy_from_slice(bytes);
+    crate::index(u64::from(u32::from_le_bytes(word)))
+}
+
+/// A chunk length as the header's u32 (chunks are at most [`MAX_CHUNK`]).
+fn u32_of(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        (0..65536u32).map(|i| u8::try_from(i % 251 / 7).unwrap_or(0)).collect()
+    }
+
+    #[test]
+    fn every_codec_round_trips_and_checks_the_id() {
+        let bytes = sample();
+        let id = ChunkId::of(&bytes);
+        for codec in [Codec::None, Codec::Lz4, Codec::Zstd] {
+            let file = encode(&bytes, codec);
+            assert_eq!(header(&file).map(|h| h.codec), Ok(codec), "compressible bytes stay compressed");
+            assert_eq!(decode(&file, &id).as_deref(), Ok(bytes.as_slice()));
+            let other = ChunkId::of(b"other");
+            assert!(matches!(decode(&file, &other), Err(ChunkError::Hash { .. })));
+        }
+    }
+
+    #[test]
+    fn damage_is_named_never_returned() {
+        let bytes = sample();
+        let id = ChunkId::of(&bytes);
+        for codec in [Codec::None, Codec::Lz4, Codec::Zstd] {
+            let file = encode(&bytes, codec);
+            let truncated = &file[..file.len() - 1];
+            assert!(matches!(decode(truncated, &id), Err(ChunkError::Length { .. })), "{codec:?}");
+            for at in [HEADER_LEN, HEADER_LEN + 7, file.len() - 1] {
+                let mut flipped = file.clone();
+                flipped[at] ^= 0x10;
+                assert!(decode(&flipped, &id).is_err(), "{codec:?}: bit flip at {at} accepted");
+            }
+            let mut bad_codec = file.clone();
+            bad_codec[6] = 9;
+            assert!(matches!(decode(&bad_codec, &id), Err(ChunkError::Header(_))));
+        }
+        assert!(matches!(decode(b"USCK", &id), Err(ChunkError::Length { .. })));
+    }
+
+    #[test]
+    fn incompressible_bytes_are_stored_raw() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[3]
+            })
+            .collect();
+        assert_eq!(header(&encode(&noise, Codec::Zstd)).map(|h| h.codec), Ok(Codec::None));
+    }
+}
