@@ -64,6 +64,13 @@ impl ServerProcess {
         Self::start_command("serve", snapshots, extra)
     }
 
+    /// Starts `uffd-server serve --store STORE` (every snapshot of the chunk store) with `extra`
+    /// arguments and waits until it listens and every snapshot is loaded.
+    pub fn start_store(store: &Path, extra: &[&str]) -> ServerProcess {
+        let store = store.to_str().expect("store path is UTF-8");
+        Self::start_with_env("serve", &[], &[&["--store", store][..], extra].concat(), &[])
+    }
+
     /// As [`ServerProcess::start`], for another subcommand taking the same arguments (`record`).
     pub fn start_command(command: &str, snapshots: &[(&str, &Path)], extra: &[&str]) -> ServerProcess {
         Self::start_with_env(command, snapshots, extra, &[])

@@ -25,8 +25,11 @@ pub struct StatsResponse {
     /// Snapshots being loaded now (the server is ready once none is).
     #[serde(default)]
     pub snapshots_loading: Vec<String>,
-    /// RAM they hold.
+    /// RAM they hold (a chunk that several stored snapshots share counted once).
     pub snapshot_resident_bytes: u64,
+    /// RAM each snapshot holds (a shared chunk counted in each that holds it).
+    #[serde(default)]
+    pub resident_by_snapshot: Vec<(String, u64)>,
     /// Every live VM and the recently ended ones.
     pub vms: Vec<VmReport>,
 }
@@ -82,6 +85,7 @@ fn answer(stream: &UnixStream, store: &SnapshotStore, registry: &Registry) -> io
                 snapshots_loaded: store.loaded(),
                 snapshots_loading: store.loading(),
                 snapshot_resident_bytes: store.resident_bytes(),
+                resident_by_snapshot: store.resident_by_snapshot(),
                 vms: registry.reports(),
             };
             serde_json::to_writer(&mut out, &response)?;
