@@ -265,7 +265,7 @@ fn gc_never_removes_a_chunk_a_manifest_names_even_while_a_vm_is_served() {
     let vm = FakeVmm::attach(&server.socket("a"), a.bytes.len()).expect("attach");
     let pages: Vec<usize> = vm.memory.page_addrs().collect();
     let mut rng = Rng::new(98);
-    let half: Vec<usize> = pages.iter().copied().filter(|_| rng.next_u64() % 2 == 0).collect();
+    let half: Vec<usize> = pages.iter().copied().filter(|_| rng.next_u64().is_multiple_of(2)).collect();
     e2e::fake_vmm::touch_pages(&half, 1, false);
 
     store.remove_manifest("b").expect("remove b");
