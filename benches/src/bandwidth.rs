@@ -18,7 +18,11 @@ pub struct Setup {
 
 impl Setup {
     pub fn new(dir: &Path, mib: usize) -> Setup {
-        let snapshot = SnapshotFile::random(dir, "bandwidth.mem", mib << 20, 0.0, 51);
+        Setup::of(dir, SnapshotFile::random(dir, "bandwidth.mem", mib << 20, 0.0, 51))
+    }
+
+    /// `snapshot` (it should have no zero page) and a working set of every page of it.
+    pub fn of(dir: &Path, snapshot: SnapshotFile) -> Setup {
         let working_set = dir.join("bandwidth.ws");
         write_working_set(&working_set, &snapshot, &[(0..snapshot.pages() as u64).collect()]);
         Setup { snapshot, working_set }
@@ -45,10 +49,18 @@ impl Setup {
     /// `batch_pages`: (placing only, and from the VM's attach including loading the working
     /// set and planning).
     pub fn server_prefetch(&self, batch_pages: u64) -> Result<(f64, f64)> {
+        self.server_prefetch_from(batch_pages, &[])
+    }
+
+    /// As [`Setup::server_prefetch`], the server serving snapshot `bench` from wherever
+    /// `source` says (e.g. `--store DIR --snapshot bench`); from the memory file if empty.
+    pub fn server_prefetch_from(&self, batch_pages: u64, source: &[&str]) -> Result<(f64, f64)> {
         let batch = batch_pages.to_string();
         let ws = self.working_set.to_str().context("working-set path is not UTF-8")?;
-        let args = ["--working-set", ws, "--prefetch", "union", "--prefetch-batch-pages", &batch];
-        let server = ServerProcess::start(&[("bench", &self.snapshot.path)], &args);
+        let mut args = vec!["--working-set", ws, "--prefetch", "union", "--prefetch-batch-pages", &batch];
+        args.extend_from_slice(source);
+        let files: &[(&str, &Path)] = if source.is_empty() { &[("bench", &self.snapshot.path)] } else { &[] };
+        let server = ServerProcess::start(files, &args);
         let len = self.snapshot.bytes.len();
         let _vmm = FakeVmm::attach_layout(&server.socket("bench"), &[len], 0, false).context("attach")?;
         let deadline = Instant::now() + Duration::from_secs(60);

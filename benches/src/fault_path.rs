@@ -27,18 +27,29 @@ pub fn measure(pages: usize, rounds: usize) -> Result<FaultTimes> {
     let mut times = FaultTimes { raw_us: Vec::new(), server_us: Vec::new() };
     for _ in 0..rounds {
         times.raw_us.extend(raw_round(&snapshot.bytes)?);
-        // FakeVmm waits for the server to let go of the VM before its memory is unmapped.
-        let vmm = FakeVmm::attach_layout(&server.socket("bench"), &[snapshot.bytes.len()], 0, false)
-            .context("attaching to uffd-server")?;
-        times.server_us.extend(touch_timed(&vmm.memory));
+        times.server_us.extend(server_round(&server, "bench", snapshot.bytes.len(), 1)?);
     }
     Ok(times)
 }
 
+/// One VM attached to snapshot `name` of `server` (`len` bytes, one region) touching every
+/// `stride`-th page once: the time of each touch in µs.
+pub fn server_round(server: &ServerProcess, name: &str, len: usize, stride: usize) -> Result<Vec<f64>> {
+    // FakeVmm waits for the server to let go of the VM before its memory is unmapped.
+    let vmm = FakeVmm::attach_layout(&server.socket(name), &[len], 0, false).context("attaching to uffd-server")?;
+    Ok(touch_timed_every(&vmm.memory, stride))
+}
+
 /// Touches every page once, returning the time of each touch in µs.
 fn touch_timed(memory: &GuestMemory) -> Vec<f64> {
+    touch_timed_every(memory, 1)
+}
+
+/// Touches every `stride`-th page once, returning the time of each touch in µs.
+fn touch_timed_every(memory: &GuestMemory, stride: usize) -> Vec<f64> {
     memory
         .page_addrs()
+        .step_by(stride)
         .map(|addr| {
             let start = Instant::now();
             e2e::fake_vmm::touch(addr, false);
@@ -48,7 +59,7 @@ fn touch_timed(memory: &GuestMemory) -> Vec<f64> {
 }
 
 /// The floor: blocking read + one UFFDIO_COPY per fault, on a thread of this process.
-fn raw_round(snapshot: &[u8]) -> Result<Vec<f64>> {
+pub fn raw_round(snapshot: &[u8]) -> Result<Vec<f64>> {
     let memory = GuestMemory::map(&[snapshot.len()], 0, false)?;
     let uffd = UffdBuilder::new().close_on_exec(true).user_mode_only(false).create()?;
     let region = memory.regions[0];

@@ -49,6 +49,8 @@ pub struct ChunkStoreConfig {
     pub names: Vec<String>,
     /// How chunks are held in RAM: LZ4 where it saves ≥ 1/8, or as they are.
     pub ram_codec: snapstore::Codec,
+    /// RAM for decompressed copies of the compressed chunks VMs use (the hot ones).
+    pub inflate_bytes: u64,
 }
 
 /// What the server does with the VMs it serves.

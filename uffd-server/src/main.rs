@@ -203,6 +203,10 @@ struct ServeArgs {
     /// How stored chunks are held in RAM: lz4 (where it saves ≥ 1/8) or none.
     #[arg(long, value_enum, default_value = "lz4")]
     store_ram_codec: store_commands::CodecArg,
+    /// RAM for decompressed copies of the LZ4 chunks VMs have used (the hot ones: later faults
+    /// and prefetches read them in place), within --cache-bytes.
+    #[arg(long, default_value = "1G", value_parser = parse_bytes)]
+    store_inflate_bytes: u64,
     /// A directory of snapshots: each NAME.mem file, and each NAME/ directory holding `mem`.
     #[arg(long)]
     snapshot_dir: Option<PathBuf>,
@@ -287,7 +291,8 @@ fn serve(args: ServeArgs, (working_set, loading_set): (Option<PathBuf>, Option<P
                 stored = store.names().with_context(|| format!("cannot list store {}", root.display()))?;
             }
             let ram_codec = args.store_ram_codec.into();
-            Some(uffd_server::config::ChunkStoreConfig { root: root.clone(), names: stored, ram_codec })
+            let inflate_bytes = args.store_inflate_bytes;
+            Some(uffd_server::config::ChunkStoreConfig { root: root.clone(), names: stored, ram_codec, inflate_bytes })
         }
         None => None,
     };

@@ -103,7 +103,7 @@ impl Server {
         if let Some(chunks) = &config.chunk_store {
             let opened =
                 snapstore::store::Store::open(&chunks.root).map_err(|e| ServerError::ChunkStore(Box::new(e)))?;
-            let pool = Arc::new(ChunkPool::new(opened, chunks.ram_codec));
+            let pool = Arc::new(ChunkPool::new(opened, chunks.ram_codec, chunks.inflate_bytes));
             store = store.with_stored(pool, &chunks.names).map_err(|e| ServerError::Snapshot(Box::new(e)))?;
         }
         let store = Arc::new(store);
@@ -114,28 +114,34 @@ impl Server {
     /// process is killed. VMs arriving during a snapshot's load wait for it (at most the load
     /// wait); the other snapshots and `stats` do not.
     pub fn run(self) -> io::Result<()> {
+        let services: Vec<Arc<SnapshotService>> = self
+            .listeners
+            .iter()
+            .map(|(name, _)| {
+                Arc::new(SnapshotService {
+                    plans: PlanCache::new(&self.config),
+                    name: name.clone(),
+                    config: self.config.clone(),
+                    store: Arc::clone(&self.store),
+                    registry: Arc::clone(&self.registry),
+                    refusals_logged: Mutex::default(),
+                })
+            })
+            .collect();
         let preload = self.store.preload_names();
         self.store.begin_preload(&preload);
         let mut threads = Vec::new();
         for name in preload {
-            let store = Arc::clone(&self.store);
+            let Some(service) = services.iter().find(|s| s.name == name).map(Arc::clone) else { continue };
             let load = move || {
-                if let Err(e) = store.finish_preload(&name) {
+                if let Err(e) = service.store.finish_preload(&name, &|snapshot| service.prepare(snapshot)) {
                     tracing::error!("{e}; VMs of this snapshot will be refused until it loads");
                 }
             };
             std::thread::Builder::new().name("preload".into()).spawn(load)?;
         }
-        for (name, listener) in self.listeners {
-            let snapshot = SnapshotService {
-                plans: PlanCache::new(&self.config),
-                name: name.clone(),
-                config: self.config.clone(),
-                store: Arc::clone(&self.store),
-                registry: Arc::clone(&self.registry),
-                refusals_logged: Mutex::default(),
-            };
-            let accept = move || accept_loop(&listener, &Arc::new(snapshot));
+        for ((name, listener), service) in self.listeners.into_iter().zip(services) {
+            let accept = move || accept_loop(&listener, &service);
             threads.push(std::thread::Builder::new().name(format!("accept-{name}")).spawn(accept)?);
         }
         if let Some(server) = self.metrics {
@@ -162,6 +168,18 @@ struct SnapshotService {
     plans: PlanCache,
     /// Bounds the log lines refused connections can trigger.
     refusals_logged: Mutex<LogLimit>,
+}
+
+impl SnapshotService {
+    /// Before the first VM: the working set planned once, and the plan's ranges readied in the
+    /// snapshot's source (a compressed store decompresses them now, not on the VMs' time).
+    fn prepare(&self, snapshot: &crate::source::snapshot::Snapshot) {
+        let planned = self.plans.get(snapshot);
+        for batch in &planned.plan.batches {
+            let offset = crate::addr::FileOffset(batch.first_page * crate::addr::BASE_PAGE);
+            snapshot.pages().warm(offset, batch.pages * crate::addr::BASE_PAGE);
+        }
+    }
 }
 
 fn accept_loop(listener: &UnixListener, service: &Arc<SnapshotService>) {

@@ -41,6 +41,10 @@ pub trait PageSource {
     fn resident_bytes(&self) -> u64 {
         0
     }
+
+    /// Readies `[offset, offset + len)` for fast reads (a compressed source decompresses it
+    /// ahead of the VMs that will need it); a hint, ignored by sources that are always fast.
+    fn warm(&self, _offset: FileOffset, _len: u64) {}
 }
 
 /// Why a source could not give the bytes of a range.

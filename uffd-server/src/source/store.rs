@@ -130,19 +130,21 @@ impl SnapshotStore {
                 State::Unloaded => {
                     *state = State::Loading;
                     drop(state);
-                    return self.load(name, slot);
+                    return self.load(name, slot, &|_| {});
                 }
             }
         }
     }
 
-    /// Loads `slot` (marked Loading by the caller), outside every lock.
-    fn load(&self, name: &str, slot: &Slot) -> Result<Arc<Snapshot>, SnapshotError> {
+    /// Loads `slot` (marked Loading by the caller), outside every lock, and runs `prepare` on
+    /// it before any VM may use it.
+    fn load(&self, name: &str, slot: &Slot, prepare: &dyn Fn(&Snapshot)) -> Result<Arc<Snapshot>, SnapshotError> {
         let started = Instant::now();
         let loaded = match (&self.pool, slot.stored) {
             (Some(pool), true) => Snapshot::load_stored(name, pool),
             _ => Snapshot::load(name, &slot.path, self.storage),
         }
+        .inspect(prepare)
         .map(Arc::new);
         let mut state = slot.lock();
         *state = match &loaded {
@@ -213,10 +215,11 @@ impl SnapshotStore {
         }
     }
 
-    /// Loads a snapshot marked by [`SnapshotStore::begin_preload`].
-    pub fn finish_preload(&self, name: &str) -> Result<Arc<Snapshot>, SnapshotError> {
+    /// Loads a snapshot marked by [`SnapshotStore::begin_preload`], running `prepare` on it
+    /// (e.g. planning its working set) before VMs may use it.
+    pub fn finish_preload(&self, name: &str, prepare: &dyn Fn(&Snapshot)) -> Result<Arc<Snapshot>, SnapshotError> {
         let slot = self.slots.get(name).ok_or_else(|| SnapshotError::Unknown(name.into()))?;
-        self.load(name, slot)
+        self.load(name, slot, prepare)
     }
 
     fn names_in(&self, wanted: impl Fn(&State) -> bool) -> Vec<String> {

@@ -7,6 +7,8 @@
 //! 3. Working-set stability (`stability`).
 //! 4. Fault path: per-fault cost and prefetch bandwidth against their floors (`fault_path`).
 //! 5. Density: N concurrent restores (`density`).
+//! 6. The chunk store: dedup and compression vs chunk size, RAM per snapshot, fault path,
+//!    prefetch and restore from it, on real runtime memory (`store`).
 //!
 //! Run: `./x experiments [--full]` (`--quick`, the default, takes ~3 minutes). Writes CSV
 //! files, PNG plots and `summary.md` to `--out` (default `target/experiments`).
@@ -19,6 +21,7 @@ mod harness;
 mod latency;
 mod report;
 mod stability;
+mod store;
 
 use anyhow::Result;
 use clap::Parser;
@@ -36,7 +39,7 @@ struct Args {
     quick: bool,
     #[arg(long, default_value = "target/experiments")]
     out: PathBuf,
-    /// Run only these experiments (1, 1b, 2, 3, 4, 5; repeatable); all by default.
+    /// Run only these experiments (1, 1b, 2, 3, 4, 5, 6; repeatable); all by default.
     #[arg(long)]
     only: Vec<String>,
 }
@@ -76,6 +79,9 @@ fn main() -> Result<()> {
     if wanted("5") {
         let counts: &[usize] = if full { &[1, 4, 16, 64] } else { &[1, 4, 16] };
         summary += &density::run(counts, work, out)?;
+    }
+    if wanted("6") {
+        summary += &store::run(work, out)?;
     }
     std::fs::write(out.join("summary.md"), &summary)?;
     println!("{summary}");
