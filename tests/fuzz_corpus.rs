@@ -32,3 +32,13 @@ fn working_set_corpus() {
 fn loading_set_corpus() {
     replay("loading_set", e2e::fuzz_checks::loading_set);
 }
+
+#[test]
+fn manifest_corpus() {
+    replay("manifest", e2e::fuzz_checks::manifest);
+}
+
+#[test]
+fn chunk_corpus() {
+    replay("chunk", e2e::fuzz_checks::chunk);
+}

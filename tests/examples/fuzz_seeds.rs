@@ -61,5 +61,26 @@ fn main() -> anyhow::Result<()> {
         LoadingSet::write(&path, IDENTITY, STAMP, &plan, read)?;
         write("loading_set", format!("{batches}-batches"), &std::fs::read(&path)?)?;
     }
+    for chunks in 1..=5u64 {
+        let chunk_size = 4096u32 << chunks;
+        let ids = (0..chunks + 2).map(|c| (c % 3 != 1).then(|| snapstore::ChunkId::of(&c.to_le_bytes()))).collect();
+        let manifest = snapstore::manifest::Manifest {
+            chunk_size,
+            identity: prefetch::identity::SnapshotIdentity {
+                len: (chunks + 2) * u64::from(chunk_size),
+                fingerprint: chunks,
+            },
+            regions: vec![snapstore::manifest::Region { file_offset: 0, size: u64::from(chunk_size), guest_addr: 0 }],
+            zero_runs: (0..chunks).map(|c| (c * 40, 3 + c)).collect(),
+            chunks: ids,
+        };
+        write("manifest", format!("{chunks}-chunks"), &manifest.encode())?;
+    }
+    for (i, codec) in [snapstore::Codec::None, snapstore::Codec::Lz4, snapstore::Codec::Zstd].into_iter().enumerate() {
+        for size in [4096usize, 65536] {
+            let bytes: Vec<u8> = (0..size).map(|b| (b / 7 % 251).to_le_bytes()[0]).collect();
+            write("chunk", format!("{i}-{size}"), &snapstore::chunk::encode(&bytes, codec))?;
+        }
+    }
     Ok(())
 }

@@ -62,3 +62,25 @@ pub fn loading_set(data: &[u8]) {
         }
     }
 }
+
+/// A snapshot manifest: decoded; what decodes re-encodes to the same bytes, and its chunks and
+/// zero runs lie inside the memory file it describes.
+pub fn manifest(data: &[u8]) {
+    let Ok(manifest) = snapstore::manifest::Manifest::decode(data) else { return };
+    assert_eq!(manifest.encode(), data, "an accepted manifest is its own encoding");
+    let len = manifest.file_len();
+    for index in 0..manifest.chunks.len() {
+        let (start, end) = manifest.chunk_range(index);
+        assert!(start < end && end <= len);
+    }
+    assert!(manifest.zero_pages() * 4096 <= len);
+}
+
+/// A chunk file, decoded as the chunk its header names: what decodes hashes to that name.
+pub fn chunk(data: &[u8]) {
+    let Ok(header) = snapstore::chunk::header(data) else { return };
+    if let Ok(bytes) = snapstore::chunk::decode(data, &header.id) {
+        assert_eq!(snapstore::ChunkId::of(&bytes), header.id);
+        assert_eq!(bytes.len(), header.len);
+    }
+}

@@ -137,6 +137,7 @@ impl Server {
                 if let Err(e) = service.store.finish_preload(&name, &|snapshot| service.prepare(snapshot)) {
                     tracing::error!("{e}; VMs of this snapshot will be refused until it loads");
                 }
+                release_freed_memory();
             };
             std::thread::Builder::new().name("preload".into()).spawn(load)?;
         }
@@ -168,6 +169,15 @@ struct SnapshotService {
     plans: PlanCache,
     /// Bounds the log lines refused connections can trigger.
     refusals_logged: Mutex<LogLimit>,
+}
+
+/// Gives the memory a load freed (read buffers, decompressed chunks) back to the kernel: the
+/// allocator keeps it in this thread's arena otherwise, and a server that loaded many stored
+/// snapshots would hold ~10% more than its snapshots (measured: docs/results, experiment 6b).
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only returns free heap memory to the kernel; it takes no pointer and
+    // touches no live allocation.
+    unsafe { libc::malloc_trim(0) };
 }
 
 impl SnapshotService {
