@@ -25,6 +25,7 @@ use std::time::Instant;
 
 const CHUNK_SIZES: [usize; 6] = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 2 << 20];
 const PAGE: usize = 4096;
+const CHUNK_AXIS: &str = "chunk size, log2 KiB (2 = 4 KiB, 6 = 64 KiB, 11 = 2 MiB)";
 
 /// `vmm-shim snapshot` of `workload` function `function`: its memory file.
 fn image(work: &Path, workload: &str, function: u16) -> Result<PathBuf> {
@@ -135,8 +136,11 @@ fn chunk_sizes(sets: &[(&str, &[PathBuf])], out: &Path) -> Result<String> {
         series.push((name.to_string(), points));
     }
     std::fs::write(out.join("store_chunk_size.csv"), csv)?;
-    let labels =
-        Labels { title: "Store reduction vs chunk size (data / (zstd + manifests))", x: "chunk KiB (log)", y: "×" };
+    let labels = Labels {
+        title: "Store reduction vs chunk size: data / (zstd chunks + manifests)",
+        x: CHUNK_AXIS,
+        y: "× (log scale)",
+    };
     line_plot(&out.join("store_chunk_size.png"), &labels, &series)?;
     md += "\n![chunk size](store_chunk_size.png)\n\n";
     Ok(md)
