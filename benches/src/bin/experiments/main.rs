@@ -10,7 +10,7 @@
 //! 6. The chunk store: dedup and compression vs chunk size, RAM per snapshot, fault path,
 //!    prefetch and restore from it, on real runtime memory (`store`).
 //!
-//! Run: `./x experiments [--full]` (`--quick`, the default, takes ~3 minutes). Writes CSV
+//! Run: `./x experiments [--full]` (`--quick`, the default, takes ~4 minutes). Writes CSV
 //! files, PNG plots and `summary.md` to `--out` (default `target/experiments`).
 
 mod compute;
