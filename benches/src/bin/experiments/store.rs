@@ -11,7 +11,7 @@
 //! d. Restore (union, first DONE) from the store against the memory file.
 
 use crate::harness::{self, path, record, restore, uffd_args, MEASURED};
-use crate::report::{line_plot, progress, Labels, Series};
+use crate::report::{bar_plot, line_plot, progress, Labels, Series};
 use anyhow::{Context, Result};
 use benches::{bandwidth, fault_path, median, percentile};
 use e2e::server_process::{run_binary, ServerProcess};
@@ -55,8 +55,12 @@ pub fn run(work: &Path, out: &Path) -> Result<String> {
     bar.inc(1);
     md += &codec_speed(&python)?;
     md += "### 6b. Density: a runtime and its functions in one server\n\nEach server serves every snapshot of the set, all loaded. **held**: what the server counts as snapshot RAM (memory files: their non-zero pages; store: its chunk pool, each chunk once). **RSS growth**: the server's VmRSS minus that of a server holding one 1 MiB snapshot (manifests, zero-page indexes and allocator slack included). **added function**: the bytes a function's import wrote, as a fraction of what the runtime's (the set's first) wrote.\n\n";
-    md += &density(work, "python 1+20", &python)?;
-    md += &density(work, "python+node 10+10", &mixed)?;
+    let mut held = Vec::new();
+    md += &density(work, "python 1+20", &python, &mut held)?;
+    md += &density(work, "python+node 10+10", &mixed, &mut held)?;
+    let labels = Labels { title: "RAM a server holds for all the snapshots of a set", x: "MiB", y: "" };
+    bar_plot(&out.join("store_density.png"), &labels, &held)?;
+    md += "![density](store_density.png)\n\n";
     bar.inc(1);
     md += &fault_path(work, &python, out)?;
     bar.inc(1);
@@ -199,7 +203,8 @@ fn rss(pid: u32) -> u64 {
     kib.unwrap_or(0) * 1024
 }
 
-fn density(work: &Path, set: &str, files: &[PathBuf]) -> Result<String> {
+/// The density tables of one data set; pushes the RAM each server held onto `held` (MiB).
+fn density(work: &Path, set: &str, files: &[PathBuf], held: &mut Vec<(String, f64)>) -> Result<String> {
     let store = work.join(format!("density-store-{}", set.replace(['+', ' '], "-")));
     let written: Vec<u64> =
         files.iter().enumerate().map(|(i, file)| import(&store, &format!("fn{i}"), file)).collect::<Result<_>>()?;
@@ -233,6 +238,9 @@ fn density(work: &Path, set: &str, files: &[PathBuf]) -> Result<String> {
             mib(rss.saturating_sub(base_rss)),
             held as f64 / raw_held as f64
         )?;
+    }
+    for (name, bytes) in [("memory files", raw_held), ("store, LZ4", store_held), ("store, raw chunks", flat_held)] {
+        held.push((format!("{set}: {name}"), mib(bytes)));
     }
     let runtime = written[0] as f64;
     let added: Vec<f64> = written[1..].iter().map(|&w| w as f64 / runtime).collect();
