@@ -56,10 +56,14 @@ pub fn import(store: &Store, name: &str, memfile: &Path, options: &ImportOptions
     let mut chunks = Vec::new();
     let mut report = ImportReport::default();
     let mut buf = vec![0u8; crate::index(u64::from(chunk_size))];
+    let mut next_extent = 0; // extents and chunks are both in file order: one walk
     for start in (0..len).step_by(crate::index(u64::from(chunk_size))) {
         let end = (start + u64::from(chunk_size)).min(len);
         let bytes = &mut buf[..crate::index(end - start)];
-        let has_data = extents.iter().any(|&(s, e)| s < end && e > start);
+        while extents.get(next_extent).is_some_and(|&(_, extent_end)| extent_end <= start) {
+            next_extent += 1;
+        }
+        let has_data = extents.get(next_extent).is_some_and(|&(extent_start, _)| extent_start < end);
         if has_data {
             file.read_exact_at(bytes, start).map_err(|e| bad(format!("read at {start:#x}: {e} (truncated?)")))?;
         } else {

@@ -306,7 +306,10 @@ impl PageSource for ChunkedPages {
 
     fn read<'s>(&'s self, offset: FileOffset, len: u64, scratch: &'s mut Vec<u8>) -> Result<&'s [u8], SourceError> {
         let end = checked_end(offset, len, self.file_len)?;
-        let (first, last) = (offset.0 / self.chunk_size, end.saturating_sub(1) / self.chunk_size);
+        if len == 0 {
+            return Ok(&[]);
+        }
+        let (first, last) = (offset.0 / self.chunk_size, (end - 1) / self.chunk_size);
         let read_error = |at: u64, len: u64, reason: String| SourceError::Read {
             offset: FileOffset(at),
             len,
@@ -393,6 +396,7 @@ mod tests {
         let mut scratch = Vec::new();
         let mut out = Vec::new();
         // Reads that straddle chunks, and reads inside one.
+        assert!(pages.read(FileOffset(4 * 65536), 0, &mut scratch).is_ok_and(<[u8]>::is_empty));
         for (offset, len) in [(0, 100_000), (100_000, 96_608), (196_608, 65536)] {
             out.extend_from_slice(pages.read(FileOffset(offset), len, &mut scratch).expect("read"));
         }
