@@ -66,7 +66,7 @@ pub fn encode(bytes: &[u8], codec: Codec) -> Vec<u8> {
 pub fn compress(bytes: &[u8], codec: Codec) -> Option<Vec<u8>> {
     match codec {
         Codec::None => None,
-        Codec::Lz4 => Some(lz4_flex::block::compress(bytes)),
+        Codec::Lz4 => lz4::block::compress(bytes, None, false).ok(),
         Codec::Zstd => zstd::bulk::compress(bytes, ZSTD_LEVEL).ok(),
     }
 }
@@ -80,7 +80,9 @@ pub fn decompress_into(codec: Codec, stored: &[u8], out: &mut [u8]) -> Result<()
             Ok(out.len())
         }
         Codec::None => Err("stored length differs".to_string()),
-        Codec::Lz4 => lz4_flex::block::decompress_into(stored, out).map_err(|e| e.to_string()),
+        Codec::Lz4 => i32::try_from(out.len()).map_err(|e| e.to_string()).and_then(|capacity| {
+            lz4::block::decompress_to_buffer(stored, Some(capacity), out).map_err(|e| e.to_string())
+        }),
         Codec::Zstd => zstd::bulk::Decompressor::new()
             .and_then(|mut d| d.decompress_to_buffer(stored, out))
             .map_err(|e| e.to_string()),
