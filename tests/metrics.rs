@@ -96,6 +96,51 @@ fn metrics_count_what_the_vms_got_and_promtool_accepts_them() {
     assert!(promtool.status.success(), "promtool check metrics:\n{}", String::from_utf8_lossy(&promtool.stdout));
 }
 
+#[test]
+fn the_chunk_pool_counts_a_shared_chunk_once_and_promtool_accepts_it() {
+    require_userfaultfd();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = SnapshotFile::random(dir.path(), "a.mem", 4 << 20, 0.3, 82);
+    let mut b_bytes = SnapshotFile::random(dir.path(), "b.raw", 4 << 20, 0.3, 83).bytes;
+    b_bytes[..2 << 20].copy_from_slice(&a.bytes[..2 << 20]);
+    let b = SnapshotFile::from_bytes(dir.path(), "b.mem", b_bytes);
+    let store = dir.path().join("store");
+    for (name, snap) in [("a", &a), ("b", &b)] {
+        let memfile = snap.path.to_str().expect("UTF-8");
+        e2e::server_process::run_binary(
+            "uffd-server",
+            &["import", "--store", store.to_str().expect("UTF-8"), "--name", name, memfile],
+        )
+        .expect("import");
+    }
+    let opened = snapstore::store::Store::open(&store).expect("store");
+    let distinct: std::collections::BTreeSet<_> =
+        ["a", "b"].iter().flat_map(|n| opened.read_manifest(n).expect("manifest").chunks).flatten().collect();
+    let server = ServerProcess::start_store(&store, &["--metrics-listen", "127.0.0.1:0"]);
+    let port = metrics_port(&server);
+    let vmm = FakeVmm::attach(&server.socket("a"), a.bytes.len()).expect("attach");
+    vmm.touch_all(2, false);
+    vmm.assert_matches(&a.bytes);
+
+    let text = http_get(port, "/metrics", "text/plain");
+    let m = samples(&text);
+    let get = |name: &str| *m.get(name).unwrap_or_else(|| panic!("{name} missing from:\n{text}"));
+    assert_eq!(get("uffd_chunk_pool_chunks"), distinct.len() as f64);
+    let per_snapshot =
+        get("uffd_snapshot_resident_bytes{snapshot=\"a\"}") + get("uffd_snapshot_resident_bytes{snapshot=\"b\"}");
+    let pool = get("uffd_chunk_pool_bytes");
+    assert!(
+        pool > 0.0 && pool < per_snapshot,
+        "the shared half counted once: pool {pool}, per snapshot {per_snapshot}"
+    );
+    assert_eq!(get("uffd_chunk_corrupt_reads_total"), 0.0);
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .output_with_stdin(text.as_bytes());
+    assert!(promtool.status.success(), "promtool check metrics:\n{}", String::from_utf8_lossy(&promtool.stdout));
+}
+
 /// `Command::output`, feeding `input` on stdin.
 trait OutputWithStdin {
     fn output_with_stdin(&mut self, input: &[u8]) -> std::process::Output;

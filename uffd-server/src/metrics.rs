@@ -10,6 +10,7 @@
 
 use crate::addr::BASE_PAGE;
 use crate::registry::{Registry, SnapshotView};
+use crate::source::chunked::ChunkPool;
 use crate::source::store::SnapshotStore;
 use crate::stats::Histogram;
 use prometheus_client::collector::Collector;
@@ -174,8 +175,37 @@ impl Metrics {
                 None,
                 MetricType::Counter,
             )?
-            .encode_counter::<NoLabelSet, _, u64>(&self.store.evictions(), None)
+            .encode_counter::<NoLabelSet, _, u64>(&self.store.evictions(), None)?;
+        match self.store.chunk_pool() {
+            Some(pool) => encode_chunk_pool(encoder, pool),
+            None => Ok(()),
+        }
     }
+}
+
+/// The chunk pool of stored snapshots (`--store`): each chunk counted once.
+fn encode_chunk_pool(encoder: &mut DescriptorEncoder, pool: &ChunkPool) -> std::fmt::Result {
+    let gauges = [
+        (
+            "uffd_chunk_pool_bytes",
+            "RAM the chunk pool holds, each chunk once (plain copies included)",
+            pool.resident_bytes(),
+        ),
+        ("uffd_chunk_pool_inflated_bytes", "of which plain copies of compressed chunks", pool.inflated_bytes()),
+        ("uffd_chunk_pool_chunks", "distinct chunks held", pool.len() as u64),
+    ];
+    for (name, help, value) in gauges {
+        encoder.encode_descriptor(name, help, None, MetricType::Gauge)?.encode_gauge(&value)?;
+    }
+    let corrupt = pool.corrupt_reads.load(std::sync::atomic::Ordering::Relaxed);
+    encoder
+        .encode_descriptor(
+            "uffd_chunk_corrupt_reads",
+            "chunks read from disk whose bytes did not hash to their name (never served)",
+            None,
+            MetricType::Counter,
+        )?
+        .encode_counter::<NoLabelSet, _, u64>(&corrupt, None)
 }
 
 /// The classic Prometheus text format (0.0.4) of an OpenMetrics exposition, for scrapers that
