@@ -2,7 +2,7 @@
 //! real userfaultfds, every byte checked against the memory file it was imported from.
 
 use e2e::fake_vmm::FakeVmm;
-use e2e::server_process::{run_binary, vmm_shim_restore, workspace_binary, ServerProcess};
+use e2e::server_process::{import_to_store, run_binary, vmm_shim_restore, workspace_binary, ServerProcess};
 use e2e::snapshot_file::{Rng, SnapshotFile};
 use e2e::{require_kvm, require_userfaultfd};
 use snapstore::store::Store;
@@ -30,7 +30,7 @@ fn guest_snapshot(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
 }
 
 fn import(store: &Path, name: &str, memfile: &Path) -> String {
-    run("uffd-server", &["import", "--store", utf8(store), "--name", name, utf8(memfile)])
+    import_to_store(store, name, memfile).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A VM that touches every page of snapshot `name` and compares all of its memory.

@@ -106,12 +106,7 @@ fn the_chunk_pool_counts_a_shared_chunk_once_and_promtool_accepts_it() {
     let b = SnapshotFile::from_bytes(dir.path(), "b.mem", b_bytes);
     let store = dir.path().join("store");
     for (name, snap) in [("a", &a), ("b", &b)] {
-        let memfile = snap.path.to_str().expect("UTF-8");
-        e2e::server_process::run_binary(
-            "uffd-server",
-            &["import", "--store", store.to_str().expect("UTF-8"), "--name", name, memfile],
-        )
-        .expect("import");
+        e2e::server_process::import_to_store(&store, name, &snap.path).expect("import");
     }
     let opened = snapstore::store::Store::open(&store).expect("store");
     let distinct: std::collections::BTreeSet<_> =

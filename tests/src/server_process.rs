@@ -30,6 +30,12 @@ pub fn run_binary(name: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// `uffd-server import --store STORE --name NAME MEMFILE`: what it printed.
+pub fn import_to_store(store: &Path, name: &str, memfile: &Path) -> anyhow::Result<String> {
+    let utf8 = |p: &Path| p.to_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("{} is not UTF-8", p.display()));
+    run_binary("uffd-server", &["import", "--store", &utf8(store)?, "--name", name, &utf8(memfile)?])
+}
+
 /// `uffd-server loading-set --snapshot SNAPSHOT --working-set WORKING_SET --out OUT`.
 pub fn write_loading_set(snapshot: &Path, working_set: &Path, out: &Path) -> std::process::Output {
     Command::new(workspace_binary("uffd-server"))

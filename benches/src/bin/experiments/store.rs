@@ -14,7 +14,7 @@ use crate::harness::{self, path, record, restore, uffd_args, MEASURED};
 use crate::report::{bar_plot, line_plot, progress, Labels, Series};
 use anyhow::{Context, Result};
 use benches::{bandwidth, fault_path, median, percentile};
-use e2e::server_process::{run_binary, ServerProcess};
+use e2e::server_process::{import_to_store, run_binary, ServerProcess};
 use e2e::snapshot_file::SnapshotFile;
 use snapstore::chunk::{compress, decompress_into};
 use snapstore::{ChunkId, Codec};
@@ -188,7 +188,7 @@ fn codec_speed(files: &[PathBuf]) -> Result<String> {
 }
 
 fn import(store: &Path, name: &str, memfile: &Path) -> Result<u64> {
-    let said = run_binary("uffd-server", &["import", "--store", path(store), "--name", name, path(memfile)])?;
+    let said = import_to_store(store, name, memfile)?;
     let written = said.rsplit(" new, ").next().and_then(|rest| rest.split(' ').next()).and_then(|n| n.parse().ok());
     written.context("import did not say what it wrote")
 }
