@@ -181,8 +181,9 @@ fn release_freed_memory() {
 }
 
 impl SnapshotService {
-    /// Before the first VM: the working set planned once, and the plan's ranges readied in the
-    /// snapshot's source (a compressed store decompresses them now, not on the VMs' time).
+    /// Whenever the snapshot (re)loads, before a VM uses it: the working set planned, and the
+    /// plan's ranges readied in the snapshot's source (a compressed store decompresses them now,
+    /// not on the VMs' time).
     fn prepare(&self, snapshot: &crate::source::snapshot::Snapshot) {
         let planned = self.plans.get(snapshot);
         for batch in &planned.plan.batches {
@@ -248,7 +249,7 @@ fn attach(
     // Bounds the wait for the handshake only; the fault loop polls without timeout.
     let _ = stream.set_read_timeout(Some(config.handshake_timeout));
     let handshake = handshake::receive(stream)?;
-    let snapshot = service.store.get(&service.name)?;
+    let snapshot = service.store.get_prepared(&service.name, &|snapshot| service.prepare(snapshot))?;
     let regions = RegionMap::new(handshake.regions, snapshot.len())?;
     regions.check_page_sizes(peer_pid)?;
     let uffd = Userfaultfd::from_owned(handshake.uffd).map_err(AttachError::Uffd)?;

@@ -101,6 +101,12 @@ impl SnapshotStore {
 
     /// The loaded snapshot `name`, loading it if needed (or again, if its file changed).
     pub fn get(&self, name: &str) -> Result<Arc<Snapshot>, SnapshotError> {
+        self.get_prepared(name, &|_| {})
+    }
+
+    /// As [`SnapshotStore::get`], running `prepare` on a snapshot it (re)loads before any VM
+    /// may use it, as a preload does.
+    pub fn get_prepared(&self, name: &str, prepare: &dyn Fn(&Snapshot)) -> Result<Arc<Snapshot>, SnapshotError> {
         let slot = self.slots.get(name).ok_or_else(|| SnapshotError::Unknown(name.into()))?;
         let started = Instant::now();
         let mut state = slot.lock();
@@ -130,7 +136,7 @@ impl SnapshotStore {
                 State::Unloaded => {
                     *state = State::Loading;
                     drop(state);
-                    return self.load(name, slot, &|_| {});
+                    return self.load(name, slot, prepare);
                 }
             }
         }
