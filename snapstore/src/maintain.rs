@@ -1,7 +1,6 @@
 //! `store stats|gc|verify`: what the store holds, collecting chunks no manifest names, and
 //! re-hashing every chunk.
 
-use crate::chunk;
 use crate::store::{Store, StoreError};
 use crate::{ChunkId, PAGE};
 use std::collections::{BTreeMap, BTreeSet};
@@ -47,10 +46,8 @@ pub fn stats(store: &Store) -> Result<Stats, StoreError> {
             let (len, stored) = match sizes.get(&id) {
                 Some(&sizes) => sizes,
                 None => {
-                    let file = store.read_chunk_file(&id)?;
-                    let header = chunk::header(&file)
-                        .map_err(|source| StoreError::Chunk { path: store.chunk_path(&id), source })?;
-                    *sizes.entry(id).or_insert((header.len as u64, file.len() as u64))
+                    let (header, stored) = store.chunk_header(&id)?;
+                    *sizes.entry(id).or_insert((header.len as u64, stored))
                 }
             };
             usage.unique += len;

@@ -12,7 +12,7 @@ use crate::manifest::{Manifest, ManifestError};
 use crate::ChunkId;
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -143,6 +143,21 @@ impl Store {
             io::ErrorKind::NotFound => StoreError::MissingChunk { id: *id, path: path.clone() },
             _ => StoreError::Io { path: path.clone(), source },
         })
+    }
+
+    /// The header of chunk `id` and the length of its file, reading only the header.
+    pub fn chunk_header(&self, id: &ChunkId) -> Result<(chunk::Header, u64), StoreError> {
+        let path = self.chunk_path(id);
+        let missing = |source: io::Error| match source.kind() {
+            io::ErrorKind::NotFound => StoreError::MissingChunk { id: *id, path: path.clone() },
+            _ => StoreError::Io { path: path.clone(), source },
+        };
+        let file = File::open(&path).map_err(missing)?;
+        let len = file.metadata().map_err(missing)?.len();
+        let mut head = Vec::with_capacity(chunk::HEADER_LEN);
+        (&file).take(chunk::HEADER_LEN as u64).read_to_end(&mut head).map_err(missing)?;
+        let header = chunk::header(&head).map_err(|source| StoreError::Chunk { path: path.clone(), source })?;
+        Ok((header, len))
     }
 
     /// The uncompressed bytes of chunk `id`, checked against its id.
