@@ -6,11 +6,15 @@
 
 #![warn(missing_docs)]
 
+pub mod bucket;
 pub mod chunk;
+pub mod disk_cache;
 pub mod extents;
 pub mod import;
 pub mod maintain;
 pub mod manifest;
+pub mod push;
+pub mod remote;
 pub mod store;
 
 use std::fmt;

@@ -88,14 +88,12 @@ impl Store {
 
     /// Where chunk `id` is stored.
     pub fn chunk_path(&self, id: &ChunkId) -> PathBuf {
-        let hex = id.hex();
-        self.chunks_dir().join(&hex[..2]).join(hex)
+        self.root.join(chunk_relative(id))
     }
 
     /// Where snapshot `name`'s manifest is stored.
     pub fn manifest_path(&self, name: &str) -> Result<PathBuf, StoreError> {
-        check_name(name)?;
-        Ok(self.manifests_dir().join(name))
+        Ok(self.root.join(manifest_relative(name)?))
     }
 
     /// Takes the store lock: shared for writers, exclusive for collection.
@@ -228,6 +226,18 @@ impl Store {
         ids.sort();
         Ok((ids, temps))
     }
+}
+
+/// Chunk `id`'s path relative to a store's root (its key under a bucket's prefix too).
+pub fn chunk_relative(id: &ChunkId) -> String {
+    let hex = id.hex();
+    format!("chunks/{}/{hex}", &hex[..2])
+}
+
+/// Snapshot `name`'s manifest path relative to a store's root (its key under a bucket's prefix).
+pub fn manifest_relative(name: &str) -> Result<String, StoreError> {
+    check_name(name)?;
+    Ok(format!("manifests/{name}"))
 }
 
 /// Snapshot names become file names: nothing that could leave the directory or hide.

@@ -3,6 +3,7 @@
 
 pub mod fake_vmm;
 pub mod fuzz_checks;
+pub mod object_store;
 pub mod server_process;
 pub mod snapshot_file;
 

@@ -43,14 +43,38 @@ pub struct ServerConfig {
 /// Snapshots served from a content-addressed chunk store.
 #[derive(Clone, Debug)]
 pub struct ChunkStoreConfig {
-    /// The store's directory.
-    pub root: PathBuf,
+    /// Where the store is.
+    pub origin: StoreOrigin,
     /// The snapshots of it to serve.
     pub names: Vec<String>,
     /// How chunks are held in RAM: LZ4 where it saves ≥ 1/8, or as they are.
     pub ram_codec: snapstore::Codec,
     /// RAM for decompressed copies of the compressed chunks VMs use (the hot ones).
     pub inflate_bytes: u64,
+}
+
+/// Where a chunk store is.
+#[derive(Clone, Debug)]
+pub enum StoreOrigin {
+    /// A store directory on this host.
+    Local(PathBuf),
+    /// A bucket (S3 API), read through a disk cache on this host.
+    Remote(RemoteStoreConfig),
+}
+
+/// A store in an object store, and this host's tiers in front of it.
+#[derive(Clone, Debug)]
+pub struct RemoteStoreConfig {
+    /// `s3://BUCKET/PREFIX`.
+    pub address: snapstore::bucket::S3Address,
+    /// The disk cache's directory (chunks, and the manifests and working sets fetched).
+    pub disk_cache: PathBuf,
+    /// Bytes of chunk files the disk cache may hold.
+    pub disk_cache_bytes: u64,
+    /// How long one chunk is tried before its VM gets an error.
+    pub retry: snapstore::bucket::RetryPolicy,
+    /// Chunks fetched at once ahead of need (demand fetches have their own connections).
+    pub fetch_threads: usize,
 }
 
 /// What the server does with the VMs it serves.
@@ -95,6 +119,8 @@ pub enum ServerError {
     Metrics(String, String),
     #[error("{0}")]
     ChunkStore(Box<snapstore::store::StoreError>),
+    #[error("object store: {0}")]
+    Remote(String),
     #[error("{0}")]
     Snapshot(Box<crate::source::snapshot::SnapshotError>),
 }

@@ -6,6 +6,7 @@
 //! ```
 
 use crate::registry::{Registry, VmReport};
+use crate::source::chunk_pool::ChunkOrigin;
 use crate::source::store::SnapshotStore;
 use serde::{Deserialize, Serialize};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -32,6 +33,38 @@ pub struct StatsResponse {
     pub resident_by_snapshot: Vec<(String, u64)>,
     /// Every live VM and the recently ended ones.
     pub vms: Vec<VmReport>,
+    /// What was fetched from an object store, if snapshots are served from one.
+    #[serde(default)]
+    pub remote: Option<RemoteReport>,
+}
+
+/// Object-store traffic since the server started.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct RemoteReport {
+    /// Chunks fetched from the object store.
+    pub chunk_gets: u64,
+    /// Bytes of chunk objects received.
+    pub chunk_bytes: u64,
+    /// Chunk GETs that failed or returned a bad chunk (each retry).
+    pub failed_gets: u64,
+    /// Chunks read intact from the disk cache.
+    pub disk_hits: u64,
+}
+
+impl RemoteReport {
+    /// The counters of `store`'s object store, if it reads one.
+    pub fn of(store: &SnapshotStore) -> Option<RemoteReport> {
+        let pool = store.chunk_pool()?;
+        let ChunkOrigin::Remote(remote) = pool.origin() else { return None };
+        let load = |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
+        let counters = &remote.counters;
+        Some(RemoteReport {
+            chunk_gets: load(&counters.chunk_gets),
+            chunk_bytes: load(&counters.chunk_bytes),
+            failed_gets: load(&counters.failed_gets),
+            disk_hits: load(&counters.disk_hits),
+        })
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -87,6 +120,7 @@ fn answer(stream: &UnixStream, store: &SnapshotStore, registry: &Registry) -> io
                 snapshot_resident_bytes: store.resident_bytes(),
                 resident_by_snapshot: store.resident_by_snapshot(),
                 vms: registry.reports(),
+                remote: RemoteReport::of(store),
             };
             serde_json::to_writer(&mut out, &response)?;
         }

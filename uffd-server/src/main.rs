@@ -1,6 +1,7 @@
 //! `uffd-server`: serve guest memory of microVMs from in-memory snapshots over Firecracker's
 //! UFFD socket protocol.
 
+mod remote_commands;
 mod store_commands;
 
 use anyhow::{bail, Context, Result};
@@ -13,7 +14,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use uffd_server::addr::FileOffset;
-use uffd_server::config::{Mode, ServerConfig};
+use uffd_server::config::{Mode, ServerConfig, StoreOrigin};
 use uffd_server::control::{end_recording, query_stats};
 use uffd_server::server::Server;
 use uffd_server::source::snapshot::{Snapshot, Storage};
@@ -54,6 +55,12 @@ enum Command {
     /// Import a memory file into a chunk store: content-addressed, deduplicated, compressed
     /// chunks and a manifest (docs/snapshot-store-format.md).
     Import(store_commands::ImportArgs),
+    /// Upload a stored snapshot to an object store (S3 API): missing chunks, then its working
+    /// set, then its manifest (docs/object-store.md).
+    Push(remote_commands::PushArgs),
+    /// Fetch a snapshot's working set (or all of it) from an object store into a host's disk
+    /// cache, ahead of its VMs.
+    Pull(remote_commands::PullArgs),
     /// Inspect or maintain a chunk store.
     Store {
         #[command(subcommand)]
@@ -192,14 +199,16 @@ struct ServeArgs {
     /// Directory for the sockets (created if missing): NAME.sock per snapshot, control.sock.
     #[arg(long)]
     socket_dir: PathBuf,
-    /// A snapshot memory file (Firecracker layout), as NAME=PATH; or NAME, a snapshot of
-    /// --store. Repeatable.
-    #[arg(long = "snapshot", value_name = "NAME=PATH|NAME")]
+    /// A snapshot memory file (Firecracker layout), as NAME=PATH; NAME=s3://BUCKET/PREFIX/NAME,
+    /// a snapshot in an object store; or NAME, a snapshot of --store or --remote. Repeatable.
+    #[arg(long = "snapshot", value_name = "NAME=PATH|NAME=s3://…|NAME")]
     snapshots: Vec<String>,
     /// A chunk store (`uffd-server import`): serves its snapshots named by --snapshot NAME, or
     /// all of them if none is named.
     #[arg(long)]
     store: Option<PathBuf>,
+    #[command(flatten)]
+    remote: remote_commands::RemoteServeArgs,
     /// How stored chunks are held in RAM: lz4 (where it saves ≥ 1/8) or none.
     #[arg(long, value_enum, default_value = "lz4")]
     store_ram_codec: store_commands::CodecArg,
@@ -263,6 +272,8 @@ fn main() -> Result<()> {
             serve(args.serve, (Some(args.working_set), None), Mode::Record { window })
         }
         Command::Import(args) => store_commands::run_import(&args),
+        Command::Push(args) => remote_commands::run_push(&args),
+        Command::Pull(args) => remote_commands::run_pull(&args),
         Command::Store { command } => store_commands::run_store(&command),
         Command::Stats { socket_dir, json } => stats(&socket_dir, json),
         Command::EndRecording { socket_dir, vm } => {
@@ -271,31 +282,63 @@ fn main() -> Result<()> {
     }
 }
 
+/// The chunk store `serve` reads (a directory, or a bucket through a disk cache) and which of
+/// its snapshots; for one remote snapshot served by a policy that needs a working set and given
+/// none, the one published with it.
+fn chunk_store(
+    args: &ServeArgs,
+    mut names: Vec<String>,
+    remote_specs: &[(String, String)],
+    working_set: &mut Option<PathBuf>,
+    mode: &Mode,
+) -> Result<Option<uffd_server::config::ChunkStoreConfig>> {
+    let remote = remote_commands::remote_store(&args.remote, remote_specs)?;
+    let origin = match (&args.store, remote) {
+        (Some(_), Some(_)) => bail!("serve from --store or from an object store, not both"),
+        (None, None) => return Ok(None),
+        (Some(root), None) => {
+            if names.is_empty() {
+                let store = snapstore::store::Store::open(root)?;
+                names = store.names().with_context(|| format!("cannot list store {}", root.display()))?;
+            }
+            StoreOrigin::Local(root.clone())
+        }
+        (None, Some((remote, named))) => {
+            names.extend(named);
+            if names.is_empty() {
+                names = remote_commands::remote_names(&remote)?;
+            }
+            let needs_set = matches!(mode, Mode::Serve { policy, .. } if policy.needs_working_set());
+            if needs_set && working_set.is_none() && names.len() == 1 {
+                *working_set = remote_commands::fetch_working_set(&remote, &names[0])?;
+            }
+            StoreOrigin::Remote(remote)
+        }
+    };
+    Ok(Some(uffd_server::config::ChunkStoreConfig {
+        origin,
+        names,
+        ram_codec: args.store_ram_codec.into(),
+        inflate_bytes: args.store_inflate_bytes,
+    }))
+}
+
 fn serve(args: ServeArgs, (working_set, loading_set): (Option<PathBuf>, Option<PathBuf>), mode: Mode) -> Result<()> {
     if !args.fault_around.is_power_of_two() || args.fault_around > 512 {
         bail!("--fault-around must be a power of two between 1 and 512, got {}", args.fault_around);
     }
     let mut snapshots = Vec::new();
-    let mut stored = Vec::new();
+    let (mut stored, mut remote_specs) = (Vec::new(), Vec::new());
     for spec in &args.snapshots {
         match spec.split_once('=') {
+            Some((name, url)) if url.starts_with("s3://") => remote_specs.push((name.to_string(), url.to_string())),
             Some((name, path)) => snapshots.push((name.to_string(), PathBuf::from(path))),
-            None if args.store.is_some() => stored.push(spec.clone()),
-            None => bail!("--snapshot `{spec}`: expected NAME=PATH (or NAME with --store)"),
+            None if args.store.is_some() || args.remote.remote.is_some() => stored.push(spec.clone()),
+            None => bail!("--snapshot `{spec}`: expected NAME=PATH (or NAME with --store or --remote)"),
         }
     }
-    let chunk_store = match &args.store {
-        Some(root) => {
-            if stored.is_empty() {
-                let store = snapstore::store::Store::open(root)?;
-                stored = store.names().with_context(|| format!("cannot list store {}", root.display()))?;
-            }
-            let ram_codec = args.store_ram_codec.into();
-            let inflate_bytes = args.store_inflate_bytes;
-            Some(uffd_server::config::ChunkStoreConfig { root: root.clone(), names: stored, ram_codec, inflate_bytes })
-        }
-        None => None,
-    };
+    let mut working_set = working_set;
+    let chunk_store = chunk_store(&args, stored, &remote_specs, &mut working_set, &mode)?;
     if let Some(dir) = &args.snapshot_dir {
         snapshots.extend(scan_snapshot_dir(dir)?);
     }

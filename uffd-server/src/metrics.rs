@@ -9,13 +9,15 @@
 //! meaning: `docs/operations.md`.
 
 use crate::addr::BASE_PAGE;
+use crate::control::RemoteReport;
 use crate::registry::{Registry, SnapshotView};
-use crate::source::chunked::ChunkPool;
+use crate::source::chunk_pool::{ChunkOrigin, ChunkPool};
 use crate::source::store::SnapshotStore;
 use crate::stats::Histogram;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
+use snapstore::remote::RemoteStore;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -177,14 +179,14 @@ impl Metrics {
             )?
             .encode_counter::<NoLabelSet, _, u64>(&self.store.evictions(), None)?;
         match self.store.chunk_pool() {
-            Some(pool) => encode_chunk_pool(encoder, pool),
+            Some(pool) => encode_chunk_pool(encoder, &self.store, pool),
             None => Ok(()),
         }
     }
 }
 
 /// The chunk pool of stored snapshots (`--store`): each chunk counted once.
-fn encode_chunk_pool(encoder: &mut DescriptorEncoder, pool: &ChunkPool) -> std::fmt::Result {
+fn encode_chunk_pool(encoder: &mut DescriptorEncoder, store: &SnapshotStore, pool: &ChunkPool) -> std::fmt::Result {
     let gauges = [
         (
             "uffd_chunk_pool_bytes",
@@ -205,7 +207,36 @@ fn encode_chunk_pool(encoder: &mut DescriptorEncoder, pool: &ChunkPool) -> std::
             None,
             MetricType::Counter,
         )?
-        .encode_counter::<NoLabelSet, _, u64>(&corrupt, None)
+        .encode_counter::<NoLabelSet, _, u64>(&corrupt, None)?;
+    match pool.origin() {
+        ChunkOrigin::Remote(remote) => encode_remote(encoder, store, remote),
+        ChunkOrigin::Local(_) => Ok(()),
+    }
+}
+
+/// What an object store was asked for (the counters `stats` reports), and the disk cache.
+fn encode_remote(encoder: &mut DescriptorEncoder, store: &SnapshotStore, remote: &RemoteStore) -> std::fmt::Result {
+    let report = RemoteReport::of(store).unwrap_or_default();
+    let counters = [
+        ("uffd_remote_chunk_gets", "chunks fetched from the object store", report.chunk_gets),
+        ("uffd_remote_chunk_bytes", "bytes of chunk objects received", report.chunk_bytes),
+        ("uffd_remote_failed_gets", "chunk GETs that failed or returned a bad chunk (each retry)", report.failed_gets),
+        ("uffd_disk_cache_hits", "chunks read intact from the disk cache", report.disk_hits),
+    ];
+    for (name, help, value) in counters {
+        encoder
+            .encode_descriptor(name, help, None, MetricType::Counter)?
+            .encode_counter::<NoLabelSet, _, u64>(&value, None)?;
+    }
+    let cache = remote.cache();
+    let gauges = [
+        ("uffd_disk_cache_bytes", "bytes of chunk files in the disk cache", cache.bytes()),
+        ("uffd_disk_cache_chunks", "chunks in the disk cache", cache.len() as u64),
+    ];
+    for (name, help, value) in gauges {
+        encoder.encode_descriptor(name, help, None, MetricType::Gauge)?.encode_gauge(&value)?;
+    }
+    Ok(())
 }
 
 /// The classic Prometheus text format (0.0.4) of an OpenMetrics exposition, for scrapers that

@@ -4,6 +4,7 @@
 //! A connection's failure — a bad handshake, a refused peer, a VMM that dies — is logged with
 //! that VM's id and peer pid and ends that connection only; nothing here can stop the others.
 
+use crate::config::StoreOrigin;
 use crate::config::{Mode, ServerConfig, ServerError};
 use crate::control::CONTROL_SOCKET;
 use crate::log_limit::LogLimit;
@@ -14,7 +15,7 @@ use crate::metrics::Metrics;
 use crate::plan_cache::PlanCache;
 use crate::registry::{Registry, VmRecord};
 use crate::sockets::{self, Access};
-use crate::source::chunked::ChunkPool;
+use crate::source::chunk_pool::{ChunkOrigin, ChunkPool};
 use crate::source::snapshot::SnapshotError;
 use crate::source::store::SnapshotStore;
 use crate::stats::count;
@@ -25,6 +26,10 @@ use crate::vm::{self, Guest};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use prefetch::plan::Plan;
 use prefetch::policy::PrefetchPolicy;
+use snapstore::bucket::{Bucket, S3Config};
+use snapstore::disk_cache::DiskCache;
+use snapstore::remote::RemoteStore;
+use snapstore::store::Store;
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
@@ -101,9 +106,8 @@ impl Server {
         let mut store =
             SnapshotStore::new(config.snapshots.clone(), config.cache_bytes, config.storage, config.load_wait);
         if let Some(chunks) = &config.chunk_store {
-            let opened =
-                snapstore::store::Store::open(&chunks.root).map_err(|e| ServerError::ChunkStore(Box::new(e)))?;
-            let pool = Arc::new(ChunkPool::new(opened, chunks.ram_codec, chunks.inflate_bytes));
+            let (origin, fetch_threads) = open_origin(&chunks.origin)?;
+            let pool = Arc::new(ChunkPool::new(origin, chunks.ram_codec, chunks.inflate_bytes, fetch_threads));
             store = store.with_stored(pool, &chunks.names).map_err(|e| ServerError::Snapshot(Box::new(e)))?;
         }
         let store = Arc::new(store);
@@ -157,6 +161,21 @@ impl Server {
             let _ = thread.join();
         }
         Ok(())
+    }
+}
+
+/// Opens where stored chunks come from; the number of prefetch fetch threads.
+fn open_origin(origin: &StoreOrigin) -> Result<(ChunkOrigin, usize), ServerError> {
+    let store_error = |e| ServerError::ChunkStore(Box::new(e));
+    match origin {
+        StoreOrigin::Local(root) => Ok((ChunkOrigin::Local(Store::open(root).map_err(store_error)?), 1)),
+        StoreOrigin::Remote(remote) => {
+            let bucket = S3Config::from_env()
+                .and_then(|s3| Bucket::new(&s3, remote.address.clone()))
+                .map_err(|e| ServerError::Remote(e.to_string()))?;
+            let cache = DiskCache::open(&remote.disk_cache, remote.disk_cache_bytes).map_err(store_error)?;
+            Ok((ChunkOrigin::Remote(Box::new(RemoteStore::new(bucket, cache, remote.retry))), remote.fetch_threads))
+        }
     }
 }
 

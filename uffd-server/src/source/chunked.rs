@@ -1,231 +1,34 @@
-//! Snapshots served from a content-addressed store (`snapstore`): each distinct chunk is held
-//! in RAM once, in a [`ChunkPool`] shared by every snapshot and VM that references it, LZ4-
-//! compressed when that saves RAM. Decompressing a 64 KiB chunk costs ~30–50 µs here, more than
-//! the fault it serves, so a compressed chunk gets a decompressed copy the first time a VM uses
-//! it, within `--store-inflate-bytes`: the working sets — what VMs touch — stay plain, the rest
-//! compressed (docs/snapshot-store-format.md, the measurements in docs/results).
+//! Snapshots served from a content-addressed store (`snapstore`): a manifest's chunks, held in
+//! the server's [`ChunkPool`] (each distinct chunk once, shared by every snapshot and VM).
 //!
-//! Every chunk is hashed when it is read from disk; one that does not match its name is never
-//! held. A snapshot with such a chunk still loads: its other pages serve, and a fault inside the
-//! bad chunk is answered from a good copy if any snapshot has brought one into the pool since,
-//! else with an error (the fault loop then poisons the page: the guest gets a memory error for
-//! that page, never wrong bytes; docs/design.md).
+//! A snapshot of a store on this host brings all its chunks into the pool when it loads; one of
+//! an object store brings none: each chunk is fetched when a fault or the prefetch of a working
+//! set first needs it ([`PageSource::warm`] queues the plan's chunks, in plan order).
+//!
+//! Every chunk is hashed before it is held; one that does not match its name is never held. A
+//! snapshot with such a chunk still loads: its other pages serve, and a fault inside the bad
+//! chunk is answered from a good copy if one has come into the pool since (another snapshot, a
+//! repaired file, the object store back), else with an error (the fault loop then poisons the
+//! page: the guest gets a memory error for that page, never wrong bytes; docs/design.md).
 
+use super::chunk_pool::{ChunkPool, HeldChunk};
 use super::zero_pages::ZeroPages;
 use super::{checked_end, PageSource, SourceError};
 use crate::addr::{FileOffset, BASE_PAGE};
-use snapstore::chunk::{compress, decompress_into};
+use snapstore::bucket::Lane;
+use snapstore::chunk::decompress_into;
 use snapstore::manifest::Manifest;
-use snapstore::store::{Store, StoreError};
-use snapstore::{ChunkId, Codec};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-
-/// RAM for decompressed copies of compressed chunks: what is in use, and the most there may be.
-pub struct InflateBudget {
-    used: AtomicU64,
-    limit: u64,
-}
-
-impl InflateBudget {
-    fn reserve(&self, bytes: u64) -> bool {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| Some(used + bytes).filter(|&n| n <= self.limit))
-            .is_ok()
-    }
-
-    fn release(&self, bytes: u64) {
-        self.used.fetch_sub(bytes, Ordering::AcqRel);
-    }
-
-    /// Bytes of decompressed copies held.
-    pub fn used(&self) -> u64 {
-        self.used.load(Ordering::Acquire)
-    }
-}
-
-/// One chunk in RAM: as it is, or LZ4-compressed plus, once it has been served and while the
-/// inflate budget allows, a decompressed copy that later faults and prefetches read in place
-/// (decompressing here runs at ~2 GB/s, slower than placing the bytes: docs/results).
-pub struct HeldChunk {
-    len: usize,
-    /// [`Codec::None`] or [`Codec::Lz4`].
-    codec: Codec,
-    bytes: Box<[u8]>,
-    inflated: OnceLock<Box<[u8]>>,
-    budget: Arc<InflateBudget>,
-}
-
-impl HeldChunk {
-    fn new(raw: Vec<u8>, ram_codec: Codec, budget: &Arc<InflateBudget>) -> HeldChunk {
-        let len = raw.len();
-        // Kept compressed only when it saves at least 1/8: a barely compressible chunk would
-        // cost a decompression for little RAM.
-        let (codec, bytes) = match compress(&raw, ram_codec) {
-            Some(packed) if packed.len() <= len - len / 8 => (ram_codec, packed),
-            _ => (Codec::None, raw),
-        };
-        HeldChunk { len, codec, bytes: bytes.into_boxed_slice(), inflated: OnceLock::new(), budget: Arc::clone(budget) }
-    }
-
-    /// Bytes of RAM it holds.
-    pub fn resident_bytes(&self) -> u64 {
-        (self.bytes.len() + self.inflated.get().map_or(0, |copy| copy.len())) as u64
-    }
-
-    /// The chunk's bytes in place: raw, or the decompressed copy, made now if the budget
-    /// allows. None when it must be decompressed for each use.
-    fn plain(&self) -> Option<&[u8]> {
-        if self.codec == Codec::None {
-            return Some(&self.bytes);
-        }
-        if let Some(copy) = self.inflated.get() {
-            return Some(copy);
-        }
-        if !self.budget.reserve(self.len as u64) {
-            return None;
-        }
-        let mut copy = vec![0u8; self.len].into_boxed_slice();
-        if decompress_into(self.codec, &self.bytes, &mut copy).is_err() || self.inflated.set(copy).is_err() {
-            // Corrupt in RAM (never expected: it was hashed before it was compressed), or
-            // another thread inflated it meanwhile.
-            self.budget.release(self.len as u64);
-        }
-        self.inflated.get().map(|copy| &copy[..])
-    }
-
-    /// Writes `[from, from + out.len())` of the chunk into `out`, through `whole` (a buffer of
-    /// the chunk's length) when it must be decompressed.
-    fn copy_out(&self, from: usize, out: &mut [u8], whole: &mut Vec<u8>) -> Result<(), String> {
-        if let Some(plain) = self.plain() {
-            out.copy_from_slice(&plain[from..from + out.len()]);
-            return Ok(());
-        }
-        whole.resize(self.len, 0);
-        decompress_into(self.codec, &self.bytes, whole).map_err(|e| e.to_string())?;
-        out.copy_from_slice(&whole[from..from + out.len()]);
-        Ok(())
-    }
-}
-
-impl Drop for HeldChunk {
-    fn drop(&mut self) {
-        if let Some(copy) = self.inflated.get() {
-            self.budget.release(copy.len() as u64);
-        }
-    }
-}
-
-struct PoolEntry {
-    chunk: Arc<HeldChunk>,
-    last_used: u64,
-}
-
-/// Every chunk held in RAM, by id: each once, whichever snapshots reference it.
-pub struct ChunkPool {
-    store: Store,
-    ram_codec: Codec,
-    inflate: Arc<InflateBudget>,
-    entries: Mutex<HashMap<ChunkId, PoolEntry>>,
-    clock: AtomicU64,
-    /// Chunks read from disk whose bytes did not match their name.
-    pub corrupt_reads: AtomicU64,
-}
-
-impl ChunkPool {
-    /// An empty pool over `store`, holding chunks compressed with `ram_codec` where it pays,
-    /// and decompressed copies of those served, up to `inflate_bytes` in all.
-    pub fn new(store: Store, ram_codec: Codec, inflate_bytes: u64) -> ChunkPool {
-        ChunkPool {
-            store,
-            ram_codec,
-            inflate: Arc::new(InflateBudget { used: AtomicU64::new(0), limit: inflate_bytes }),
-            entries: Mutex::new(HashMap::new()),
-            clock: AtomicU64::new(0),
-            corrupt_reads: AtomicU64::new(0),
-        }
-    }
-
-    /// The store the chunks come from.
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<ChunkId, PoolEntry>> {
-        // Entries are inserted and removed whole: a poisoned map is consistent.
-        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Chunk `id`: the one in RAM, else read from disk (outside the lock) and checked.
-    pub fn get(&self, id: &ChunkId) -> Result<Arc<HeldChunk>, StoreError> {
-        let now = self.clock.fetch_add(1, Ordering::Relaxed);
-        if let Some(entry) = self.lock().get_mut(id) {
-            entry.last_used = now;
-            return Ok(Arc::clone(&entry.chunk));
-        }
-        let raw = self.store.read_chunk(id).inspect_err(|e| {
-            if matches!(e, StoreError::Chunk { .. }) {
-                self.corrupt_reads.fetch_add(1, Ordering::Relaxed);
-            }
-        })?;
-        let chunk = Arc::new(HeldChunk::new(raw, self.ram_codec, &self.inflate));
-        // Another load may have brought it meanwhile: keep one copy.
-        let entry = self.lock().entry(*id).or_insert(PoolEntry { chunk, last_used: now }).chunk.clone();
-        Ok(entry)
-    }
-
-    /// Bytes of RAM the pool holds.
-    pub fn resident_bytes(&self) -> u64 {
-        self.lock().values().map(|entry| entry.chunk.resident_bytes()).sum()
-    }
-
-    /// Bytes of decompressed copies held (part of [`ChunkPool::resident_bytes`]).
-    pub fn inflated_bytes(&self) -> u64 {
-        self.inflate.used()
-    }
-
-    /// Chunks held.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Whether no chunk is held.
-    pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
-    }
-
-    /// Drops chunks no loaded snapshot references, least recently used first, until the pool
-    /// holds at most `budget` bytes (or nothing unreferenced is left).
-    pub fn trim(&self, budget: u64) {
-        let mut entries = self.lock();
-        let mut held: u64 = entries.values().map(|entry| entry.chunk.resident_bytes()).sum();
-        if held <= budget {
-            return;
-        }
-        let mut idle: Vec<(u64, ChunkId)> = entries
-            .iter()
-            .filter(|(_, entry)| Arc::strong_count(&entry.chunk) == 1)
-            .map(|(id, entry)| (entry.last_used, *id))
-            .collect();
-        idle.sort_unstable();
-        for (_, id) in idle {
-            if held <= budget {
-                break;
-            }
-            if let Some(entry) = entries.remove(&id) {
-                held -= entry.chunk.resident_bytes();
-            }
-        }
-    }
-}
+use snapstore::ChunkId;
+use std::sync::{Arc, OnceLock};
 
 /// Where one chunk-sized range of a stored snapshot comes from.
 enum Slot {
     Zero,
-    Held(Arc<HeldChunk>),
-    /// Could not be read or did not match its name when the snapshot loaded.
-    Bad(ChunkId),
+    /// Chunk `id`, once the pool has it.
+    Chunk {
+        id: ChunkId,
+        held: OnceLock<Arc<HeldChunk>>,
+    },
 }
 
 /// A stored snapshot's pages: its manifest's chunks, held in the shared pool.
@@ -238,8 +41,9 @@ pub struct ChunkedPages {
 }
 
 impl ChunkedPages {
-    /// Brings every chunk of `manifest` into `pool` (those already there are shared). Chunks
-    /// that cannot be read are logged and served as errors, not refused: the rest serves.
+    /// The pages of `manifest`. From a local store, every chunk is brought into `pool` now
+    /// (those already there are shared); chunks that cannot be read are logged and served as
+    /// errors, not refused: the rest serves. From an object store, none is fetched yet.
     pub fn load(manifest: &Manifest, pool: &Arc<ChunkPool>, snapshot: &str) -> ChunkedPages {
         let mut zero = ZeroPages::all_zero(manifest.file_len());
         let mut data_from = 0;
@@ -253,22 +57,24 @@ impl ChunkedPages {
             .iter()
             .map(|chunk| match chunk {
                 None => Slot::Zero,
-                Some(id) => match pool.get(id) {
-                    Ok(held) => Slot::Held(held),
-                    Err(e) => {
-                        tracing::error!(snapshot, chunk = %id, "chunk not served: {e}");
-                        Slot::Bad(*id)
-                    }
-                },
+                Some(id) => Slot::Chunk { id: *id, held: OnceLock::new() },
             })
             .collect();
-        ChunkedPages {
+        let pages = ChunkedPages {
             chunk_size: u64::from(manifest.chunk_size),
             file_len: manifest.file_len(),
             slots,
             zero,
             pool: Arc::clone(pool),
+        };
+        if !pool.is_remote() {
+            for slot in &pages.slots {
+                if let Err(e) = pages.held(slot, Lane::Background) {
+                    tracing::error!(snapshot, "chunk not served: {e}");
+                }
+            }
         }
+        pages
     }
 
     /// Pages known to be all zeros.
@@ -276,21 +82,32 @@ impl ChunkedPages {
         self.zero.count()
     }
 
-    /// Chunks that could not be loaded.
+    /// Chunks not (yet) in the pool: for a local store, those that could not be loaded.
     pub fn bad_chunks(&self) -> usize {
-        self.slots.iter().filter(|slot| matches!(slot, Slot::Bad(_))).count()
+        self.slots.iter().filter(|slot| matches!(slot, Slot::Chunk { held, .. } if held.get().is_none())).count()
+    }
+
+    /// The chunk of a data slot: held, else from the pool (held from then on). A fetch runs on
+    /// `lane`'s connections.
+    fn held<'a>(&'a self, slot: &'a Slot, lane: Lane) -> Result<Option<&'a Arc<HeldChunk>>, String> {
+        match slot {
+            Slot::Zero => Ok(None),
+            Slot::Chunk { held: cell, .. } if cell.get().is_some() => Ok(cell.get()),
+            Slot::Chunk { id, held: cell } => {
+                let fetched = self.pool.get(id, lane).map_err(|e| format!("chunk {id}: {e}"))?;
+                Ok(Some(cell.get_or_init(|| fetched)))
+            }
+        }
     }
 
     /// Copies `[from, from + out.len())` of chunk `chunk` into `out`.
     fn copy_chunk(&self, chunk: usize, from: usize, out: &mut [u8], whole: &mut Vec<u8>) -> Result<(), String> {
-        match &self.slots[chunk] {
-            Slot::Zero => {
+        match self.held(&self.slots[chunk], Lane::Demand)? {
+            None => {
                 out.fill(0);
                 Ok(())
             }
-            Slot::Held(held) => held.copy_out(from, out, whole),
-            // A good copy may have come into the pool since (another snapshot, a repaired file).
-            Slot::Bad(id) => self.pool.get(id).map_err(|e| e.to_string())?.copy_out(from, out, whole),
+            Some(held) => held.copy_out(from, out, whole),
         }
     }
 }
@@ -317,7 +134,10 @@ impl PageSource for ChunkedPages {
         };
         // Inside one chunk: its plain bytes are served in place; a compressed one without a
         // decompressed copy is decompressed straight into the VM's buffer.
-        if let (true, Slot::Held(held)) = (first == last, &self.slots[index(first)]) {
+        // (Fetched on the demand lane: the reader is a fault, or the prefetcher placing a
+        // chunk the fetch threads have not reached.)
+        let single = if first == last { self.held(&self.slots[index(first)], Lane::Demand) } else { Ok(None) };
+        if let Some(held) = single.map_err(|e| read_error(offset.0, len, e))? {
             let from = index(offset.0 - first * self.chunk_size);
             if let Some(plain) = held.plain() {
                 return Ok(&plain[from..from + index(len)]);
@@ -343,10 +163,18 @@ impl PageSource for ChunkedPages {
 
     fn warm(&self, offset: FileOffset, len: u64) {
         let Some(end) = offset.0.checked_add(len).filter(|&end| end <= self.file_len && len > 0) else { return };
-        for chunk in offset.0 / self.chunk_size..=(end - 1) / self.chunk_size {
-            if let Slot::Held(held) = &self.slots[index(chunk)] {
-                held.plain();
+        let mut to_fetch: Vec<ChunkId> = Vec::new();
+        for slot in &self.slots[index(offset.0 / self.chunk_size)..=index((end - 1) / self.chunk_size)] {
+            match slot {
+                Slot::Chunk { held, .. } if held.get().is_some() => {
+                    held.get().map(|held| held.plain());
+                }
+                Slot::Chunk { id, .. } if to_fetch.last() != Some(id) => to_fetch.push(*id),
+                _ => {}
             }
+        }
+        if !to_fetch.is_empty() && self.pool.is_remote() {
+            self.pool.prefetch(to_fetch);
         }
     }
 
@@ -355,9 +183,10 @@ impl PageSource for ChunkedPages {
         self.slots
             .iter()
             .filter_map(|slot| match slot {
-                Slot::Held(held) if seen.insert(Arc::as_ptr(held)) => Some(held.resident_bytes()),
-                _ => None,
+                Slot::Chunk { held, .. } => held.get().filter(|held| seen.insert(Arc::as_ptr(held))),
+                Slot::Zero => None,
             })
+            .map(|held| held.resident_bytes())
             .sum()
     }
 }
@@ -374,7 +203,11 @@ fn index(value: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::chunk_pool::ChunkOrigin;
     use snapstore::import::{import, ImportOptions};
+    use snapstore::store::Store;
+    use snapstore::Codec;
+    use std::sync::atomic::Ordering;
 
     /// A store holding `a` and `b`: 4 chunks of 64 KiB each, the first two shared, the last
     /// chunk of each all zeros.
@@ -407,7 +240,7 @@ mod tests {
     fn shared_chunks_are_held_once_and_bytes_come_back_exact() {
         let dir = tempfile::tempdir().expect("temp dir");
         let (store, a, b) = two_snapshots(dir.path());
-        let pool = Arc::new(ChunkPool::new(store.clone(), Codec::Lz4, 0));
+        let pool = Arc::new(ChunkPool::new(ChunkOrigin::Local(store.clone()), Codec::Lz4, 0, 1));
         let pages_a = ChunkedPages::load(&store.read_manifest("a").expect("a"), &pool, "a");
         let pages_b = ChunkedPages::load(&store.read_manifest("b").expect("b"), &pool, "b");
         assert_eq!(pool.len(), 4, "chunks 1, 2 shared; 3 and 4 each; zero chunks not held");
@@ -417,7 +250,7 @@ mod tests {
         assert!(pool.resident_bytes() < pages_a.resident_bytes() + pages_b.resident_bytes());
         assert_eq!(pool.inflated_bytes(), 0, "no budget: every read decompresses");
 
-        let inflating = Arc::new(ChunkPool::new(store.clone(), Codec::Lz4, 65536));
+        let inflating = Arc::new(ChunkPool::new(ChunkOrigin::Local(store.clone()), Codec::Lz4, 65536, 1));
         let pages = ChunkedPages::load(&store.read_manifest("a").expect("a"), &inflating, "a");
         assert_eq!(read_all(&pages), a);
         assert_eq!(inflating.inflated_bytes(), 65536, "one plain copy, the budget's worth");
@@ -430,7 +263,7 @@ mod tests {
     fn trim_drops_only_unreferenced_chunks_least_recently_used_first() {
         let dir = tempfile::tempdir().expect("temp dir");
         let (store, _, b) = two_snapshots(dir.path());
-        let pool = Arc::new(ChunkPool::new(store.clone(), Codec::None, 0));
+        let pool = Arc::new(ChunkPool::new(ChunkOrigin::Local(store.clone()), Codec::None, 0, 1));
         let pages_a = ChunkedPages::load(&store.read_manifest("a").expect("a"), &pool, "a");
         let pages_b = ChunkedPages::load(&store.read_manifest("b").expect("b"), &pool, "b");
         drop(pages_a);
@@ -446,7 +279,7 @@ mod tests {
     fn a_corrupt_chunk_fails_its_reads_unless_a_good_copy_is_in_the_pool() {
         let dir = tempfile::tempdir().expect("temp dir");
         let (store, a, b) = two_snapshots(dir.path());
-        let pool = Arc::new(ChunkPool::new(store.clone(), Codec::Lz4, 0));
+        let pool = Arc::new(ChunkPool::new(ChunkOrigin::Local(store.clone()), Codec::Lz4, 0, 1));
         let pages_a = ChunkedPages::load(&store.read_manifest("a").expect("a"), &pool, "a");
         let shared = store.read_manifest("b").expect("b").chunks[0].expect("data");
         let own = store.read_manifest("b").expect("b").chunks[2].expect("data");

@@ -6,6 +6,7 @@
 //! ([`loading_set`]), or are zeros because the guest gave the range back ([`Zeros`]). A
 //! deduplicated, compressed or remote store plugs in here without touching the loop.
 
+pub mod chunk_pool;
 pub mod chunked;
 pub mod disk;
 pub mod loading_set;

@@ -5,7 +5,8 @@
 //! `disk` reads pages from the file on each fault ([`DiskPages`]). Either way all-zero pages are
 //! indexed, so they are mapped, never copied.
 
-use super::chunked::{ChunkPool, ChunkedPages};
+use super::chunk_pool::{ChunkOrigin, ChunkPool};
+use super::chunked::ChunkedPages;
 use super::disk::DiskPages;
 use super::ram::{LoadError, RamPages};
 use super::PageSource;
@@ -94,6 +95,8 @@ pub enum SnapshotError {
     Unknown(String),
     #[error("snapshot `{name}`: {source}")]
     Store { name: String, source: Box<snapstore::store::StoreError> },
+    #[error("snapshot `{name}`: {reason}")]
+    Remote { name: String, reason: String },
 }
 
 /// A loaded snapshot. Immutable after [`Snapshot::load`].
@@ -160,17 +163,28 @@ impl Snapshot {
     }
 
     /// Snapshot `name` of the store `pool` reads from: its manifest, and its chunks brought
-    /// into the pool (shared with every other snapshot that has them).
+    /// into the pool (shared with every other snapshot that has them) — from an object store,
+    /// its manifest fetched now and its chunks when first needed.
     pub fn load_stored(name: &str, pool: &Arc<ChunkPool>) -> Result<Snapshot, SnapshotError> {
         let store_err = |source| SnapshotError::Store { name: name.into(), source: Box::new(source) };
-        let path = pool.store().manifest_path(name).map_err(store_err)?;
-        // The stamp first: a manifest replaced after it is read is seen as changed, never missed.
-        let stamp = FileStamp::at(&path).map_err(|source| SnapshotError::Open {
-            name: name.into(),
-            path: path.clone(),
-            source,
-        })?;
-        let manifest = pool.store().read_manifest(name).map_err(store_err)?;
+        let stamp_of = |path: &Path| {
+            FileStamp::at(path).map_err(|source| SnapshotError::Open { name: name.into(), path: path.into(), source })
+        };
+        let (manifest, path, stamp) = match pool.origin() {
+            ChunkOrigin::Local(store) => {
+                let path = store.manifest_path(name).map_err(store_err)?;
+                // The stamp first: a manifest replaced after it is read is seen as changed.
+                let stamp = stamp_of(&path)?;
+                (store.read_manifest(name).map_err(store_err)?, path, stamp)
+            }
+            ChunkOrigin::Remote(remote) => {
+                let (manifest, path) = remote
+                    .manifest(name)
+                    .map_err(|e| SnapshotError::Remote { name: name.into(), reason: e.to_string() })?;
+                let stamp = stamp_of(&path)?;
+                (manifest, path, stamp)
+            }
+        };
         let pages = ChunkedPages::load(&manifest, pool, name);
         let zero_pages = pages.zero_page_count();
         Ok(Snapshot {

@@ -8,7 +8,7 @@
 //! evicts idle snapshots, least recently used first; a snapshot some VM still uses is never
 //! evicted (its pages may be needed by the next fault).
 
-use super::chunked::ChunkPool;
+use super::chunk_pool::ChunkPool;
 use super::snapshot::{FileStamp, Snapshot, SnapshotError, Storage};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -76,7 +76,6 @@ impl SnapshotStore {
     pub fn with_stored(mut self, pool: Arc<ChunkPool>, names: &[String]) -> Result<Self, SnapshotError> {
         for name in names {
             let path = pool
-                .store()
                 .manifest_path(name)
                 .map_err(|source| SnapshotError::Store { name: name.clone(), source: Box::new(source) })?;
             self.slots.insert(name.clone(), Slot::new(path, true));
@@ -86,10 +85,13 @@ impl SnapshotStore {
     }
 
     /// The snapshots to load at start: in name order, while their files fit in the budget.
+    /// Those of an object store load when their first VM attaches (`uffd-server pull` warms a
+    /// host ahead of time).
     pub fn preload_names(&self) -> Vec<String> {
         let mut planned = 0;
         let mut names = Vec::new();
-        for (name, slot) in &self.slots {
+        let remote = self.pool.as_ref().is_some_and(|pool| pool.is_remote());
+        for (name, slot) in self.slots.iter().filter(|(_, slot)| !(slot.stored && remote)) {
             let size = std::fs::metadata(&slot.path).map_or(0, |m| m.len());
             if planned + size <= self.budget_bytes {
                 planned += size;

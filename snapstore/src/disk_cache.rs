@@ -1,0 +1,150 @@
+//! A host's disk cache of chunks fetched from an object store: a store directory (same layout,
+//! same chunk files) kept within a byte budget, least recently used chunks removed first.
+//!
+//! It survives restarts: at open the files found are indexed, ordered by modification time,
+//! and a hit sets the file's time, so the order is kept across runs. Every chunk read from it is
+//! checked against its name; one that does not match is removed and fetched again.
+
+use crate::store::{Store, StoreError};
+use crate::ChunkId;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+struct Index {
+    /// Each chunk file: its size, and when it was last used (a counter, larger is later).
+    files: HashMap<ChunkId, (u64, u64)>,
+    bytes: u64,
+    clock: u64,
+}
+
+/// Chunk files on local disk, within a budget.
+pub struct DiskCache {
+    store: Store,
+    budget: u64,
+    index: Mutex<Index>,
+}
+
+impl DiskCache {
+    /// The cache at `dir` (created if missing, mode 0700), holding at most `budget` bytes of
+    /// chunk files; what is already there is kept, the oldest removed if it is over budget.
+    pub fn open(dir: &Path, budget: u64) -> Result<DiskCache, StoreError> {
+        let store = Store::create(dir)?;
+        let (ids, temps) = store.chunk_files()?;
+        // Left by a process killed mid-write: never a whole chunk.
+        temps.iter().for_each(|temp| drop(std::fs::remove_file(temp)));
+        let mut found: Vec<(SystemTime, ChunkId, u64)> = ids
+            .into_iter()
+            .filter_map(|id| {
+                let meta = std::fs::symlink_metadata(store.chunk_path(&id)).ok()?;
+                Some((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), id, meta.len()))
+            })
+            .collect();
+        found.sort_unstable();
+        let mut index = Index { files: HashMap::new(), bytes: 0, clock: 0 };
+        for (_, id, len) in found {
+            index.clock += 1;
+            index.files.insert(id, (len, index.clock));
+            index.bytes += len;
+        }
+        let cache = DiskCache { store, budget, index: Mutex::new(index) };
+        cache.evict(&mut cache.lock());
+        Ok(cache)
+    }
+
+    /// The directory (also where cached manifests and working sets are kept).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Index> {
+        // Updated in whole steps: a poisoned index is consistent.
+        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Bytes of chunk files held.
+    pub fn bytes(&self) -> u64 {
+        self.lock().bytes
+    }
+
+    /// Chunks held.
+    pub fn len(&self) -> usize {
+        self.lock().files.len()
+    }
+
+    /// Whether no chunk is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes of chunk `id` if it is cached and its file matches its name (a bad one is
+    /// removed).
+    pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        {
+            let mut index = self.lock();
+            index.clock += 1;
+            let now = index.clock;
+            index.files.get_mut(id)?.1 = now;
+        }
+        let path = self.store.chunk_path(id);
+        let checked = self.store.read_chunk(id).ok();
+        match &checked {
+            Some(_) => {
+                // The order survives a restart through the file's time.
+                if let Ok(file) = std::fs::File::open(&path) {
+                    let _ = file.set_modified(SystemTime::now());
+                }
+            }
+            None => {
+                tracing::warn!(chunk = %id, "disk cache: chunk damaged or gone; removing it");
+                let _ = std::fs::remove_file(&path);
+                self.forget(id);
+            }
+        }
+        checked
+    }
+
+    /// Keeps `file` (an encoded chunk already checked against `id`), making room within the
+    /// budget. A zero budget keeps nothing.
+    pub fn put(&self, id: &ChunkId, file: &[u8]) -> Result<(), StoreError> {
+        let len = file.len() as u64;
+        if len > self.budget || self.lock().files.contains_key(id) {
+            return Ok(());
+        }
+        self.store.put_chunk(id, file)?;
+        let mut index = self.lock();
+        index.clock += 1;
+        let now = index.clock;
+        if index.files.insert(*id, (len, now)).is_none() {
+            index.bytes += len;
+        }
+        self.evict(&mut index);
+        Ok(())
+    }
+
+    fn forget(&self, id: &ChunkId) {
+        let mut index = self.lock();
+        if let Some((len, _)) = index.files.remove(id) {
+            index.bytes -= len;
+        }
+    }
+
+    /// Removes least recently used chunks until the cache fits its budget.
+    fn evict(&self, index: &mut Index) {
+        if index.bytes <= self.budget {
+            return;
+        }
+        let mut by_age: Vec<(u64, ChunkId)> = index.files.iter().map(|(id, &(_, used))| (used, *id)).collect();
+        by_age.sort_unstable();
+        for (_, id) in by_age {
+            if index.bytes <= self.budget {
+                break;
+            }
+            if let Some((len, _)) = index.files.remove(&id) {
+                index.bytes -= len;
+                let _ = std::fs::remove_file(self.store.chunk_path(&id));
+            }
+        }
+    }
+}

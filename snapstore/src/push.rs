@@ -1,0 +1,148 @@
+//! Moving snapshots between a store directory and a bucket.
+//!
+//! `push` uploads the chunks the bucket lacks (content addresses make it idempotent and shared
+//! across snapshots and hosts), then the snapshot's working set, then its manifest — last, so a
+//! reader that finds a manifest finds every chunk it names. An interrupted push leaves at most
+//! unreferenced chunks, which the next push reuses. `pull` fills a host's disk cache ahead of
+//! the VMs: a snapshot's working set or all of it.
+
+use crate::bucket::{retry, Bucket, BucketError, Lane, RetryPolicy};
+use crate::remote::{RemoteError, RemoteStore};
+use crate::store::{chunk_relative, manifest_relative, Store, StoreError};
+use crate::ChunkId;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// The key of snapshot `name`'s working set under a bucket's prefix.
+pub fn working_set_relative(name: &str) -> Result<String, StoreError> {
+    crate::store::check_name(name)?;
+    Ok(format!("working-sets/{name}"))
+}
+
+/// Why a push or pull failed.
+#[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's message says what it is
+pub enum PushError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Bucket(#[from] BucketError),
+    #[error("{0}")]
+    Remote(#[from] RemoteError),
+    #[error("working set {path}: {reason}")]
+    WorkingSet { path: std::path::PathBuf, reason: String },
+}
+
+/// What a push did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PushReport {
+    /// Distinct chunks the manifest names.
+    pub chunks: usize,
+    /// Chunks uploaded (the others were in the bucket already).
+    pub uploaded: usize,
+    /// Bytes uploaded, chunk files and manifest.
+    pub bytes: u64,
+}
+
+/// Runs `work` over `items` on `threads` threads; the first error stops the rest.
+fn parallel<T: Sync, E: Send>(items: &[T], threads: usize, work: impl Fn(&T) -> Result<(), E> + Sync) -> Result<(), E> {
+    let next = AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.clamp(1, items.len().max(1)) {
+            scope.spawn(|| {
+                while let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    if let Err(e) = work(item) {
+                        *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        next.store(items.len(), Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    failed.into_inner().unwrap_or_else(|p| p.into_inner()).map_or(Ok(()), Err)
+}
+
+/// Uploads snapshot `name` of `store` to `bucket`, with `working_set` (a file) if given; the
+/// manifest goes last. `threads` requests run at once.
+pub fn push(
+    store: &Store,
+    name: &str,
+    bucket: &Bucket,
+    working_set: Option<&std::path::Path>,
+    policy: &RetryPolicy,
+    threads: usize,
+) -> Result<PushReport, PushError> {
+    let manifest_key = manifest_relative(name)?;
+    let manifest_path = store.manifest_path(name)?;
+    let manifest_file =
+        std::fs::read(&manifest_path).map_err(|source| StoreError::Io { path: manifest_path.clone(), source })?;
+    let manifest = store.read_manifest(name)?;
+    let ids: Vec<ChunkId> = manifest.chunks.iter().flatten().copied().collect::<BTreeSet<_>>().into_iter().collect();
+    let (uploaded, bytes) = (AtomicUsize::new(0), AtomicU64::new(0));
+    let transient = |e: &BucketError| e.is_transient();
+    parallel(&ids, threads, |id| -> Result<(), PushError> {
+        let key = chunk_relative(id);
+        if retry(policy, transient, || bucket.exists(&key))? {
+            return Ok(());
+        }
+        // Checked before it leaves: a chunk damaged on this disk is never published.
+        let file = store.read_chunk_file(id)?;
+        crate::chunk::decode(&file, id).map_err(|source| StoreError::Chunk { path: store.chunk_path(id), source })?;
+        retry(policy, transient, || bucket.put(&key, &file))?;
+        uploaded.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(file.len() as u64, Ordering::Relaxed);
+        Ok(())
+    })?;
+    if let Some(path) = working_set {
+        let bad = |reason: String| PushError::WorkingSet { path: path.to_path_buf(), reason };
+        let set = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        // Only a set of this very snapshot: a reader would refuse any other.
+        prefetch::format::decode(&set, &manifest.identity).map_err(|e| bad(e.to_string()))?;
+        let key = working_set_relative(name)?;
+        retry(policy, transient, || bucket.put(&key, &set))?;
+    }
+    retry(policy, transient, || bucket.put(&manifest_key, &manifest_file))?;
+    Ok(PushReport {
+        chunks: ids.len(),
+        uploaded: uploaded.into_inner(),
+        bytes: bytes.into_inner() + manifest_file.len() as u64,
+    })
+}
+
+/// What to pull.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullScope {
+    /// The chunks holding the snapshot's working set (the bucket's).
+    WorkingSet,
+    /// Every chunk.
+    All,
+}
+
+/// Fetches snapshot `name`'s chunks (`scope`) into `remote`'s disk cache, `threads` at once;
+/// the number of chunks now cached for it.
+pub fn pull(remote: &RemoteStore, name: &str, scope: PullScope, threads: usize) -> Result<usize, PushError> {
+    let (manifest, _) = remote.manifest(name)?;
+    let chunk_pages = u64::from(manifest.chunk_size) / crate::PAGE;
+    let wanted: BTreeSet<usize> = match scope {
+        PullScope::All => (0..manifest.chunks.len()).collect(),
+        PullScope::WorkingSet => {
+            let key = working_set_relative(name)?;
+            let bytes = remote.object(&key)?.ok_or_else(|| RemoteError::Missing {
+                address: remote.bucket().address().to_string(),
+                key: key.clone(),
+            })?;
+            let set = prefetch::format::decode(&bytes, &manifest.identity)
+                .map_err(|e| PushError::WorkingSet { path: key.into(), reason: e.to_string() })?;
+            set.select(0.0).iter().filter_map(|(page, _)| usize::try_from(page / chunk_pages).ok()).collect()
+        }
+    };
+    let ids: Vec<ChunkId> = wanted
+        .iter()
+        .filter_map(|&i| manifest.chunks.get(i).copied().flatten())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    parallel(&ids, threads, |id| remote.chunk(id, Lane::Background).map(drop))?;
+    Ok(ids.len())
+}

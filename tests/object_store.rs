@@ -1,0 +1,277 @@
+//! Snapshots in a real object store (Ceph RGW, S3 API): `push` from one host, restores on
+//! "other hosts" (fresh servers with empty RAM and disk caches of their own) from the bucket
+//! alone, real KVM guests and real userfaultfds, every byte checked.
+
+use e2e::fake_vmm::{touch, touch_pages, FakeVmm};
+use e2e::object_store::{require_s3, test_bucket, OwnRgw};
+use e2e::server_process::{import_to_store, run_binary, vmm_shim_restore, workspace_binary, ServerProcess};
+use e2e::snapshot_file::SnapshotFile;
+use e2e::{require_kvm, require_userfaultfd};
+use snapstore::bucket::Bucket;
+use snapstore::store::{chunk_relative, Store};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1 << 20;
+
+fn utf8(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+fn run(binary: &str, args: &[&str]) -> String {
+    run_binary(binary, args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `vmm-shim snapshot --out DIR/NAME ARGS`: the snapshot directory.
+fn guest_snapshot(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
+    let out = dir.join(name);
+    run("vmm-shim", &[&["snapshot", "--out", utf8(&out)][..], args].concat());
+    out
+}
+
+fn s3_url(bucket: &Bucket) -> String {
+    bucket.address().to_string()
+}
+
+/// A server of a "host" of its own: snapshot `name` from `bucket`, a fresh disk cache in
+/// `cache`, and `extra` arguments; `env` for its S3 configuration (the process's when empty).
+fn remote_server(bucket: &Bucket, name: &str, cache: &Path, extra: &[&str], env: &[(&str, &str)]) -> ServerProcess {
+    let snapshot = format!("{name}={}/{name}", s3_url(bucket));
+    let args = [&["--snapshot", &snapshot, "--disk-cache", utf8(cache)][..], extra].concat();
+    ServerProcess::start_with_env("serve", &[], &args, env)
+}
+
+/// A VM that touches every page of snapshot `name` and compares all of its memory.
+fn assert_every_byte(server: &ServerProcess, name: &str, bytes: &[u8]) {
+    let vm = FakeVmm::attach(&server.socket(name), bytes.len()).expect("attach");
+    vm.touch_all(2, false);
+    vm.assert_matches(bytes);
+}
+
+/// Runs a fake VMM touching every page of `name` as a child process: how it ended.
+fn victim_vm(server: &ServerProcess, name: &str, len: usize, limit: Duration) -> std::process::ExitStatus {
+    let mut victim = Command::new(workspace_binary("fake-vmm"))
+        .args([utf8(&server.socket(name)), &len.to_string(), "0", "--then-exit"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run fake-vmm");
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = victim.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the VM of {name} waits on a fault:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_second_host_restores_from_the_bucket_alone_with_none_and_union() {
+    require_kvm();
+    require_userfaultfd();
+    let s3 = require_s3();
+    let bucket = test_bucket(&s3, "second-host");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snapshot = guest_snapshot(dir.path(), "py", &["--workload", "python-image", "--function", "2"]);
+    let bytes = std::fs::read(snapshot.join("mem")).expect("read");
+    let store = dir.path().join("store");
+    import_to_store(&store, "py", &snapshot.join("mem")).expect("import");
+
+    // Host A records a working set from its own store, and publishes both.
+    let working_set = dir.path().join("py.ws");
+    let recorder = ServerProcess::start_with_env(
+        "record",
+        &[],
+        &["--store", utf8(&store), "--working-set", utf8(&working_set)],
+        &[],
+    );
+    let uffd = ["--mem-backend", "uffd", "--uffd-socket"];
+    vmm_shim_restore(&snapshot, &[&uffd[..], &[utf8(&recorder.socket("py")), "--invoke", "1"]].concat())
+        .expect("record");
+    recorder.wait_for_log("run merged into the working set", 1);
+    let pushed = run(
+        "uffd-server",
+        &[
+            "push",
+            "--store",
+            utf8(&store),
+            "--name",
+            "py",
+            "--to",
+            &s3_url(&bucket),
+            "--working-set",
+            utf8(&working_set),
+        ],
+    );
+    assert!(pushed.contains(" uploaded (0 already there)"), "{pushed}");
+
+    for policy in ["none", "union"] {
+        let cache = dir.path().join(format!("cache-{policy}"));
+        let server = remote_server(&bucket, "py", &cache, &["--prefetch", policy], &[]);
+        let socket = server.socket("py");
+        // vmm-shim checks each invocation's checksum against the memory file.
+        let report = vmm_shim_restore(&snapshot, &[&uffd[..], &[utf8(&socket), "--invoke", "2"]].concat())
+            .unwrap_or_else(|e| panic!("{policy}: {e}\n{}", server.log()));
+        assert_eq!(report["invocations"].as_array().map(Vec::len), Some(2), "{policy}: {report}");
+        assert_every_byte(&server, "py", &bytes);
+        let stats = server.stats();
+        let remote = stats.remote.expect("remote counters");
+        assert!(remote.chunk_gets > 0 && remote.failed_gets == 0, "{policy}: {remote:?}");
+        let cached = Store::open(&cache).expect("disk cache").chunk_files().expect("list").0.len();
+        assert_eq!(cached as u64, remote.chunk_gets, "{policy}: every fetched chunk is kept on disk");
+        let prefetched: u64 = stats.vms.iter().map(|vm| vm.counters.prefetched_pages).sum();
+        match policy {
+            "none" => assert_eq!(prefetched, 0),
+            _ => assert!(prefetched > 0, "union prefetches the published working set: {:?}", stats.vms),
+        }
+    }
+}
+
+#[test]
+fn two_hosts_restore_at_once_one_warm_one_cold_while_a_third_pushes() {
+    require_userfaultfd();
+    let s3 = require_s3();
+    let bucket = test_bucket(&s3, "two-hosts");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = dir.path().join("store");
+    let a = SnapshotFile::random(dir.path(), "a.mem", 16 * MIB, 0.3, 71);
+    let b = SnapshotFile::random(dir.path(), "b.mem", 16 * MIB, 0.3, 72);
+    import_to_store(&store, "a", &a.path).expect("import a");
+    import_to_store(&store, "b", &b.path).expect("import b");
+    let url = s3_url(&bucket);
+    run("uffd-server", &["push", "--store", utf8(&store), "--name", "a", "--to", &url]);
+
+    let (warm_cache, cold_cache) = (dir.path().join("warm"), dir.path().join("cold"));
+    let pulled =
+        run("uffd-server", &["pull", "--from", &url, "--name", "a", "--all", "--disk-cache", utf8(&warm_cache)]);
+    assert!(pulled.contains(" chunks cached"), "{pulled}");
+    let warm = remote_server(&bucket, "a", &warm_cache, &[], &[]);
+    let cold = remote_server(&bucket, "a", &cold_cache, &[], &[]);
+    std::thread::scope(|scope| {
+        for server in [&warm, &cold] {
+            for _ in 0..2 {
+                scope.spawn(|| assert_every_byte(server, "a", &a.bytes));
+            }
+        }
+        scope.spawn(|| run("uffd-server", &["push", "--store", utf8(&store), "--name", "b", "--to", &url]));
+    });
+    let (warm_fetched, cold_fetched) = (warm.stats().remote.expect("warm"), cold.stats().remote.expect("cold"));
+    assert_eq!(warm_fetched.chunk_gets, 0, "the warm host reads its disk cache only: {warm_fetched:?}");
+    assert!(warm_fetched.disk_hits > 0, "{warm_fetched:?}");
+    let manifest = Store::open(&store).expect("store").read_manifest("a").expect("a");
+    let distinct = manifest.chunks.iter().flatten().collect::<std::collections::BTreeSet<_>>().len() as u64;
+    assert!(
+        cold_fetched.chunk_gets <= distinct,
+        "two VMs faulting on the same chunk cause one GET: {} GETs for {distinct} chunks",
+        cold_fetched.chunk_gets
+    );
+    let third = remote_server(&bucket, "b", &dir.path().join("third"), &[], &[]);
+    assert_every_byte(&third, "b", &b.bytes);
+}
+
+#[test]
+fn a_corrupted_chunk_object_is_refused_and_never_served() {
+    require_userfaultfd();
+    let s3 = require_s3();
+    let bucket = test_bucket(&s3, "corrupt");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store_dir = dir.path().join("store");
+    let snap = SnapshotFile::random(dir.path(), "c.mem", 8 * MIB, 0.3, 73);
+    import_to_store(&store_dir, "c", &snap.path).expect("import");
+    run("uffd-server", &["push", "--store", utf8(&store_dir), "--name", "c", "--to", &s3_url(&bucket)]);
+    // A well-formed chunk object, but another chunk's: its bytes do not hash to its name.
+    let store = Store::open(&store_dir).expect("store");
+    let ids: Vec<_> = store.read_manifest("c").expect("manifest").chunks.into_iter().flatten().collect();
+    let other = std::fs::read(store.chunk_path(&ids[1])).expect("read chunk");
+    bucket.put(&chunk_relative(&ids[0]), &other).expect("overwrite");
+
+    let server = remote_server(&bucket, "c", &dir.path().join("cache"), &["--remote-deadline-ms", "1000"], &[]);
+    let status = victim_vm(&server, "c", snap.bytes.len(), Duration::from_secs(30));
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "a memory error, never the wrong bytes: {status:?}");
+    server.wait_for_log("page poisoned", 1);
+    assert!(server.log().contains("does not match") || server.log().contains("hash"), "{}", server.log());
+    assert!(server.stats().remote.expect("remote").failed_gets > 0);
+}
+
+#[test]
+fn a_killed_push_leaves_no_manifest_without_its_chunks_and_a_rerun_completes() {
+    require_userfaultfd();
+    let s3 = require_s3();
+    let bucket = test_bucket(&s3, "killed-push");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = dir.path().join("store");
+    let big = SnapshotFile::random(dir.path(), "big.mem", 96 * MIB, 0.3, 74);
+    import_to_store(&store, "big", &big.path).expect("import");
+    let url = s3_url(&bucket);
+    let mut pushing = Command::new(workspace_binary("uffd-server"))
+        .args(["push", "--store", utf8(&store), "--name", "big", "--to", &url, "--threads", "2"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run push");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while bucket.list("chunks/").expect("list").len() < 20 {
+        assert!(Instant::now() < deadline && pushing.try_wait().expect("wait").is_none(), "push ended early");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    pushing.kill().expect("kill -9");
+    pushing.wait().expect("reap");
+    assert!(!bucket.exists("manifests/big").expect("head"), "no manifest before all its chunks");
+
+    let rerun = run("uffd-server", &["push", "--store", utf8(&store), "--name", "big", "--to", &url]);
+    assert!(!rerun.contains("(0 already there)"), "the chunks of the killed push are reused: {rerun}");
+    let server = remote_server(&bucket, "big", &dir.path().join("cache"), &["--prefetch", "none"], &[]);
+    assert_every_byte(&server, "big", &big.bytes);
+}
+
+#[test]
+fn an_outage_mid_restore_is_ridden_out_within_the_deadline_and_poisons_after_it() {
+    require_userfaultfd();
+    let rgw = OwnRgw::start();
+    let bucket = test_bucket(&rgw.config(), "outage");
+    let env = rgw.env_pairs();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = dir.path().join("store");
+    let remote = SnapshotFile::random(dir.path(), "r.mem", 8 * MIB, 0.3, 75);
+    let local = SnapshotFile::random(dir.path(), "local.mem", 8 * MIB, 0.3, 76);
+    import_to_store(&store, "r", &remote.path).expect("import");
+    let push = Command::new(workspace_binary("uffd-server"))
+        .args(["push", "--store", utf8(&store), "--name", "r", "--to", &s3_url(&bucket)])
+        .envs(env.iter().copied())
+        .output()
+        .expect("push");
+    assert!(push.status.success(), "{}", String::from_utf8_lossy(&push.stderr));
+
+    // Within the deadline: the VM waits out the outage and gets every byte.
+    let local_snapshot = format!("local={}", local.path.display());
+    let extra = ["--prefetch", "none", "--remote-deadline-ms", "20000", "--snapshot", &local_snapshot];
+    let server = remote_server(&bucket, "r", &dir.path().join("cache"), &extra, &env);
+    let vm = FakeVmm::attach(&server.socket("r"), remote.bytes.len()).expect("attach");
+    let pages: Vec<usize> = vm.memory.page_addrs().collect();
+    touch_pages(&pages[..pages.len() / 4], 1, false);
+    rgw.stop_gateway();
+    std::thread::scope(|scope| {
+        let rest = scope.spawn(|| touch_pages(&pages[pages.len() / 4..], 1, false));
+        // A VM of a local snapshot is served meanwhile.
+        assert_every_byte(&server, "local", &local.bytes);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(!rest.is_finished(), "the rest of r's chunks cannot have come while the store was down");
+        rgw.start_gateway();
+        rest.join().expect("touch");
+    });
+    vm.assert_matches(&remote.bytes);
+    assert!(server.stats().remote.expect("remote").failed_gets > 0, "the outage was seen and ridden out");
+
+    // Past the deadline: the VM gets a memory error for the pages it cannot have, not a hang.
+    let short = ["--prefetch", "none", "--remote-deadline-ms", "1000"];
+    let second = remote_server(&bucket, "r", &dir.path().join("cache-2"), &short, &env);
+    // The snapshot loads (its manifest fetched) with a first VM, then the store goes away.
+    let first = FakeVmm::attach(&second.socket("r"), remote.bytes.len()).expect("attach");
+    touch(first.memory.page_addrs().next().expect("a page"), false);
+    drop(first);
+    rgw.stop_gateway();
+    let status = victim_vm(&second, "r", remote.bytes.len(), Duration::from_secs(30));
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
+    second.wait_for_log("page poisoned", 1);
+}
