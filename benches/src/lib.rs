@@ -2,6 +2,7 @@
 //! (`src/bin/experiments`): one implementation of each, run with more rounds by the benches.
 
 pub mod bandwidth;
+pub mod delay_proxy;
 pub mod fault_path;
 
 /// The median of `values` (NaN if empty).

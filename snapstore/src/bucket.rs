@@ -250,12 +250,28 @@ impl Bucket {
 
     /// The object at `relative` under the prefix; None if there is none.
     pub fn get(&self, relative: &str, lane: Lane) -> Result<Option<Vec<u8>>, BucketError> {
+        self.get_range(relative, None, lane)
+    }
+
+    /// Bytes `[start, end)` of the object at `relative` (fewer if it ends before), or all of it
+    /// when `range` is None; None if there is no such object.
+    pub fn get_range(
+        &self,
+        relative: &str,
+        range: Option<(u64, u64)>,
+        lane: Lane,
+    ) -> Result<Option<Vec<u8>>, BucketError> {
         let key = self.address.key(relative);
         let url = rusty_s3::S3Action::sign(&self.s3.get_object(Some(&self.credentials), &key), SIGNED_FOR);
-        let mut response = self.agent(lane).get(url.as_str()).call().map_err(self.transport("GET", &key))?;
+        let mut request = self.agent(lane).get(url.as_str());
+        if let Some((start, end)) = range.filter(|(start, end)| end > start) {
+            request = request.header("Range", format!("bytes={start}-{}", end - 1));
+        }
+        let mut response = request.call().map_err(self.transport("GET", &key))?;
         match response.status().as_u16() {
-            200 => {}
+            200 | 206 => {}
             404 => return Ok(None),
+            416 => return Ok(Some(Vec::new())), // the range starts past the end
             _ => return Err(self.status("GET", &key, &mut response)),
         }
         let mut bytes = Vec::new();

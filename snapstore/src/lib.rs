@@ -13,6 +13,7 @@ pub mod extents;
 pub mod import;
 pub mod maintain;
 pub mod manifest;
+pub mod pack;
 pub mod push;
 pub mod remote;
 pub mod store;

@@ -13,6 +13,12 @@ use crate::ChunkId;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+/// The key of snapshot `name`'s working-set pack under a bucket's prefix.
+pub fn pack_relative(name: &str) -> Result<String, StoreError> {
+    crate::store::check_name(name)?;
+    Ok(format!("packs/{name}"))
+}
+
 /// The key of snapshot `name`'s working set under a bucket's prefix.
 pub fn working_set_relative(name: &str) -> Result<String, StoreError> {
     crate::store::check_name(name)?;
@@ -63,16 +69,27 @@ fn parallel<T: Sync, E: Send>(items: &[T], threads: usize, work: impl Fn(&T) -> 
     failed.into_inner().unwrap_or_else(|p| p.into_inner()).map_or(Ok(()), Err)
 }
 
-/// Uploads snapshot `name` of `store` to `bucket`, with `working_set` (a file) if given; the
-/// manifest goes last. `threads` requests run at once.
+/// What to publish with a snapshot.
+pub struct PushOptions<'a> {
+    /// Its working-set file: published as it is, and as a pack of its chunks.
+    pub working_set: Option<&'a std::path::Path>,
+    /// How the pack's chunks are compressed: fast to decompress (LZ4) is what a restore waits
+    /// for; the pack is a copy, the chunks themselves stay as the store has them.
+    pub pack_codec: crate::Codec,
+    /// Requests at once.
+    pub threads: usize,
+}
+
+/// Uploads snapshot `name` of `store` to `bucket`, with the working set `options` name, if
+/// any; the manifest goes last.
 pub fn push(
     store: &Store,
     name: &str,
     bucket: &Bucket,
-    working_set: Option<&std::path::Path>,
+    options: &PushOptions<'_>,
     policy: &RetryPolicy,
-    threads: usize,
 ) -> Result<PushReport, PushError> {
+    let (working_set, threads) = (options.working_set, options.threads);
     let manifest_key = manifest_relative(name)?;
     let manifest_path = store.manifest_path(name)?;
     let manifest_file =
@@ -96,11 +113,14 @@ pub fn push(
     })?;
     if let Some(path) = working_set {
         let bad = |reason: String| PushError::WorkingSet { path: path.to_path_buf(), reason };
-        let set = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let set_bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
         // Only a set of this very snapshot: a reader would refuse any other.
-        prefetch::format::decode(&set, &manifest.identity).map_err(|e| bad(e.to_string()))?;
+        let set = prefetch::format::decode(&set_bytes, &manifest.identity).map_err(|e| bad(e.to_string()))?;
+        let pack = working_set_pack(store, &manifest, &set, options.pack_codec)?;
+        let pack_key = pack_relative(name)?;
+        retry(policy, transient, || bucket.put(&pack_key, &pack))?;
         let key = working_set_relative(name)?;
-        retry(policy, transient, || bucket.put(&key, &set))?;
+        retry(policy, transient, || bucket.put(&key, &set_bytes))?;
     }
     retry(policy, transient, || bucket.put(&manifest_key, &manifest_file))?;
     Ok(PushReport {
@@ -108,6 +128,29 @@ pub fn push(
         uploaded: uploaded.into_inner(),
         bytes: bytes.into_inner() + manifest_file.len() as u64,
     })
+}
+
+/// The pack of the chunks holding `set`'s pages, in the order the set is prefetched (each
+/// chunk once, where its first page comes), compressed with `codec`.
+fn working_set_pack(
+    store: &Store,
+    manifest: &crate::manifest::Manifest,
+    set: &prefetch::working_set::WorkingSet,
+    codec: crate::Codec,
+) -> Result<Vec<u8>, PushError> {
+    let chunk_pages = u64::from(manifest.chunk_size) / crate::PAGE;
+    let mut seen = BTreeSet::new();
+    let mut files = Vec::new();
+    for (page, _) in set.select(0.0) {
+        let Some(id) = usize::try_from(page / chunk_pages).ok().and_then(|i| manifest.chunks.get(i).copied().flatten())
+        else {
+            continue;
+        };
+        if seen.insert(id) {
+            files.push((id, crate::chunk::encode(&store.read_chunk(&id)?, codec)));
+        }
+    }
+    Ok(crate::pack::encode(&files))
 }
 
 /// What to pull.

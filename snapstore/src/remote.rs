@@ -51,6 +51,8 @@ pub struct FetchCounters {
     pub disk_hits: AtomicU64,
     /// GETs that failed (each retry counts).
     pub failed_gets: AtomicU64,
+    /// Ranged GETs of working-set packs.
+    pub range_gets: AtomicU64,
 }
 
 /// A bucket's store, seen through this host's disk cache.
@@ -58,6 +60,8 @@ pub struct RemoteStore {
     bucket: Bucket,
     cache: DiskCache,
     retry: RetryPolicy,
+    /// Chunks go to the disk cache behind the caller's back ([`RemoteStore::write_behind`]).
+    write_behind: bool,
     /// What was fetched.
     pub counters: FetchCounters,
 }
@@ -65,7 +69,23 @@ pub struct RemoteStore {
 impl RemoteStore {
     /// Reads `bucket` through `cache`, giving up on an object after `retry`'s deadline.
     pub fn new(bucket: Bucket, cache: DiskCache, retry: RetryPolicy) -> RemoteStore {
-        RemoteStore { bucket, cache, retry, counters: FetchCounters::default() }
+        RemoteStore { bucket, cache, retry, write_behind: false, counters: FetchCounters::default() }
+    }
+
+    /// Writes fetched chunks to the disk cache on a low-priority thread, not on the fetching
+    /// one (a server: its fetches wait on VMs' time; `pull` keeps writing them itself).
+    pub fn write_behind(mut self) -> RemoteStore {
+        self.write_behind = true;
+        self
+    }
+
+    /// Keeps chunk `id`'s checked `file` in the disk cache (now, or behind).
+    pub fn keep(&self, id: &ChunkId, file: Vec<u8>) {
+        if self.write_behind {
+            self.cache.put_behind(id, file);
+        } else if let Err(e) = self.cache.put(id, &file) {
+            tracing::warn!(chunk = %id, "disk cache: could not keep the chunk: {e}");
+        }
     }
 
     /// The bucket.
@@ -108,9 +128,7 @@ impl RemoteStore {
             fetched
         })?;
         self.counters.chunk_gets.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.cache.put(id, &file) {
-            tracing::warn!(chunk = %id, "disk cache: could not keep the chunk: {e}");
-        }
+        self.keep(id, file);
         Ok(bytes)
     }
 
@@ -146,6 +164,24 @@ impl RemoteStore {
             },
             Err(e) => Err(e),
         }
+    }
+
+    /// Bytes `[start, end)` of snapshot `name`'s working-set pack, with retries (counted as
+    /// chunk bytes received); None if it was pushed without one.
+    pub fn pack_range(&self, name: &str, start: u64, end: u64, lane: Lane) -> Result<Option<Vec<u8>>, RemoteError> {
+        let key = crate::push::pack_relative(name)?;
+        let transient = |e: &RemoteError| matches!(e, RemoteError::Bucket(b) if b.is_transient());
+        let bytes = retry(&self.retry, transient, || {
+            self.bucket.get_range(&key, Some((start, end)), lane).map_err(|e| {
+                self.counters.failed_gets.fetch_add(1, Ordering::Relaxed);
+                RemoteError::from(e)
+            })
+        })?;
+        if let Some(bytes) = &bytes {
+            self.counters.range_gets.fetch_add(1, Ordering::Relaxed);
+            self.counters.chunk_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+        Ok(bytes)
     }
 
     /// The object at `relative` (a working set, a loading set), with retries; None if absent.

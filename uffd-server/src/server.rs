@@ -174,7 +174,8 @@ fn open_origin(origin: &StoreOrigin) -> Result<(ChunkOrigin, usize), ServerError
                 .and_then(|s3| Bucket::new(&s3, remote.address.clone()))
                 .map_err(|e| ServerError::Remote(e.to_string()))?;
             let cache = DiskCache::open(&remote.disk_cache, remote.disk_cache_bytes).map_err(store_error)?;
-            Ok((ChunkOrigin::Remote(Box::new(RemoteStore::new(bucket, cache, remote.retry))), remote.fetch_threads))
+            let remote_store = RemoteStore::new(bucket, cache, remote.retry).write_behind();
+            Ok((ChunkOrigin::Remote(Box::new(remote_store)), remote.fetch_threads))
         }
     }
 }

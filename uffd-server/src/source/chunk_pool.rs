@@ -125,24 +125,47 @@ pub enum ChunkOrigin {
 
 /// Why a chunk is not available (shared by every VM that waited for the same fetch).
 #[derive(Clone, Debug)]
-pub struct ChunkUnavailable(Arc<str>);
+pub struct ChunkUnavailable {
+    reason: Arc<str>,
+    /// The fetch that was to bring it gave up on it (a pack range failed): a waiter fetches it
+    /// on its own instead.
+    retry: bool,
+}
 
-impl std::fmt::Display for ChunkUnavailable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+impl ChunkUnavailable {
+    pub(super) fn new(reason: impl Into<Arc<str>>, retry: bool) -> ChunkUnavailable {
+        ChunkUnavailable { reason: reason.into(), retry }
     }
 }
 
-type Fetched = Result<Arc<HeldChunk>, ChunkUnavailable>;
+impl std::fmt::Display for ChunkUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
 
-/// A fetch in progress: its result, once there.
+pub(super) type Fetched = Result<Arc<HeldChunk>, ChunkUnavailable>;
+
+/// A fetch in progress or promised: its result, once there.
 #[derive(Default)]
-struct Pending {
+pub(super) struct Pending {
     result: Mutex<Option<Fetched>>,
     done: Condvar,
+    /// Someone is fetching it. A chunk a pack will bring is registered unclaimed: a demand
+    /// fault that needs it before its range is under way claims it and fetches it itself.
+    claimed: std::sync::atomic::AtomicBool,
 }
 
 impl Pending {
+    fn claimed() -> Pending {
+        Pending { claimed: true.into(), ..Pending::default() }
+    }
+
+    /// Takes the fetch on; false if someone has.
+    pub(super) fn claim(&self) -> bool {
+        !self.claimed.swap(true, Ordering::AcqRel)
+    }
+
     fn wait(&self) -> Fetched {
         let mut result = self.result.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -159,7 +182,7 @@ impl Pending {
     }
 }
 
-enum PoolEntry {
+pub(super) enum PoolEntry {
     Held { chunk: Arc<HeldChunk>, last_used: u64 },
     Fetching(Arc<Pending>),
 }
@@ -200,6 +223,11 @@ impl ChunkPool {
         &self.origin
     }
 
+    /// Threads that fetch remote chunks ahead of need.
+    pub(super) fn fetch_threads(&self) -> usize {
+        self.fetch_threads
+    }
+
     /// Whether chunks come from an object store (fetched when first needed, not at load).
     pub fn is_remote(&self) -> bool {
         matches!(self.origin, ChunkOrigin::Remote(_))
@@ -214,7 +242,7 @@ impl ChunkPool {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<ChunkId, PoolEntry>> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, HashMap<ChunkId, PoolEntry>> {
         // Entries are inserted and removed whole: a poisoned map is consistent.
         self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -222,30 +250,42 @@ impl ChunkPool {
     /// Chunk `id`: the one in RAM, the one being fetched, else fetched now (outside the lock,
     /// on `lane`'s connections) and checked against its id.
     pub fn get(&self, id: &ChunkId, lane: Lane) -> Fetched {
-        let now = self.clock.fetch_add(1, Ordering::Relaxed);
-        let pending = {
-            let mut entries = self.lock();
-            match entries.get_mut(id) {
-                Some(PoolEntry::Held { chunk, last_used }) => {
-                    *last_used = now;
-                    return Ok(Arc::clone(chunk));
+        loop {
+            let now = self.clock.fetch_add(1, Ordering::Relaxed);
+            let wait_for = {
+                let mut entries = self.lock();
+                match entries.get_mut(id) {
+                    Some(PoolEntry::Held { chunk, last_used }) => {
+                        *last_used = now;
+                        return Ok(Arc::clone(chunk));
+                    }
+                    Some(PoolEntry::Fetching(pending)) if !pending.claim() => Some(Arc::clone(pending)),
+                    Some(PoolEntry::Fetching(_)) => None, // promised by a pack, not started: ours
+                    None => {
+                        entries.insert(*id, PoolEntry::Fetching(Arc::new(Pending::claimed())));
+                        None
+                    }
                 }
-                Some(PoolEntry::Fetching(pending)) => Some(Arc::clone(pending)),
-                None => {
-                    entries.insert(*id, PoolEntry::Fetching(Arc::default()));
-                    None
-                }
+            };
+            match wait_for.map(|pending| pending.wait()) {
+                Some(Err(e)) if e.retry => continue,
+                Some(result) => return result,
+                None => {}
             }
-        };
-        if let Some(pending) = pending {
-            return pending.wait();
+            // This thread fetches; whatever happens (even a panic), the waiters are answered.
+            let mut fetch = FetchGuard { pool: self, id: *id, result: None };
+            let fetched = self.fetch(id, lane).map(|raw| self.hold(raw));
+            fetch.result = Some(fetched.clone());
+            return fetched;
         }
-        // This thread fetches; whatever happens (even a panic), the waiters are answered.
-        let mut fetch = FetchGuard { pool: self, id: *id, result: None };
-        let fetched = self.fetch(id, lane).map(|raw| Arc::new(HeldChunk::new(raw, self.ram_codec, &self.inflate)));
-        fetch.result = Some(fetched.clone());
-        drop(fetch);
-        fetched
+    }
+
+    /// `raw` (checked bytes) as the pool holds them. A remote chunk is held as it is: it was
+    /// fetched because a VM or its working set needs it, and compressing it would cost ~100 µs
+    /// on the restore's time to save RAM its plain copy would take back at the first use.
+    pub(super) fn hold(&self, raw: Vec<u8>) -> Arc<HeldChunk> {
+        let codec = if self.is_remote() { Codec::None } else { self.ram_codec };
+        Arc::new(HeldChunk::new(raw, codec, &self.inflate))
     }
 
     fn fetch(&self, id: &ChunkId, lane: Lane) -> Result<Vec<u8>, ChunkUnavailable> {
@@ -258,7 +298,7 @@ impl ChunkPool {
             }),
             ChunkOrigin::Remote(remote) => remote.chunk(id, lane).map_err(|e| e.to_string()),
         };
-        fetched.map_err(|reason| ChunkUnavailable(reason.into()))
+        fetched.map_err(|reason| ChunkUnavailable::new(reason, false))
     }
 
     /// Queues `ids` to be fetched into the pool by the fetch threads, in order (those held or
@@ -346,15 +386,15 @@ impl PoolEntry {
 }
 
 /// Ends a fetch: the chunk held (or the entry dropped when it failed), and its waiters answered.
-struct FetchGuard<'p> {
-    pool: &'p ChunkPool,
-    id: ChunkId,
-    result: Option<Fetched>,
+pub(super) struct FetchGuard<'p> {
+    pub(super) pool: &'p ChunkPool,
+    pub(super) id: ChunkId,
+    pub(super) result: Option<Fetched>,
 }
 
 impl Drop for FetchGuard<'_> {
     fn drop(&mut self) {
-        let result = self.result.take().unwrap_or_else(|| Err(ChunkUnavailable("the fetch panicked".into())));
+        let result = self.result.take().unwrap_or_else(|| Err(ChunkUnavailable::new("the fetch panicked", true)));
         let now = self.pool.clock.fetch_add(1, Ordering::Relaxed);
         let entry = match &result {
             Ok(chunk) => self.pool.lock().insert(self.id, PoolEntry::Held { chunk: Arc::clone(chunk), last_used: now }),

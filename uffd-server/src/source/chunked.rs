@@ -19,6 +19,7 @@ use snapstore::bucket::Lane;
 use snapstore::chunk::decompress_into;
 use snapstore::manifest::Manifest;
 use snapstore::ChunkId;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// Where one chunk-sized range of a stored snapshot comes from.
@@ -38,6 +39,10 @@ pub struct ChunkedPages {
     slots: Vec<Slot>,
     zero: ZeroPages,
     pool: Arc<ChunkPool>,
+    /// The snapshot's name (its pack's name in an object store).
+    name: String,
+    /// Whether its working-set pack was asked for (the first time a plan is warmed).
+    pack_requested: AtomicBool,
 }
 
 impl ChunkedPages {
@@ -66,6 +71,8 @@ impl ChunkedPages {
             slots,
             zero,
             pool: Arc::clone(pool),
+            name: snapshot.to_string(),
+            pack_requested: AtomicBool::new(false),
         };
         if !pool.is_remote() {
             for slot in &pages.slots {
@@ -163,6 +170,14 @@ impl PageSource for ChunkedPages {
 
     fn warm(&self, offset: FileOffset, len: u64) {
         let Some(end) = offset.0.checked_add(len).filter(|&end| end <= self.file_len && len > 0) else { return };
+        if self.pool.is_remote() && !self.pack_requested.swap(true, Ordering::AcqRel) {
+            // A plan is being readied: its chunks come fastest as the snapshot's pack.
+            let ids = self.slots.iter().filter_map(|slot| match slot {
+                Slot::Chunk { id, .. } => Some(*id),
+                Slot::Zero => None,
+            });
+            self.pool.fetch_pack(&self.name, &ids.collect());
+        }
         let mut to_fetch: Vec<ChunkId> = Vec::new();
         for slot in &self.slots[index(offset.0 / self.chunk_size)..=index((end - 1) / self.chunk_size)] {
             match slot {
@@ -207,7 +222,6 @@ mod tests {
     use snapstore::import::{import, ImportOptions};
     use snapstore::store::Store;
     use snapstore::Codec;
-    use std::sync::atomic::Ordering;
 
     /// A store holding `a` and `b`: 4 chunks of 64 KiB each, the first two shared, the last
     /// chunk of each all zeros.

@@ -10,6 +10,7 @@ pub mod chunk_pool;
 pub mod chunked;
 pub mod disk;
 pub mod loading_set;
+pub mod pack_fetch;
 pub mod ram;
 pub mod snapshot;
 pub mod store;

@@ -19,6 +19,7 @@ mod disk;
 mod fault_path;
 mod harness;
 mod latency;
+mod remote;
 mod report;
 mod stability;
 mod store;
@@ -39,7 +40,7 @@ struct Args {
     quick: bool,
     #[arg(long, default_value = "target/experiments")]
     out: PathBuf,
-    /// Run only these experiments (1, 1b, 2, 3, 4, 5, 6; repeatable); all by default.
+    /// Run only these experiments (1, 1b, 2, 3, 4, 5, 6, 7; repeatable); all by default.
     #[arg(long)]
     only: Vec<String>,
 }
@@ -82,6 +83,9 @@ fn main() -> Result<()> {
     }
     if wanted("6") {
         summary += &store::run(work, out)?;
+    }
+    if wanted("7") {
+        summary += &remote::run(work, out)?;
     }
     std::fs::write(out.join("summary.md"), &summary)?;
     println!("{summary}");
