@@ -322,3 +322,62 @@ fn a_damaged_pack_chunk_is_refused_and_fetched_on_its_own() {
     let remote = server.stats().remote.expect("remote");
     assert!(remote.chunk_gets >= 1, "the refused chunk came on its own: {remote:?}");
 }
+
+#[test]
+fn two_hosts_learning_at_once_lose_no_run_and_a_third_prefetches_both() {
+    require_userfaultfd();
+    let s3 = require_s3();
+    let bucket = test_bucket(&s3, "learning");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = dir.path().join("store");
+    let snap = SnapshotFile::random(dir.path(), "l.mem", 8 * MIB, 0.3, 78);
+    import_to_store(&store, "l", &snap.path).expect("import");
+    let url = s3_url(&bucket);
+    run("uffd-server", &["push", "--store", utf8(&store), "--name", "l", "--to", &url]);
+
+    // Hosts A and B record at once, each a VM touching its half of the memory.
+    let hosts: Vec<ServerProcess> = ["a", "b"]
+        .iter()
+        .map(|host| {
+            let snapshot = format!("l={url}/l");
+            let ws = dir.path().join(format!("{host}.ws"));
+            let cache = dir.path().join(format!("cache-{host}"));
+            let args = ["--snapshot", &snapshot, "--disk-cache", utf8(&cache), "--working-set", utf8(&ws)];
+            ServerProcess::start_with_env("record", &[], &args, &[])
+        })
+        .collect();
+    let (len, pages) = (snap.bytes.len(), snap.bytes.len() / 4096);
+    std::thread::scope(|scope| {
+        for (half, host) in hosts.iter().enumerate() {
+            scope.spawn(move || {
+                let vm = FakeVmm::attach(&host.socket("l"), len).expect("attach");
+                let addrs: Vec<usize> = vm.memory.page_addrs().collect();
+                touch_pages(&addrs[half * pages / 2..(half + 1) * pages / 2], 1, false);
+            });
+        }
+    });
+    for host in &hosts {
+        host.wait_for_log("learned pages published for other hosts", 1);
+    }
+    let manifest = Store::open(&store).expect("store").read_manifest("l").expect("manifest");
+    let policy = snapstore::bucket::RetryPolicy::default();
+    let (set, runs) = snapstore::shared_set::merged(&bucket, "l", &manifest.identity, &policy)
+        .expect("merge")
+        .expect("a working set");
+    assert_eq!((set.runs, runs.len()), (2, 2), "both hosts' runs, none lost");
+    assert_eq!(set.pages.len(), pages, "the two halves together");
+
+    // A third host prefetches what both learned.
+    let reader = remote_server(&bucket, "l", &dir.path().join("cache-c"), &["--prefetch", "union"], &[]);
+    assert!(reader.log().contains("published_runs=2"), "{}", reader.log());
+    assert_every_byte(&reader, "l", &snap.bytes);
+    let prefetched: u64 = reader.stats().vms.iter().map(|vm| vm.counters.prefetched_pages).sum();
+    assert!(prefetched > 0);
+
+    let compacted = run("uffd-server", &["compact", "--from", &url, "--name", "l"]);
+    assert!(compacted.contains("2 published runs folded"), "{compacted}");
+    let (set, runs) = snapstore::shared_set::merged(&bucket, "l", &manifest.identity, &policy)
+        .expect("merge")
+        .expect("a working set");
+    assert_eq!((set.runs, runs.len(), set.pages.len()), (2, 0, pages), "folded into the base, run objects gone");
+}

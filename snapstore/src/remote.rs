@@ -93,6 +93,11 @@ impl RemoteStore {
         &self.bucket
     }
 
+    /// How long an object is retried.
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
     /// The disk cache.
     pub fn cache(&self) -> &DiskCache {
         &self.cache

@@ -61,6 +61,9 @@ enum Command {
     /// Fetch a snapshot's working set (or all of it) from an object store into a host's disk
     /// cache, ahead of its VMs.
     Pull(remote_commands::PullArgs),
+    /// Fold the working-set runs hosts published for a snapshot in an object store into its
+    /// working set (one compactor at a time; docs/object-store.md).
+    Compact(remote_commands::CompactArgs),
     /// Inspect or maintain a chunk store.
     Store {
         #[command(subcommand)]
@@ -274,6 +277,7 @@ fn main() -> Result<()> {
         Command::Import(args) => store_commands::run_import(&args),
         Command::Push(args) => remote_commands::run_push(&args),
         Command::Pull(args) => remote_commands::run_pull(&args),
+        Command::Compact(args) => remote_commands::run_compact(&args),
         Command::Store { command } => store_commands::run_store(&command),
         Command::Stats { socket_dir, json } => stats(&socket_dir, json),
         Command::EndRecording { socket_dir, vm } => {

@@ -4,8 +4,9 @@
 use anyhow::{bail, Context, Result};
 use snapstore::bucket::{Bucket, RetryPolicy, S3Address, S3Config};
 use snapstore::disk_cache::DiskCache;
-use snapstore::push::{pull, push, working_set_relative, PullScope, PushOptions};
+use snapstore::push::{pull, push, PullScope, PushOptions};
 use snapstore::remote::RemoteStore;
+use snapstore::shared_set::{compact, merged};
 use snapstore::store::Store;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -176,17 +177,48 @@ fn open_remote(config: &RemoteStoreConfig) -> Result<RemoteStore> {
     Ok(RemoteStore::new(bucket, DiskCache::open(&config.disk_cache, config.disk_cache_bytes)?, config.retry))
 }
 
-/// Snapshot `name`'s working set as published with it, fetched into the disk cache (where
-/// online refinement then updates it); None if it was pushed without one.
+/// Snapshot `name`'s working set as every host has learned it (the set pushed with it merged
+/// with every run other hosts published: `snapstore::shared_set`), written into the disk cache
+/// (where online refinement then updates it); None if it has none.
 pub fn fetch_working_set(config: &RemoteStoreConfig, name: &str) -> Result<Option<PathBuf>> {
     let remote = open_remote(config)?;
-    let key = working_set_relative(name)?;
-    let Some(bytes) = remote.object(&key).with_context(|| format!("cannot fetch the working set of `{name}`"))? else {
-        return Ok(None);
-    };
+    let (manifest, _) = remote.manifest(name).with_context(|| format!("cannot fetch the manifest of `{name}`"))?;
+    let merged = merged(remote.bucket(), name, &manifest.identity, remote.retry_policy())
+        .with_context(|| format!("cannot fetch the working set of `{name}`"))?;
+    let Some((set, runs)) = merged else { return Ok(None) };
     let dir = config.disk_cache.join("working-sets");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join(name);
-    prefetch::format::write_file_atomic(&path, &bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    prefetch::format::write_atomic(&path, &set).with_context(|| format!("cannot write {}", path.display()))?;
+    tracing::info!(
+        snapshot = name,
+        runs = set.runs,
+        published_runs = runs.len(),
+        "working set fetched from the object store"
+    );
     Ok(Some(path))
+}
+
+#[derive(clap::Args)]
+pub struct CompactArgs {
+    /// Where the snapshot is: s3://BUCKET[/PREFIX].
+    #[arg(long, value_name = "s3://BUCKET/PREFIX")]
+    from: String,
+    /// The snapshot.
+    #[arg(long)]
+    name: String,
+}
+
+/// Folds the runs hosts published into the snapshot's working set (run one at a time).
+pub fn run_compact(args: &CompactArgs) -> Result<()> {
+    let bucket = open_bucket(&args.from)?;
+    let manifest_key = snapstore::store::manifest_relative(&args.name)?;
+    let manifest = bucket
+        .get(&manifest_key, snapstore::bucket::Lane::Background)?
+        .with_context(|| format!("no snapshot `{}` in {}", args.name, args.from))?;
+    let identity = snapstore::manifest::Manifest::decode(&manifest)?.identity;
+    let folded = compact(&bucket, &args.name, &identity, &RetryPolicy::default())
+        .with_context(|| format!("cannot compact the working set of `{}`", args.name))?;
+    println!("{}: {folded} published runs folded into the working set", args.name);
+    Ok(())
 }

@@ -310,7 +310,25 @@ fn attach(
     if let Some(path) = &config.working_set {
         learned.save(path, &snapshot.identity());
     }
+    if let Some(remote) = service.store.remote_of(&service.name) {
+        publish_learned(remote, &service.name, &learned, &snapshot.identity());
+    }
     Ok(())
+}
+
+/// Shares what a VM of a snapshot from an object store taught with every other host: as a run
+/// object of its own in the bucket (`snapstore::shared_set`). A failure loses this hint only.
+fn publish_learned(
+    remote: &snapstore::remote::RemoteStore,
+    name: &str,
+    learned: &crate::vm::learner::Learned,
+    identity: &prefetch::identity::SnapshotIdentity,
+) {
+    let Some(set) = learned.as_set(identity) else { return };
+    match snapstore::shared_set::publish(remote.bucket(), name, &set, remote.retry_policy()) {
+        Ok(key) => tracing::info!(key, pages = set.pages.len(), "learned pages published for other hosts"),
+        Err(e) => tracing::warn!("learned pages not published: {e}"),
+    }
 }
 
 /// Marks the VM ended in the registry and logs its counters (as an error if it failed).

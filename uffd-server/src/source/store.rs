@@ -191,6 +191,15 @@ impl SnapshotStore {
         self.pool.as_ref()
     }
 
+    /// The object store snapshot `name` is served from, if it is.
+    pub fn remote_of(&self, name: &str) -> Option<&snapstore::remote::RemoteStore> {
+        let slot = self.slots.get(name).filter(|slot| slot.stored)?;
+        match self.pool.as_ref().map(|pool| pool.origin()) {
+            Some(super::chunk_pool::ChunkOrigin::Remote(remote)) if slot.stored => Some(remote),
+            _ => None,
+        }
+    }
+
     /// RAM held per snapshot (0 when not loaded; a chunk shared by several counts in each).
     pub fn resident_by_snapshot(&self) -> Vec<(String, u64)> {
         let held = |slot: &Slot| loaded(&slot.lock()).map_or(0, |s| s.pages().resident_bytes());

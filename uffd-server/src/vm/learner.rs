@@ -66,6 +66,18 @@ impl<'a> Learner<'a> {
 }
 
 impl Learned {
+    /// What was learned as a working set of its own (for another host to merge); None if
+    /// nothing was.
+    pub fn as_set(&self, identity: &prefetch::identity::SnapshotIdentity) -> Option<WorkingSet> {
+        let mut set = WorkingSet::new(*identity);
+        match &self.run {
+            Some(run) => set.merge(run),
+            None if self.touches.is_empty() => return None,
+            None => set.learn(&self.touches),
+        }
+        Some(set)
+    }
+
     /// Merges what was learned into the working-set file at `path`; a failure loses this hint
     /// only, and is logged.
     pub fn save(&self, path: &std::path::Path, identity: &prefetch::identity::SnapshotIdentity) {
