@@ -9,6 +9,7 @@
 use crate::store::{Store, StoreError};
 use crate::ChunkId;
 use std::collections::HashMap;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
@@ -98,19 +99,23 @@ impl DiskCache {
             index.files.get_mut(id)?.1 = now;
         }
         let path = self.store.chunk_path(id);
-        let checked = self.store.read_chunk(id).ok();
-        match &checked {
-            Some(_) => {
-                // The order survives a restart through the file's time.
-                if let Ok(file) = std::fs::File::open(&path) {
-                    let _ = file.set_modified(SystemTime::now());
-                }
-            }
-            None => {
-                tracing::warn!(chunk = %id, "disk cache: chunk damaged or gone; removing it");
-                let _ = std::fs::remove_file(&path);
-                self.forget(id);
-            }
+        // One open: read, check, and set the file's time (the order survives a restart by it).
+        let checked = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&path)
+            .and_then(|mut file| {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut file, &mut bytes)?;
+                let _ = file.set_modified(SystemTime::now());
+                Ok(bytes)
+            })
+            .ok()
+            .and_then(|bytes| crate::chunk::decode(&bytes, id).ok());
+        if checked.is_none() {
+            tracing::warn!(chunk = %id, "disk cache: chunk damaged or gone; removing it");
+            let _ = std::fs::remove_file(&path);
+            self.forget(id);
         }
         checked
     }
