@@ -4,11 +4,12 @@
 //! single-node RGW here serves ~1,200 GETs/s: 400 chunks one by one take longer than the
 //! restore; docs/object-store.md).
 //!
-//! Layout (little-endian; docs/snapshot-store-format.md): a 16-byte header — magic `USPACK\0\0`,
-//! version u16, reserved u16 (0), count u32 — then `count` index entries of 36 bytes (chunk id,
-//! chunk-file length u32), then the chunk files back to back in index order. Nothing in it is
-//! trusted: every chunk file is checked against its id, and a reader uses only the chunks its
-//! manifest names.
+//! Layout (little-endian; docs/snapshot-store-format.md): a 20-byte header — magic `USPACK\0\0`,
+//! version u16, reserved u16 (0), count u32, working u32 (the first `working` entries hold the
+//! working set; the rest, the tail, are chunks next to them the set did not name) — then `count`
+//! index entries of 36 bytes (chunk id, chunk-file length u32), then the chunk files back to
+//! back in index order. Nothing in it is trusted: every chunk file is checked against its id, and
+//! a reader uses only the chunks its manifest names.
 
 use crate::chunk::MAX_CHUNK;
 use crate::ChunkId;
@@ -18,7 +19,7 @@ pub const MAGIC: [u8; 8] = *b"USPACK\0\0";
 /// The version this code writes and reads.
 pub const VERSION: u16 = 1;
 /// Header bytes before the index.
-pub const HEADER_LEN: usize = 16;
+pub const HEADER_LEN: usize = 20;
 /// Bytes per index entry.
 pub const ENTRY_LEN: usize = 36;
 
@@ -32,6 +33,8 @@ pub enum PackError {
     BadVersion(u16),
     #[error("pack index entry {index}: a chunk file of {len} bytes is not possible")]
     BadLength { index: usize, len: u32 },
+    #[error("pack header: {working} working-set entries of {count}")]
+    BadWorking { working: u32, count: u32 },
 }
 
 /// Where one chunk file of a pack is.
@@ -50,17 +53,22 @@ pub struct PackEntry {
 pub struct PackIndex {
     /// In pack order.
     pub entries: Vec<PackEntry>,
+    /// How many of the first entries hold the working set (the rest is the tail).
+    pub working: usize,
 }
 
-/// A pack of `files` (chunk id and chunk file), in the given order.
-pub fn encode(files: &[(ChunkId, Vec<u8>)]) -> Vec<u8> {
+/// A pack of `files` (chunk id and chunk file), in the given order, the first `working` of them
+/// the working set's.
+pub fn encode(files: &[(ChunkId, Vec<u8>)], working: usize) -> Vec<u8> {
     let count = u32::try_from(files.len()).unwrap_or(u32::MAX);
+    let working = u32::try_from(working.min(files.len())).unwrap_or(count);
     let mut pack =
         Vec::with_capacity(HEADER_LEN + files.len() * ENTRY_LEN + files.iter().map(|f| f.1.len()).sum::<usize>());
     pack.extend_from_slice(&MAGIC);
     pack.extend_from_slice(&VERSION.to_le_bytes());
     pack.extend_from_slice(&0u16.to_le_bytes());
     pack.extend_from_slice(&count.to_le_bytes());
+    pack.extend_from_slice(&working.to_le_bytes());
     for (id, file) in files.iter().take(count as usize) {
         pack.extend_from_slice(&id.0);
         pack.extend_from_slice(&u32::try_from(file.len()).unwrap_or(u32::MAX).to_le_bytes());
@@ -81,8 +89,12 @@ pub fn index_len(head: &[u8]) -> Result<usize, PackError> {
     if version != VERSION {
         return Err(PackError::BadVersion(version));
     }
-    let count = u32::from_le_bytes([head[12], head[13], head[14], head[15]]) as usize;
-    Ok(HEADER_LEN + count.saturating_mul(ENTRY_LEN))
+    let count = u32::from_le_bytes([head[12], head[13], head[14], head[15]]);
+    let working = u32::from_le_bytes([head[16], head[17], head[18], head[19]]);
+    if working > count {
+        return Err(PackError::BadWorking { working, count });
+    }
+    Ok(HEADER_LEN + (count as usize).saturating_mul(ENTRY_LEN))
 }
 
 /// The index of a pack from its first [`index_len`] bytes.
@@ -101,7 +113,8 @@ pub fn decode_index(head: &[u8]) -> Result<PackIndex, PackError> {
         entries.push(PackEntry { id: ChunkId(id), offset, len: u64::from(file_len) });
         offset += u64::from(file_len);
     }
-    Ok(PackIndex { entries })
+    let working = u32::from_le_bytes([head[16], head[17], head[18], head[19]]) as usize;
+    Ok(PackIndex { entries, working })
 }
 
 #[cfg(test)]
@@ -118,9 +131,9 @@ mod tests {
                 (ChunkId::of(&bytes), chunk::encode(&bytes, Codec::Zstd))
             })
             .collect();
-        let pack = encode(&files);
+        let pack = encode(&files, 2);
         let index = decode_index(&pack[..index_len(&pack).expect("len")]).expect("index");
-        assert_eq!(index.entries.len(), 3);
+        assert_eq!((index.entries.len(), index.working), (3, 2));
         for (entry, (expected, file)) in index.entries.iter().zip(&files) {
             assert_eq!(&entry.id, expected);
             let range =
@@ -128,7 +141,11 @@ mod tests {
             assert_eq!(&pack[range.clone()], &file[..]);
             assert!(chunk::decode(&pack[range], expected).is_ok());
         }
-        assert_eq!(index_len(b"USPACK\0\0\x02\0\0\0\0\0\0\0"), Err(PackError::BadVersion(2)));
+        assert_eq!(index_len(b"USPACK\0\0\x02\0\0\0\0\0\0\0\0\0\0\0"), Err(PackError::BadVersion(2)));
+        assert_eq!(
+            index_len(b"USPACK\0\0\x01\0\0\0\x01\0\0\0\x02\0\0\0"),
+            Err(PackError::BadWorking { working: 2, count: 1 })
+        );
         assert_eq!(index_len(b"not a pack at all"), Err(PackError::BadMagic));
         let mut bad = pack.clone();
         bad[HEADER_LEN + 32..HEADER_LEN + 36].copy_from_slice(&u32::MAX.to_le_bytes());

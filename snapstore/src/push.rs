@@ -76,6 +76,9 @@ pub struct PushOptions<'a> {
     /// How the pack's chunks are compressed: fast to decompress (LZ4) is what a restore waits
     /// for; the pack is a copy, the chunks themselves stay as the store has them.
     pub pack_codec: crate::Codec,
+    /// The pack's tail: chunks next to working-set chunks that the set does not name (a VM
+    /// given another input touches them), up to this percentage of the working set's bytes.
+    pub pack_tail_percent: u64,
     /// Requests at once.
     pub threads: usize,
 }
@@ -116,7 +119,7 @@ pub fn push(
         let set_bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
         // Only a set of this very snapshot: a reader would refuse any other.
         let set = prefetch::format::decode(&set_bytes, &manifest.identity).map_err(|e| bad(e.to_string()))?;
-        let pack = working_set_pack(store, &manifest, &set, options.pack_codec)?;
+        let pack = working_set_pack(store, &manifest, &set, options)?;
         let pack_key = pack_relative(name)?;
         retry(policy, transient, || bucket.put(&pack_key, &pack))?;
         let key = working_set_relative(name)?;
@@ -131,26 +134,47 @@ pub fn push(
 }
 
 /// The pack of the chunks holding `set`'s pages, in the order the set is prefetched (each
-/// chunk once, where its first page comes), compressed with `codec`.
+/// chunk once, where its first page comes), then its tail: data chunks next to those, the
+/// neighbours of the earliest first, up to `options.pack_tail_percent` of the set's bytes.
 fn working_set_pack(
     store: &Store,
     manifest: &crate::manifest::Manifest,
     set: &prefetch::working_set::WorkingSet,
-    codec: crate::Codec,
+    options: &PushOptions<'_>,
 ) -> Result<Vec<u8>, PushError> {
     let chunk_pages = u64::from(manifest.chunk_size) / crate::PAGE;
-    let mut seen = BTreeSet::new();
-    let mut files = Vec::new();
+    let data = |index: usize| manifest.chunks.get(index).copied().flatten();
+    let mut order: Vec<usize> = Vec::new();
+    let mut in_set = BTreeSet::new();
     for (page, _) in set.select(0.0) {
-        let Some(id) = usize::try_from(page / chunk_pages).ok().and_then(|i| manifest.chunks.get(i).copied().flatten())
-        else {
-            continue;
-        };
-        if seen.insert(id) {
-            files.push((id, crate::chunk::encode(&store.read_chunk(&id)?, codec)));
+        let Some(index) = usize::try_from(page / chunk_pages).ok().filter(|&i| data(i).is_some()) else { continue };
+        if in_set.insert(index) {
+            order.push(index);
         }
     }
-    Ok(crate::pack::encode(&files))
+    let mut seen = BTreeSet::new();
+    let mut files = Vec::new();
+    let mut set_bytes = 0;
+    for &index in &order {
+        let Some(id) = data(index).filter(|id| seen.insert(*id)) else { continue };
+        let file = crate::chunk::encode(&store.read_chunk(&id)?, options.pack_codec);
+        set_bytes += file.len() as u64;
+        files.push((id, file));
+    }
+    let working = files.len();
+    let (mut tail_bytes, tail_limit) = (0, set_bytes * options.pack_tail_percent / 100);
+    let neighbours = order.iter().flat_map(|&i| [i + 1, i.wrapping_sub(1)]).filter(|i| !in_set.contains(i));
+    for index in neighbours {
+        let Some(id) = data(index).filter(|id| !seen.contains(id)) else { continue };
+        let file = crate::chunk::encode(&store.read_chunk(&id)?, options.pack_codec);
+        if tail_bytes + file.len() as u64 > tail_limit {
+            break;
+        }
+        seen.insert(id);
+        tail_bytes += file.len() as u64;
+        files.push((id, file));
+    }
+    Ok(crate::pack::encode(&files, working))
 }
 
 /// What to pull.
@@ -188,4 +212,40 @@ pub fn pull(remote: &RemoteStore, name: &str, scope: PullScope, threads: usize) 
         .collect();
     parallel(&ids, threads, |id| remote.chunk(id, Lane::Background).map(drop))?;
     Ok(ids.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::import::{import, ImportOptions};
+    use crate::Codec;
+    use prefetch::record::{Run, Touch};
+
+    #[test]
+    fn a_pack_holds_the_working_set_in_order_then_its_neighbours_within_the_tail_budget() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Eight 64 KiB chunks, each a different byte; chunk 7 all zeros (never stored).
+        let bytes: Vec<u8> = (0u8..8).flat_map(|c| vec![if c == 7 { 0 } else { c + 1 }; 65536]).collect();
+        let file = dir.path().join("mem");
+        std::fs::write(&file, &bytes).expect("write");
+        let store = Store::create(&dir.path().join("store")).expect("store");
+        import(&store, "s", &file, &ImportOptions { chunk_size: 65536, codec: Codec::Zstd, regions: Vec::new() })
+            .expect("import");
+        let manifest = store.read_manifest("s").expect("manifest");
+        // The set touches chunk 5, then chunk 2 (pages 80 and 33).
+        let mut set = prefetch::working_set::WorkingSet::new(manifest.identity);
+        set.merge(&Run { touches: vec![Touch { page: 80, write: false }, Touch { page: 33, write: false }] });
+        let chunk = |i: usize| manifest.chunks[i].expect("data chunk");
+        let pack_of = |percent: u64| {
+            let options =
+                PushOptions { working_set: None, pack_codec: Codec::None, pack_tail_percent: percent, threads: 1 };
+            let pack = working_set_pack(&store, &manifest, &set, &options).expect("pack");
+            let index = crate::pack::decode_index(&pack[..crate::pack::index_len(&pack).expect("len")]).expect("index");
+            (index.working, index.entries.iter().map(|e| e.id).collect::<Vec<_>>())
+        };
+        // Neighbours of the earliest chunk first (6, 4), then of the next (3, 1).
+        assert_eq!(pack_of(200), (2, vec![chunk(5), chunk(2), chunk(6), chunk(4), chunk(3), chunk(1)]));
+        assert_eq!(pack_of(50), (2, vec![chunk(5), chunk(2), chunk(6)]), "the tail stops at its budget");
+        assert_eq!(pack_of(0), (2, vec![chunk(5), chunk(2)]));
+    }
 }

@@ -75,6 +75,8 @@ pub struct RemoteStoreConfig {
     pub retry: snapstore::bucket::RetryPolicy,
     /// Chunks fetched at once ahead of need (demand fetches have their own connections).
     pub fetch_threads: usize,
+    /// Publish what VMs teach (runs, pages learned online) for other hosts to merge.
+    pub share_learning: bool,
 }
 
 /// What the server does with the VMs it serves.
@@ -169,6 +171,11 @@ impl ServerConfig {
             Mode::Serve { policy, .. } => Some(policy),
             Mode::Record { .. } => None,
         }
+    }
+
+    /// Whether what VMs learn is published to the object store they are served from.
+    pub fn shares_learning(&self) -> bool {
+        matches!(&self.chunk_store, Some(ChunkStoreConfig { origin: StoreOrigin::Remote(remote), .. }) if remote.share_learning)
     }
 
     /// The socket of snapshot `name`.

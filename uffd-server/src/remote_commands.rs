@@ -32,6 +32,10 @@ pub struct PushArgs {
     /// ~3× faster but measured no faster restore here (docs/object-store.md).
     #[arg(long, value_enum, default_value = "zstd")]
     pack_codec: crate::store_commands::CodecArg,
+    /// The pack's tail: chunks next to the working set's that it does not name (a VM given
+    /// another input touches them), up to this percentage of the working set's bytes.
+    #[arg(long, default_value_t = 15)]
+    pack_tail_percent: u64,
     /// Requests at once.
     #[arg(long, default_value_t = 16)]
     threads: usize,
@@ -80,6 +84,10 @@ pub struct RemoteServeArgs {
     /// How long one chunk is tried (with backoff) before the VM needing it gets an error.
     #[arg(long, default_value_t = 30_000)]
     remote_deadline_ms: u64,
+    /// Keep what VMs teach on this host: do not publish runs and learned pages to the bucket
+    /// for other hosts (a measurement that needs a fixed working set, say).
+    #[arg(long)]
+    no_share_learning: bool,
 }
 
 fn retry_policy(deadline_ms: u64) -> RetryPolicy {
@@ -99,6 +107,7 @@ pub fn run_push(args: &PushArgs) -> Result<()> {
     let options = PushOptions {
         working_set: args.working_set.as_deref(),
         pack_codec: args.pack_codec.into(),
+        pack_tail_percent: args.pack_tail_percent,
         threads: args.threads,
     };
     let report = push(&store, &args.name, &bucket, &options, &RetryPolicy::default())
@@ -162,6 +171,7 @@ pub fn remote_store(
         disk_cache_bytes: args.cache.disk_cache_bytes,
         retry: retry_policy(args.remote_deadline_ms),
         fetch_threads: args.fetch_threads.clamp(1, 256),
+        share_learning: !args.no_share_learning,
     };
     Ok(Some((config, names)))
 }

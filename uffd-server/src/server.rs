@@ -310,7 +310,7 @@ fn attach(
     if let Some(path) = &config.working_set {
         learned.save(path, &snapshot.identity());
     }
-    if let Some(remote) = service.store.remote_of(&service.name) {
+    if let Some(remote) = service.store.remote_of(&service.name).filter(|_| config.shares_learning()) {
         publish_learned(remote, &service.name, &learned, &snapshot.identity());
     }
     Ok(())

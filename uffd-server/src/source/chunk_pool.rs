@@ -392,6 +392,13 @@ pub(super) struct FetchGuard<'p> {
     pub(super) result: Option<Fetched>,
 }
 
+impl FetchGuard<'_> {
+    /// Ends the fetch with `result` now.
+    pub(super) fn finish(mut self, result: Fetched) {
+        self.result = Some(result);
+    }
+}
+
 impl Drop for FetchGuard<'_> {
     fn drop(&mut self) {
         let result = self.result.take().unwrap_or_else(|| Err(ChunkUnavailable::new("the fetch panicked", true)));

@@ -10,7 +10,7 @@
 
 use super::chunk_pool::{ChunkOrigin, ChunkPool, ChunkUnavailable, FetchGuard, Pending, PoolEntry};
 use snapstore::bucket::Lane;
-use snapstore::pack::{decode_index, index_len, PackEntry, HEADER_LEN};
+use snapstore::pack::{decode_index, index_len, PackEntry, PackIndex, HEADER_LEN};
 use snapstore::remote::RemoteStore;
 use snapstore::ChunkId;
 use std::collections::HashSet;
@@ -43,29 +43,35 @@ impl ChunkPool {
         if needed.iter().all(|id| remote.cache().contains(id)) {
             return; // a warm host: no GET at all
         }
-        let entries = match read_index(remote, name) {
-            Ok(Some(entries)) => entries,
+        let index = match read_index(remote, name) {
+            Ok(Some(index)) => index,
             Ok(None) => return,
             Err(e) => {
                 tracing::warn!(snapshot = name, "working-set pack not used: {e}");
                 return;
             }
         };
-        let mut promised = Vec::new();
+        // The working set's ranges first, then the tail's.
+        let mut parts: [Vec<PackEntry>; 2] = [Vec::new(), Vec::new()];
         {
             let mut pool = self.lock();
-            for entry in entries {
+            for (n, entry) in index.entries.into_iter().enumerate() {
                 let id = entry.id;
                 if needed.contains(&id) && !pool.contains_key(&id) && !remote.cache().contains(&id) {
                     pool.insert(id, PoolEntry::Fetching(Arc::new(Pending::default())));
-                    promised.push(entry);
+                    parts[usize::from(n >= index.working)].push(entry);
                 }
             }
         }
-        let ranges = Arc::new(plan_ranges(&promised));
+        let promised = parts[0].len() + parts[1].len();
+        let mut ranges = plan_ranges(&parts[0]);
+        ranges.extend(plan_ranges(&parts[1]));
+        let ranges = Arc::new(ranges);
+        let tail = parts[1].len();
         tracing::info!(
             snapshot = name,
-            chunks = promised.len(),
+            chunks = promised,
+            tail,
             ranges = ranges.len(),
             "fetching the working-set pack"
         );
@@ -87,12 +93,19 @@ impl ChunkPool {
     /// Fetches one range and holds its chunks (those no demand fault has claimed meanwhile).
     fn fetch_range(&self, name: &str, range: &Range) {
         let ChunkOrigin::Remote(remote) = self.origin() else { return };
-        let claimed: Vec<&PackEntry> = range.chunks.iter().filter(|entry| self.claim(&entry.id)).collect();
+        // A guard per claimed chunk: if anything below panics, its waiters fetch it themselves.
+        let mut claimed: Vec<(PackEntry, FetchGuard<'_>)> = range
+            .chunks
+            .iter()
+            .filter(|entry| self.claim(&entry.id))
+            .map(|&entry| (entry, FetchGuard { pool: self, id: entry.id, result: None }))
+            .collect();
         if claimed.is_empty() {
             return;
         }
         let fetched = remote.pack_range(name, range.start, range.end, Lane::Background);
-        for &&PackEntry { id, offset, len } in &claimed {
+        // Each chunk's waiters are woken as soon as it is held (its guard ends with the turn).
+        for (PackEntry { id, offset, len }, guard) in claimed.drain(..) {
             let file = fetched.as_ref().ok().and_then(Option::as_ref).and_then(|bytes| {
                 let from = usize::try_from(offset - range.start).ok()?;
                 bytes.get(from..from + usize::try_from(len).ok()?)
@@ -110,7 +123,7 @@ impl ChunkPool {
             if let Err(e) = &held {
                 tracing::warn!("{e}");
             }
-            drop(FetchGuard { pool: self, id, result: Some(held) });
+            guard.finish(held);
         }
     }
 
@@ -121,7 +134,7 @@ impl ChunkPool {
 }
 
 /// Snapshot `name`'s pack index: (chunk, offset, length) in pack order; None without a pack.
-fn read_index(remote: &RemoteStore, name: &str) -> Result<Option<Vec<PackEntry>>, String> {
+fn read_index(remote: &RemoteStore, name: &str) -> Result<Option<PackIndex>, String> {
     let Some(mut head) = remote.pack_range(name, 0, HEAD_BYTES, Lane::Background).map_err(|e| e.to_string())? else {
         return Ok(None);
     };
@@ -135,7 +148,7 @@ fn read_index(remote: &RemoteStore, name: &str) -> Result<Option<Vec<PackEntry>>
         head.extend(rest.unwrap_or_default());
     }
     let index = decode_index(head.get(..len.max(HEADER_LEN)).unwrap_or(&head)).map_err(|e| e.to_string())?;
-    Ok(Some(index.entries))
+    Ok(Some(index))
 }
 
 /// Groups chunks (in pack order) into ranges of contiguous pack bytes of ~[`RANGE_BYTES`].

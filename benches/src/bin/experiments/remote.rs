@@ -118,7 +118,8 @@ fn measure(
 /// the working set published with the snapshot: fetched into the server's disk cache at start).
 fn remote_server(proxy: &DelayProxy, url: &str, cache: &Path, policy: &str) -> ServerProcess {
     let snapshot = format!("vm={url}/vm");
-    let args = ["--snapshot", &snapshot, "--disk-cache", path(cache), "--prefetch", policy];
+    // The same working set for every run: what one run learns is not shared with the next.
+    let args = ["--snapshot", &snapshot, "--disk-cache", path(cache), "--prefetch", policy, "--no-share-learning"];
     let endpoint = proxy.url();
     ServerProcess::start_with_env("serve", &[], &args, &[("AWS_ENDPOINT_URL", endpoint.as_str())])
 }
