@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod pack;
 pub mod push;
 pub mod remote;
+pub mod retry;
 pub mod shared_set;
 pub mod store;
 
