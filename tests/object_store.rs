@@ -43,6 +43,31 @@ fn remote_server(bucket: &Bucket, name: &str, cache: &Path, extra: &[&str], env:
     ServerProcess::start_with_env("serve", &[], &args, env)
 }
 
+/// What most tests start from: a bucket of their own, a temp dir, and a random snapshot (30%
+/// zero pages) imported into a store there.
+struct Fixture {
+    bucket: Bucket,
+    url: String,
+    dir: tempfile::TempDir,
+    store: PathBuf,
+    snap: SnapshotFile,
+}
+
+fn fixture(test: &str, name: &str, len: usize, seed: u64) -> Fixture {
+    require_userfaultfd();
+    let bucket = test_bucket(&require_s3(), test);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = dir.path().join("store");
+    let snap = SnapshotFile::random(dir.path(), &format!("{name}.mem"), len, 0.3, seed);
+    import_to_store(&store, name, &snap.path).expect("import");
+    Fixture { url: s3_url(&bucket), bucket, dir, store, snap }
+}
+
+/// `uffd-server push` of `name` from `store` to `url`, with `extra` arguments: what it printed.
+fn push(store: &Path, name: &str, url: &str, extra: &[&str]) -> String {
+    run("uffd-server", &[&["push", "--store", utf8(store), "--name", name, "--to", url][..], extra].concat())
+}
+
 /// A VM that touches every page of snapshot `name` and compares all of its memory.
 fn assert_every_byte(server: &ServerProcess, name: &str, bytes: &[u8]) {
     let vm = FakeVmm::attach(&server.socket(name), bytes.len()).expect("attach");
@@ -91,20 +116,7 @@ fn a_second_host_restores_from_the_bucket_alone_with_none_and_union() {
     vmm_shim_restore(&snapshot, &[&uffd[..], &[utf8(&recorder.socket("py")), "--invoke", "1"]].concat())
         .expect("record");
     recorder.wait_for_log("run merged into the working set", 1);
-    let pushed = run(
-        "uffd-server",
-        &[
-            "push",
-            "--store",
-            utf8(&store),
-            "--name",
-            "py",
-            "--to",
-            &s3_url(&bucket),
-            "--working-set",
-            utf8(&working_set),
-        ],
-    );
+    let pushed = push(&store, "py", &s3_url(&bucket), &["--working-set", utf8(&working_set)]);
     assert!(pushed.contains(" uploaded (0 already there)"), "{pushed}");
 
     let manifest = Store::open(&store).expect("store").read_manifest("py").expect("manifest");
@@ -148,7 +160,7 @@ fn two_hosts_restore_at_once_one_warm_one_cold_while_a_third_pushes() {
     import_to_store(&store, "a", &a.path).expect("import a");
     import_to_store(&store, "b", &b.path).expect("import b");
     let url = s3_url(&bucket);
-    run("uffd-server", &["push", "--store", utf8(&store), "--name", "a", "--to", &url]);
+    push(&store, "a", &url, &[]);
 
     let (warm_cache, cold_cache) = (dir.path().join("warm"), dir.path().join("cold"));
     let pulled =
@@ -162,7 +174,7 @@ fn two_hosts_restore_at_once_one_warm_one_cold_while_a_third_pushes() {
                 scope.spawn(|| assert_every_byte(server, "a", &a.bytes));
             }
         }
-        scope.spawn(|| run("uffd-server", &["push", "--store", utf8(&store), "--name", "b", "--to", &url]));
+        scope.spawn(|| push(&store, "b", &url, &[]));
     });
     let (warm_fetched, cold_fetched) = (warm.stats().remote.expect("warm"), cold.stats().remote.expect("cold"));
     assert_eq!(warm_fetched.chunk_gets, 0, "the warm host reads its disk cache only: {warm_fetched:?}");
@@ -180,14 +192,8 @@ fn two_hosts_restore_at_once_one_warm_one_cold_while_a_third_pushes() {
 
 #[test]
 fn a_corrupted_chunk_object_is_refused_and_never_served() {
-    require_userfaultfd();
-    let s3 = require_s3();
-    let bucket = test_bucket(&s3, "corrupt");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store_dir = dir.path().join("store");
-    let snap = SnapshotFile::random(dir.path(), "c.mem", 8 * MIB, 0.3, 73);
-    import_to_store(&store_dir, "c", &snap.path).expect("import");
-    run("uffd-server", &["push", "--store", utf8(&store_dir), "--name", "c", "--to", &s3_url(&bucket)]);
+    let Fixture { bucket, url, dir, store: store_dir, snap } = fixture("corrupt", "c", 8 * MIB, 73);
+    push(&store_dir, "c", &url, &[]);
     // A well-formed chunk object, but another chunk's: its bytes do not hash to its name.
     let store = Store::open(&store_dir).expect("store");
     let ids: Vec<_> = store.read_manifest("c").expect("manifest").chunks.into_iter().flatten().collect();
@@ -204,14 +210,7 @@ fn a_corrupted_chunk_object_is_refused_and_never_served() {
 
 #[test]
 fn a_killed_push_leaves_no_manifest_without_its_chunks_and_a_rerun_completes() {
-    require_userfaultfd();
-    let s3 = require_s3();
-    let bucket = test_bucket(&s3, "killed-push");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = dir.path().join("store");
-    let big = SnapshotFile::random(dir.path(), "big.mem", 96 * MIB, 0.3, 74);
-    import_to_store(&store, "big", &big.path).expect("import");
-    let url = s3_url(&bucket);
+    let Fixture { bucket, url, dir, store, snap: big } = fixture("killed-push", "big", 96 * MIB, 74);
     let mut pushing = Command::new(workspace_binary("uffd-server"))
         .args(["push", "--store", utf8(&store), "--name", "big", "--to", &url, "--threads", "2"])
         .stdout(std::process::Stdio::null())
@@ -226,7 +225,7 @@ fn a_killed_push_leaves_no_manifest_without_its_chunks_and_a_rerun_completes() {
     pushing.wait().expect("reap");
     assert!(!bucket.exists("manifests/big").expect("head"), "no manifest before all its chunks");
 
-    let rerun = run("uffd-server", &["push", "--store", utf8(&store), "--name", "big", "--to", &url]);
+    let rerun = push(&store, "big", &url, &[]);
     assert!(!rerun.contains("(0 already there)"), "the chunks of the killed push are reused: {rerun}");
     let server = remote_server(&bucket, "big", &dir.path().join("cache"), &["--prefetch", "none"], &[]);
     assert_every_byte(&server, "big", &big.bytes);
@@ -285,13 +284,7 @@ fn an_outage_mid_restore_is_ridden_out_within_the_deadline_and_poisons_after_it(
 
 #[test]
 fn a_damaged_pack_chunk_is_refused_and_fetched_on_its_own() {
-    require_userfaultfd();
-    let s3 = require_s3();
-    let bucket = test_bucket(&s3, "damaged-pack");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = dir.path().join("store");
-    let snap = SnapshotFile::random(dir.path(), "p.mem", 8 * MIB, 0.3, 77);
-    import_to_store(&store, "p", &snap.path).expect("import");
+    let Fixture { bucket, url, dir, store, snap } = fixture("damaged-pack", "p", 8 * MIB, 77);
     // A working set of every page (a VM that touched them all), published with its pack.
     let working_set = dir.path().join("p.ws");
     let recorder = ServerProcess::start_with_env(
@@ -302,11 +295,7 @@ fn a_damaged_pack_chunk_is_refused_and_fetched_on_its_own() {
     );
     assert_every_byte(&recorder, "p", &snap.bytes);
     recorder.wait_for_log("run merged into the working set", 1);
-    let url = s3_url(&bucket);
-    run(
-        "uffd-server",
-        &["push", "--store", utf8(&store), "--name", "p", "--to", &url, "--working-set", utf8(&working_set)],
-    );
+    push(&store, "p", &url, &["--working-set", utf8(&working_set)]);
     let mut pack = bucket.get("packs/p", snapstore::bucket::Lane::Background).expect("get").expect("a pack");
     let index =
         snapstore::pack::decode_index(&pack[..snapstore::pack::index_len(&pack).expect("index")]).expect("index");
@@ -325,15 +314,8 @@ fn a_damaged_pack_chunk_is_refused_and_fetched_on_its_own() {
 
 #[test]
 fn two_hosts_learning_at_once_lose_no_run_and_a_third_prefetches_both() {
-    require_userfaultfd();
-    let s3 = require_s3();
-    let bucket = test_bucket(&s3, "learning");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = dir.path().join("store");
-    let snap = SnapshotFile::random(dir.path(), "l.mem", 8 * MIB, 0.3, 78);
-    import_to_store(&store, "l", &snap.path).expect("import");
-    let url = s3_url(&bucket);
-    run("uffd-server", &["push", "--store", utf8(&store), "--name", "l", "--to", &url]);
+    let Fixture { bucket, url, dir, store, snap } = fixture("learning", "l", 8 * MIB, 78);
+    push(&store, "l", &url, &[]);
 
     // Hosts A and B record at once, each a VM touching its half of the memory.
     let hosts: Vec<ServerProcess> = ["a", "b"]
