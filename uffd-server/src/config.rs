@@ -79,6 +79,19 @@ pub struct RemoteStoreConfig {
     pub share_learning: bool,
 }
 
+impl RemoteStoreConfig {
+    /// The store it names, through its disk cache, reached as the environment says
+    /// (`snapstore::bucket::S3Config::from_env`). No request is made yet.
+    pub fn open(&self) -> Result<snapstore::remote::RemoteStore, ServerError> {
+        let bucket = snapstore::bucket::S3Config::from_env()
+            .and_then(|s3| snapstore::bucket::Bucket::new(&s3, self.address.clone()))
+            .map_err(|e| ServerError::Remote(e.to_string()))?;
+        let cache = snapstore::disk_cache::DiskCache::open(&self.disk_cache, self.disk_cache_bytes)
+            .map_err(|e| ServerError::ChunkStore(Box::new(e)))?;
+        Ok(snapstore::remote::RemoteStore::new(bucket, cache, self.retry))
+    }
+}
+
 /// What the server does with the VMs it serves.
 #[derive(Clone, Copy, Debug)]
 pub enum Mode {

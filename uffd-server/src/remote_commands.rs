@@ -178,20 +178,15 @@ pub fn remote_store(
 
 /// Every snapshot in the remote store.
 pub fn remote_names(config: &RemoteStoreConfig) -> Result<Vec<String>> {
-    let remote = open_remote(config)?;
+    let remote = config.open()?;
     remote.names().with_context(|| format!("cannot list the snapshots in {}", config.address))
-}
-
-fn open_remote(config: &RemoteStoreConfig) -> Result<RemoteStore> {
-    let bucket = Bucket::new(&S3Config::from_env()?, config.address.clone())?;
-    Ok(RemoteStore::new(bucket, DiskCache::open(&config.disk_cache, config.disk_cache_bytes)?, config.retry))
 }
 
 /// Snapshot `name`'s working set as every host has learned it (the set pushed with it merged
 /// with every run other hosts published: `snapstore::shared_set`), written into the disk cache
 /// (where online refinement then updates it); None if it has none.
 pub fn fetch_working_set(config: &RemoteStoreConfig, name: &str) -> Result<Option<PathBuf>> {
-    let remote = open_remote(config)?;
+    let remote = config.open()?;
     let (manifest, _) = remote.manifest(name).with_context(|| format!("cannot fetch the manifest of `{name}`"))?;
     let merged = merged(remote.bucket(), name, &manifest.identity, remote.retry_policy())
         .with_context(|| format!("cannot fetch the working set of `{name}`"))?;

@@ -26,9 +26,6 @@ use crate::vm::{self, Guest};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use prefetch::plan::Plan;
 use prefetch::policy::PrefetchPolicy;
-use snapstore::bucket::{Bucket, S3Config};
-use snapstore::disk_cache::DiskCache;
-use snapstore::remote::RemoteStore;
 use snapstore::store::Store;
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -170,12 +167,7 @@ fn open_origin(origin: &StoreOrigin) -> Result<(ChunkOrigin, usize), ServerError
     match origin {
         StoreOrigin::Local(root) => Ok((ChunkOrigin::Local(Store::open(root).map_err(store_error)?), 1)),
         StoreOrigin::Remote(remote) => {
-            let bucket = S3Config::from_env()
-                .and_then(|s3| Bucket::new(&s3, remote.address.clone()))
-                .map_err(|e| ServerError::Remote(e.to_string()))?;
-            let cache = DiskCache::open(&remote.disk_cache, remote.disk_cache_bytes).map_err(store_error)?;
-            let remote_store = RemoteStore::new(bucket, cache, remote.retry).write_behind();
-            Ok((ChunkOrigin::Remote(Box::new(remote_store)), remote.fetch_threads))
+            Ok((ChunkOrigin::Remote(Box::new(remote.open()?.write_behind())), remote.fetch_threads))
         }
     }
 }
