@@ -21,8 +21,8 @@ struct Index {
     clock: u64,
 }
 
-/// A chunk's id and its file.
-type ChunkFile = (ChunkId, Vec<u8>);
+/// A chunk's id and its bytes.
+type ChunkBytes = (ChunkId, Vec<u8>);
 
 /// Chunk files on local disk, within a budget.
 pub struct DiskCache {
@@ -30,7 +30,7 @@ pub struct DiskCache {
     budget: u64,
     index: Arc<Mutex<Index>>,
     /// Chunks to write behind, at low priority ([`DiskCache::put_behind`]).
-    writer: OnceLock<std::sync::mpsc::Sender<ChunkFile>>,
+    writer: OnceLock<std::sync::mpsc::Sender<ChunkBytes>>,
 }
 
 impl DiskCache {
@@ -120,22 +120,22 @@ impl DiskCache {
         checked
     }
 
-    /// Keeps `file` (an encoded chunk already checked against `id`), making room within the
-    /// budget. A zero budget keeps nothing.
-    pub fn put(&self, id: &ChunkId, file: &[u8]) -> Result<(), StoreError> {
-        put(&self.store, self.budget, &self.index, id, file)
+    /// Keeps `bytes` (chunk `id`'s bytes, already checked against it) as an LZ4 chunk file,
+    /// making room within the budget. A zero budget keeps nothing.
+    pub fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<(), StoreError> {
+        put(&self.store, self.budget, &self.index, id, bytes)
     }
 
     /// As [`DiskCache::put`], later, on a writer thread of the lowest CPU priority: a host
     /// restoring VMs spends its cores on them, and the disk copy is only for next time.
-    pub fn put_behind(&self, id: &ChunkId, file: Vec<u8>) {
+    pub fn put_behind(&self, id: &ChunkId, bytes: Vec<u8>) {
         let writer = self.writer.get_or_init(|| {
-            let (sender, receiver) = std::sync::mpsc::channel::<ChunkFile>();
+            let (sender, receiver) = std::sync::mpsc::channel::<ChunkBytes>();
             let (store, budget, index) = (self.store.clone(), self.budget, Arc::clone(&self.index));
             let write = move || {
                 lower_priority();
-                for (id, file) in receiver {
-                    if let Err(e) = put(&store, budget, &index, &id, &file) {
+                for (id, bytes) in receiver {
+                    if let Err(e) = put(&store, budget, &index, &id, &bytes) {
                         tracing::warn!(chunk = %id, "disk cache: could not keep the chunk: {e}");
                     }
                 }
@@ -145,7 +145,7 @@ impl DiskCache {
             }
             sender
         });
-        let _ = writer.send((*id, file));
+        let _ = writer.send((*id, bytes));
     }
 
     fn forget(&self, id: &ChunkId) {
@@ -161,22 +161,17 @@ fn lock(index: &Mutex<Index>) -> MutexGuard<'_, Index> {
     index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn put(store: &Store, budget: u64, index: &Mutex<Index>, id: &ChunkId, file: &[u8]) -> Result<(), StoreError> {
+fn put(store: &Store, budget: u64, index: &Mutex<Index>, id: &ChunkId, bytes: &[u8]) -> Result<(), StoreError> {
     if lock(index).files.contains_key(id) {
         return Ok(());
     }
     // Kept as LZ4: a hit decompresses ~3× faster than from zstd, on a restore's time.
-    let transcoded = match crate::chunk::header(file) {
-        Ok(header) if header.codec == crate::Codec::Zstd => crate::chunk::decode(file, id)
-            .map(|bytes| crate::chunk::encode(&bytes, crate::Codec::Lz4))
-            .map_err(|source| StoreError::Chunk { path: store.chunk_path(id), source })?,
-        _ => file.to_vec(),
-    };
-    let len = transcoded.len() as u64;
+    let file = crate::chunk::encode(bytes, crate::Codec::Lz4);
+    let len = file.len() as u64;
     if len > budget {
         return Ok(());
     }
-    store.put_chunk(id, &transcoded)?;
+    store.put_chunk(id, &file)?;
     let mut index = lock(index);
     index.clock += 1;
     let now = index.clock;

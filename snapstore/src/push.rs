@@ -100,16 +100,15 @@ pub fn push(
     let manifest = store.read_manifest(name)?;
     let ids: Vec<ChunkId> = manifest.chunks.iter().flatten().copied().collect::<BTreeSet<_>>().into_iter().collect();
     let (uploaded, bytes) = (AtomicUsize::new(0), AtomicU64::new(0));
-    let transient = |e: &BucketError| e.is_transient();
     parallel(&ids, threads, |id| -> Result<(), PushError> {
         let key = chunk_relative(id);
-        if retry(policy, transient, || bucket.exists(&key))? {
+        if retry(policy, BucketError::is_transient, || bucket.exists(&key))? {
             return Ok(());
         }
         // Checked before it leaves: a chunk damaged on this disk is never published.
         let file = store.read_chunk_file(id)?;
         crate::chunk::decode(&file, id).map_err(|source| StoreError::Chunk { path: store.chunk_path(id), source })?;
-        retry(policy, transient, || bucket.put(&key, &file))?;
+        retry(policy, BucketError::is_transient, || bucket.put(&key, &file))?;
         uploaded.fetch_add(1, Ordering::Relaxed);
         bytes.fetch_add(file.len() as u64, Ordering::Relaxed);
         Ok(())
@@ -121,11 +120,11 @@ pub fn push(
         let set = prefetch::format::decode(&set_bytes, &manifest.identity).map_err(|e| bad(e.to_string()))?;
         let pack = working_set_pack(store, &manifest, &set, options)?;
         let pack_key = pack_relative(name)?;
-        retry(policy, transient, || bucket.put(&pack_key, &pack))?;
+        retry(policy, BucketError::is_transient, || bucket.put(&pack_key, &pack))?;
         let key = working_set_relative(name)?;
-        retry(policy, transient, || bucket.put(&key, &set_bytes))?;
+        retry(policy, BucketError::is_transient, || bucket.put(&key, &set_bytes))?;
     }
-    retry(policy, transient, || bucket.put(&manifest_key, &manifest_file))?;
+    retry(policy, BucketError::is_transient, || bucket.put(&manifest_key, &manifest_file))?;
     Ok(PushReport {
         chunks: ids.len(),
         uploaded: uploaded.into_inner(),

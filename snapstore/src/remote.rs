@@ -29,11 +29,16 @@ pub enum RemoteError {
 }
 
 impl RemoteError {
+    /// The endpoint failed transiently (unreachable, slow, overloaded).
+    fn is_transient(&self) -> bool {
+        matches!(self, RemoteError::Bucket(e) if e.is_transient())
+    }
+
     /// Worth another try: the endpoint failed transiently, or a chunk a manifest names was
     /// missing or arrived damaged (a store being repaired, a torn transfer).
     fn worth_retrying(&self) -> bool {
         match self {
-            RemoteError::Bucket(e) => e.is_transient(),
+            RemoteError::Bucket(_) => self.is_transient(),
             RemoteError::Missing { .. } | RemoteError::BadChunk { .. } => true,
             _ => false,
         }
@@ -79,11 +84,11 @@ impl RemoteStore {
         self
     }
 
-    /// Keeps chunk `id`'s checked `file` in the disk cache (now, or behind).
-    pub fn keep(&self, id: &ChunkId, file: Vec<u8>) {
+    /// Keeps chunk `id`'s checked `bytes` in the disk cache (now, or behind).
+    pub fn keep(&self, id: &ChunkId, bytes: Vec<u8>) {
         if self.write_behind {
-            self.cache.put_behind(id, file);
-        } else if let Err(e) = self.cache.put(id, &file) {
+            self.cache.put_behind(id, bytes);
+        } else if let Err(e) = self.cache.put(id, &bytes) {
             tracing::warn!(chunk = %id, "disk cache: could not keep the chunk: {e}");
         }
     }
@@ -115,7 +120,7 @@ impl RemoteStore {
             return Ok(bytes);
         }
         let key = chunk_relative(id);
-        let (file, bytes) = retry(&self.retry, RemoteError::worth_retrying, || {
+        let bytes = retry(&self.retry, RemoteError::worth_retrying, || {
             let fetched = self.bucket.get(&key, lane).map_err(RemoteError::from).and_then(|file| {
                 let file = file.ok_or_else(|| RemoteError::Missing { address: self.address(), key: key.clone() })?;
                 self.counters.chunk_bytes.fetch_add(file.len() as u64, Ordering::Relaxed);
@@ -124,7 +129,7 @@ impl RemoteStore {
                     key: key.clone(),
                     source,
                 })?;
-                Ok((file, bytes))
+                Ok(bytes)
             });
             if let Err(e) = &fetched {
                 self.counters.failed_gets.fetch_add(1, Ordering::Relaxed);
@@ -133,7 +138,7 @@ impl RemoteStore {
             fetched
         })?;
         self.counters.chunk_gets.fetch_add(1, Ordering::Relaxed);
-        self.keep(id, file);
+        self.keep(id, bytes.clone());
         Ok(bytes)
     }
 
@@ -175,8 +180,7 @@ impl RemoteStore {
     /// chunk bytes received); None if it was pushed without one.
     pub fn pack_range(&self, name: &str, start: u64, end: u64, lane: Lane) -> Result<Option<Vec<u8>>, RemoteError> {
         let key = crate::push::pack_relative(name)?;
-        let transient = |e: &RemoteError| matches!(e, RemoteError::Bucket(b) if b.is_transient());
-        let bytes = retry(&self.retry, transient, || {
+        let bytes = retry(&self.retry, RemoteError::is_transient, || {
             self.bucket.get_range(&key, Some((start, end)), lane).map_err(|e| {
                 self.counters.failed_gets.fetch_add(1, Ordering::Relaxed);
                 RemoteError::from(e)
@@ -191,14 +195,12 @@ impl RemoteStore {
 
     /// The object at `relative` (a working set, a loading set), with retries; None if absent.
     pub fn object(&self, relative: &str) -> Result<Option<Vec<u8>>, RemoteError> {
-        let transient = |e: &RemoteError| matches!(e, RemoteError::Bucket(b) if b.is_transient());
-        retry(&self.retry, transient, || Ok(self.bucket.get(relative, Lane::Background)?))
+        retry(&self.retry, RemoteError::is_transient, || Ok(self.bucket.get(relative, Lane::Background)?))
     }
 
     /// The snapshots whose manifests are in the bucket, in name order.
     pub fn names(&self) -> Result<Vec<String>, RemoteError> {
-        let transient = |e: &BucketError| e.is_transient();
-        let keys = retry(&self.retry, transient, || self.bucket.list("manifests/"))?;
+        let keys = retry(&self.retry, BucketError::is_transient, || self.bucket.list("manifests/"))?;
         let mut names: Vec<String> = keys
             .into_iter()
             .filter_map(|(key, _)| key.strip_prefix("manifests/").map(str::to_string))

@@ -18,10 +18,6 @@ fn runs_relative(name: &str) -> Result<String, PushError> {
     Ok(format!("{}.runs/", working_set_relative(name)?))
 }
 
-fn transient(e: &BucketError) -> bool {
-    e.is_transient()
-}
-
 /// Publishes `learned` (a set holding what one VM taught: a run, or pages learned online) as a
 /// run object of its own; its key.
 pub fn publish(bucket: &Bucket, name: &str, learned: &WorkingSet, policy: &RetryPolicy) -> Result<String, PushError> {
@@ -32,7 +28,7 @@ pub fn publish(bucket: &Bucket, name: &str, learned: &WorkingSet, policy: &Retry
     let unique = blake3::hash(format!("{host}{nanos}{:?}", std::thread::current().id()).as_bytes()).to_hex();
     let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect();
     let key = format!("{}{host}-{}-{nanos}-{}", runs_relative(name)?, std::process::id(), &unique[..12]);
-    retry(policy, transient, || bucket.put(&key, &bytes))?;
+    retry(policy, BucketError::is_transient, || bucket.put(&key, &bytes))?;
     Ok(key)
 }
 
@@ -53,15 +49,17 @@ pub fn merged(
         }
     };
     let base_key = working_set_relative(name)?;
-    let base = retry(policy, transient, || bucket.get(&base_key, Lane::Background))?;
+    let base = retry(policy, BucketError::is_transient, || bucket.get(&base_key, Lane::Background))?;
     let mut set = base.and_then(|bytes| decode(&base_key, &bytes));
-    let keys: Vec<String> = retry(policy, transient, || bucket.list(&runs_relative(name).unwrap_or_default()))?
-        .into_iter()
-        .map(|(key, _)| key)
-        .collect();
+    let keys: Vec<String> =
+        retry(policy, BucketError::is_transient, || bucket.list(&runs_relative(name).unwrap_or_default()))?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
     let mut merged_keys = Vec::new();
     for key in keys {
-        let Some(run) = retry(policy, transient, || bucket.get(&key, Lane::Background))?.and_then(|b| decode(&key, &b))
+        let Some(run) = retry(policy, BucketError::is_transient, || bucket.get(&key, Lane::Background))?
+            .and_then(|b| decode(&key, &b))
         else {
             continue;
         };
@@ -85,9 +83,9 @@ pub fn compact(
     let bytes = prefetch::format::encode(&set)
         .map_err(|e| PushError::WorkingSet { path: name.into(), reason: e.to_string() })?;
     let base_key = working_set_relative(name)?;
-    retry(policy, transient, || bucket.put(&base_key, &bytes))?;
+    retry(policy, BucketError::is_transient, || bucket.put(&base_key, &bytes))?;
     for key in &keys {
-        retry(policy, transient, || bucket.delete(key))?;
+        retry(policy, BucketError::is_transient, || bucket.delete(key))?;
     }
     Ok(keys.len())
 }

@@ -110,14 +110,13 @@ impl ChunkPool {
                 let from = usize::try_from(offset - range.start).ok()?;
                 bytes.get(from..from + usize::try_from(len).ok()?)
             });
-            let held = match file.map(|file| (file, snapstore::chunk::decode(file, &id))) {
-                Some((file, Ok(raw))) => {
-                    let held = self.hold(raw);
-                    remote.keep(&id, file.to_vec());
-                    Ok(held)
+            let held = match file.map(|file| snapstore::chunk::decode(file, &id)) {
+                Some(Ok(raw)) => {
+                    remote.keep(&id, raw.clone());
+                    Ok(self.hold(raw))
                 }
                 // Refused or missing: its waiters fetch it on their own (and check it again).
-                Some((_, Err(e))) => Err(ChunkUnavailable::new(format!("pack of {name}: chunk {id}: {e}"), true)),
+                Some(Err(e)) => Err(ChunkUnavailable::new(format!("pack of {name}: chunk {id}: {e}"), true)),
                 None => Err(ChunkUnavailable::new(format!("pack of {name}: range not fetched"), true)),
             };
             if let Err(e) = &held {
