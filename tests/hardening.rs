@@ -201,12 +201,12 @@ fn an_unsafe_socket_directory_is_refused_and_a_new_one_is_private_whatever_the_u
     }
     let mode = |p: &Path| std::fs::symlink_metadata(p).expect("stat").mode() & 0o777;
     let modes = (mode(&fresh), mode(&fresh.join("vm.sock")), mode(&fresh.join("control.sock")));
-    // A second server on the same directory does not steal the sockets.
+    // A second server on the same directory does not steal the sockets: its lock refuses it.
     let second = refused_start(&fresh, &snap, "");
     let _ = server.kill();
     let _ = server.wait();
     assert_eq!(modes, (0o700, 0o600, 0o600));
-    assert!(second.contains("is the socket of a running server"), "{second}");
+    assert!(second.contains("another server runs on socket directory"), "{second}");
 }
 
 #[test]

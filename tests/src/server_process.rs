@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use uffd_server::control::{query_stats, StatsResponse, CONTROL_SOCKET};
+use uffd_server::control::{query_stats, StatsResponse};
 
 /// Path of a binary of this workspace in the current executable's `target/<profile>/` (tests and
 /// benches run from its `deps/`). `cargo build --workspace --bins` (part of the README's
@@ -61,6 +61,9 @@ pub struct ServerProcess {
     pub socket_dir: PathBuf,
     log: PathBuf,
     _dir: tempfile::TempDir,
+    /// The arguments and environment, for a successor started on the same directory.
+    args: Vec<std::ffi::OsString>,
+    env: Vec<(String, String)>,
 }
 
 impl ServerProcess {
@@ -93,34 +96,67 @@ impl ServerProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket_dir = dir.path().join("sockets");
         let log = dir.path().join("server.log");
-        let mut cmd = Command::new(workspace_binary("uffd-server"));
-        cmd.arg(command).arg("--socket-dir").arg(&socket_dir);
+        let mut args: Vec<std::ffi::OsString> = vec![command.into(), "--socket-dir".into(), socket_dir.clone().into()];
         for (name, path) in snapshots {
-            cmd.arg("--snapshot").arg(format!("{name}={}", path.display()));
+            args.extend(["--snapshot".into(), format!("{name}={}", path.display()).into()]);
         }
-        cmd.args(extra)
-            .env("RUST_LOG", std::env::var("E2E_SERVER_LOG").unwrap_or_else(|_| "info".into()))
-            .env("NO_COLOR", "1")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"));
-        let child = cmd.spawn().expect("spawn uffd-server");
-        let mut server = ServerProcess { child, socket_dir, log, _dir: dir };
-        server.wait_until_listening(snapshots.iter().map(|(n, _)| *n));
+        args.extend(extra.iter().map(Into::into));
+        let mut env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        env.push(("RUST_LOG".into(), std::env::var("E2E_SERVER_LOG").unwrap_or_else(|_| "info".into())));
+        env.push(("NO_COLOR".into(), "1".into()));
+        std::fs::File::create(&log).expect("log file");
+        let child = spawn_logged(&args, &env, &log);
+        let mut server = ServerProcess { child, socket_dir, log, _dir: dir, args, env };
+        server.wait_until_listening();
         server
     }
 
-    fn wait_until_listening<'a>(&mut self, names: impl Iterator<Item = &'a str>) {
-        let mut paths: Vec<PathBuf> = names.map(|n| self.socket(n)).collect();
-        paths.push(self.socket_dir.join(CONTROL_SOCKET));
+    /// Kills the server with SIGKILL (a crash) and reaps it.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for the server to exit; its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill sends a signal to our own child; no memory is involved.
+        unsafe { libc::kill(self.child.id().cast_signed(), libc::SIGTERM) };
+        self.child.wait().expect("wait for uffd-server")
+    }
+
+    /// Starts the same server again on the same directory (killing this one first, if it
+    /// still runs), with `extra` arguments more, and waits until it listens. Its log goes on in
+    /// the same file. Returns when the new process was started.
+    pub fn restart(&mut self, extra: &[&str]) -> Instant {
+        self.kill_hard();
+        let args = [&self.args[..], &extra.iter().map(Into::into).collect::<Vec<_>>()].concat();
+        let spawned = Instant::now();
+        self.child = spawn_logged(&args, &self.env, &self.log);
+        self.wait_until_listening();
+        spawned
+    }
+
+    /// Starts a successor with `--takeover` and waits until it serves and this one has exited
+    /// (its exit status).
+    pub fn take_over(&mut self) -> std::process::ExitStatus {
+        let args = [&self.args[..], &["--takeover".into()]].concat();
+        let successor = spawn_logged(&args, &self.env, &self.log);
+        let mut predecessor = std::mem::replace(&mut self.child, successor);
+        let status = predecessor.wait().expect("wait for the predecessor");
+        self.wait_until_listening();
+        status
+    }
+
+    fn wait_until_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        // Ready: every socket bound, and no snapshot still loading (a VM's restore is timed from
-        // its connection, not from the server's start).
+        // Ready: the control socket answers (it is bound after every snapshot socket) and no
+        // snapshot is still loading (a VM's restore is timed from its connection, not from the
+        // server's start).
         let ready = |dir: &Path| query_stats(dir).is_ok_and(|stats| stats.snapshots_loading.is_empty());
-        while !paths.iter().all(|p| p.exists()) || !ready(&self.socket_dir) {
+        while !ready(&self.socket_dir) {
             assert!(self.is_running(), "uffd-server exited at start:\n{}", self.log());
             assert!(Instant::now() < deadline, "uffd-server did not listen in time:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -173,6 +209,18 @@ impl ServerProcess {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+}
+
+/// Spawns `uffd-server` with `args` and `env`, its stderr appended to `log`.
+fn spawn_logged(args: &[std::ffi::OsString], env: &[(String, String)], log: &Path) -> Child {
+    let stderr = std::fs::OpenOptions::new().append(true).open(log).expect("log file");
+    Command::new(workspace_binary("uffd-server"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn uffd-server")
 }
 
 impl Drop for ServerProcess {

@@ -38,6 +38,13 @@ pub struct ServerConfig {
     pub loading_set: Option<PathBuf>,
     /// Serve or record.
     pub mode: Mode,
+    /// Where each VM is journaled for a successor (crash recovery, handover); None: nowhere.
+    pub journal_dir: Option<PathBuf>,
+    /// Take every socket and VM over from the server running on the socket directory.
+    pub takeover: bool,
+    /// The socket of the single snapshot, at exactly this path (instead of `NAME.sock` in the
+    /// socket directory).
+    pub socket_path: Option<PathBuf>,
 }
 
 /// Snapshots served from a content-addressed chunk store.
@@ -138,6 +145,14 @@ pub enum ServerError {
     Remote(String),
     #[error("{0}")]
     Snapshot(Box<crate::source::snapshot::SnapshotError>),
+    #[error("journal: {0}")]
+    Journal(String),
+    #[error("takeover failed: {0}")]
+    Takeover(String),
+    #[error("--socket-path names the socket of one snapshot, got {0} snapshots")]
+    SocketPathNeedsOneSnapshot(usize),
+    #[error("{0}")]
+    Io(String),
 }
 
 impl ServerConfig {
@@ -146,6 +161,9 @@ impl ServerConfig {
         let all = self.names();
         if all.is_empty() {
             return Err(ServerError::NoSnapshots);
+        }
+        if self.socket_path.is_some() && all.len() != 1 {
+            return Err(ServerError::SocketPathNeedsOneSnapshot(all.len()));
         }
         if self.working_set.is_some() && all.len() != 1 {
             return Err(ServerError::WorkingSetNeedsOneSnapshot(all.len()));
@@ -193,7 +211,19 @@ impl ServerConfig {
 
     /// The socket of snapshot `name`.
     pub fn socket_path(&self, name: &str) -> PathBuf {
-        self.socket_dir.join(format!("{name}.sock"))
+        match &self.socket_path {
+            Some(path) => path.clone(),
+            None => self.socket_dir.join(format!("{name}.sock")),
+        }
+    }
+
+    /// Who may connect to the snapshot sockets.
+    pub fn access(&self) -> crate::sockets::Access {
+        if self.allow_uids.is_empty() {
+            crate::sockets::Access::Owner
+        } else {
+            crate::sockets::Access::CheckedPeers
+        }
     }
 }
 

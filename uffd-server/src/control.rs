@@ -3,6 +3,7 @@
 //! ```text
 //! stats\n                → StatsResponse: loaded snapshots, every live VM and the recent ended ones
 //! end-recording <vm-id>\n → {"ok": true} | {"error": "..."}: that VM's record window ends now
+//! handover\n              → a successor takes every socket and VM (`crate::recovery::handover`)
 //! ```
 
 use crate::registry::{Registry, VmReport};
@@ -74,8 +75,14 @@ enum CommandReply {
     Error { error: String },
 }
 
-/// Answers control connections until the listener fails.
-pub fn serve(listener: &UnixListener, store: &SnapshotStore, registry: &Registry) {
+/// Answers control connections until the listener fails; `handover` serves a successor's
+/// `handover` request (and ends the process when it succeeds).
+pub fn serve(
+    listener: &UnixListener,
+    store: &SnapshotStore,
+    registry: &Registry,
+    handover: &(dyn Fn(&UnixStream) + Sync),
+) {
     std::thread::scope(|scope| {
         for stream in listener.incoming() {
             let stream = match stream {
@@ -88,7 +95,7 @@ pub fn serve(listener: &UnixListener, store: &SnapshotStore, registry: &Registry
             };
             // One thread per request: a client that never reads its reply holds up no one.
             let spawned = std::thread::Builder::new().name("control-request".into()).spawn_scoped(scope, move || {
-                if let Err(e) = answer(&stream, store, registry) {
+                if let Err(e) = answer(&stream, store, registry, handover) {
                     tracing::warn!("control request failed: {e}");
                 }
             });
@@ -99,7 +106,12 @@ pub fn serve(listener: &UnixListener, store: &SnapshotStore, registry: &Registry
     });
 }
 
-fn answer(stream: &UnixStream, store: &SnapshotStore, registry: &Registry) -> io::Result<()> {
+fn answer(
+    stream: &UnixStream,
+    store: &SnapshotStore,
+    registry: &Registry,
+    handover: &(dyn Fn(&UnixStream) + Sync),
+) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
     let uid = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)?.uid();
@@ -124,6 +136,7 @@ fn answer(stream: &UnixStream, store: &SnapshotStore, registry: &Registry) -> io
             };
             serde_json::to_writer(&mut out, &response)?;
         }
+        (Some("handover"), None) => handover(stream),
         (Some("end-recording"), Some(id)) => {
             let id_number = id.parse().ok();
             let reply = match id_number.and_then(|id| registry.find(id)) {
@@ -140,7 +153,8 @@ fn answer(stream: &UnixStream, store: &SnapshotStore, registry: &Registry) -> io
             serde_json::to_writer(&mut out, &reply)?;
         }
         _ => {
-            let error = format!("unknown command `{}`: expected `stats` or `end-recording <vm-id>`", line.trim());
+            let error =
+                format!("unknown command `{}`: expected `stats`, `end-recording <vm-id>` or `handover`", line.trim());
             serde_json::to_writer(&mut out, &CommandReply::Error { error })?;
         }
     }

@@ -13,7 +13,8 @@
 //!   batch), shared through the [`source::store`];
 //! - [`plan_cache`] keeps each snapshot's plan, [`registry`] every VM's record, [`control`]
 //!   answers `stats`, [`metrics`] serves Prometheus, [`stats`] defines the counters and
-//!   histograms, [`config`] the configuration, [`sockets`] who can reach the server.
+//!   histograms, [`config`] the configuration, [`sockets`] who can reach the server;
+//! - [`recovery`]: each VM journaled, and taken back by a successor after a crash or handover.
 
 #![warn(missing_docs)]
 
@@ -24,6 +25,7 @@ pub mod log_limit;
 pub mod memory;
 pub mod metrics;
 pub mod plan_cache;
+pub mod recovery;
 pub mod registry;
 pub mod server;
 pub mod sockets;

@@ -199,9 +199,25 @@ struct RecordArgs {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Directory for the sockets (created if missing): NAME.sock per snapshot, control.sock.
+    /// Directory for the sockets (created if missing): NAME.sock per snapshot, control.sock,
+    /// and the lock a second server on it is refused by.
     #[arg(long)]
     socket_dir: PathBuf,
+    /// The socket of the (single) snapshot at exactly this path, instead of SOCKET_DIR/NAME.sock:
+    /// what a Firecracker configuration names.
+    #[arg(long)]
+    socket_path: Option<PathBuf>,
+    /// Where each VM is journaled so that a restarted server takes it back (tmpfs: it must
+    /// outlive the process, not the machine). Default: SOCKET_DIR/journal.
+    #[arg(long)]
+    journal_dir: Option<PathBuf>,
+    /// Journal nothing: VMs are lost if this server stops or crashes.
+    #[arg(long, conflicts_with = "journal_dir")]
+    no_journal: bool,
+    /// Take every socket and live VM over from the server running on --socket-dir (an upgrade
+    /// without a frozen guest); it exits once this one serves them.
+    #[arg(long)]
+    takeover: bool,
     /// A snapshot memory file (Firecracker layout), as NAME=PATH; NAME=s3://BUCKET/PREFIX/NAME,
     /// a snapshot in an object store; or NAME, a snapshot of --store or --remote. Repeatable.
     #[arg(long = "snapshot", value_name = "NAME=PATH|NAME=s3://…|NAME")]
@@ -346,7 +362,15 @@ fn serve(args: ServeArgs, (working_set, loading_set): (Option<PathBuf>, Option<P
     if let Some(dir) = &args.snapshot_dir {
         snapshots.extend(scan_snapshot_dir(dir)?);
     }
+    let journal_dir = match (args.no_journal, &args.journal_dir) {
+        (true, _) => None,
+        (false, Some(dir)) => Some(dir.clone()),
+        (false, None) => Some(args.socket_dir.join("journal")),
+    };
     let config = ServerConfig {
+        journal_dir,
+        takeover: args.takeover,
+        socket_path: args.socket_path,
         socket_dir: args.socket_dir,
         snapshots,
         chunk_store,

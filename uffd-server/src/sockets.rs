@@ -36,6 +36,37 @@ pub enum SocketError {
     InUse(PathBuf),
     #[error("cannot listen on {0}: {1}")]
     Bind(PathBuf, io::Error),
+    #[error("another server runs on socket directory {0} (it holds {LOCK_FILE}); stop it, or start this one with --takeover")]
+    Locked(PathBuf),
+    #[error("cannot lock socket directory {0}: {1}")]
+    Lock(PathBuf, io::Error),
+}
+
+/// The lock file in the socket directory: held (flock) by the one server running there.
+pub const LOCK_FILE: &str = ".lock";
+
+/// Takes the socket directory's lock, or refuses when another server holds it. The lock goes
+/// with the process (a crash releases it) or with its fd (a handover passes it on).
+pub fn lock_dir(dir: &Path) -> Result<std::os::fd::OwnedFd, SocketError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| SocketError::Lock(path.clone(), e))?;
+    // SAFETY: flock takes an open fd and flags; it touches no memory.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => SocketError::Locked(dir.into()),
+            _ => SocketError::Lock(path, e),
+        });
+    }
+    Ok(file.into())
 }
 
 /// Who may connect to the snapshot sockets.

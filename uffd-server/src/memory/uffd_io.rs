@@ -194,6 +194,17 @@ impl Userfaultfd {
     }
 }
 
+impl Userfaultfd {
+    /// The fd itself, for a successor to take over.
+    pub fn into_owned(self) -> OwnedFd {
+        // Not `IntoRawFd`: userfaultfd 0.9's `into_raw_fd` returns the fd and still closes it
+        // when the `Uffd` drops.
+        let uffd = std::mem::ManuallyDrop::new(self.uffd);
+        // SAFETY: the `Uffd` will never drop, so the fd it owned is now owned here alone.
+        unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(uffd.as_raw_fd()) }
+    }
+}
+
 impl AsFd for Userfaultfd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.uffd.as_fd()

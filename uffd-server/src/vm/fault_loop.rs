@@ -18,14 +18,13 @@ use super::demand::Demand;
 use super::learner::{Learned, Learner};
 use super::prefetcher::{Prefetcher, Pulled};
 use super::removed::RemovedRanges;
-use super::{contain, Fault, Guest, Step, VmEnd};
+use super::{contain, Fault, Guest, Step, VmEnd, VmmLink};
 use crate::addr::HostAddr;
 use crate::memory::uffd_io::{ReadError, UffdEvent};
 use crate::stats::count;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 use userfaultfd::EventBuffer;
 
@@ -43,6 +42,8 @@ enum Ready {
     Idle,
     VmmClosed,
     UffdHangup,
+    /// The server asked its VMs to stop.
+    StopRequested,
 }
 
 /// A stage whose panic is contained.
@@ -55,7 +56,7 @@ enum Stage {
 /// One VM's loop and the state only it touches.
 pub struct FaultLoop<'a> {
     guest: Guest<'a>,
-    socket: &'a UnixStream,
+    link: &'a VmmLink,
     demand: Demand,
     prefetcher: Option<Prefetcher<'a>>,
     learner: Option<Learner<'a>>,
@@ -67,21 +68,23 @@ pub struct FaultLoop<'a> {
 }
 
 impl<'a> FaultLoop<'a> {
-    /// A loop over `guest`'s events; `socket` is its VMM's.
+    /// A loop over `guest`'s events; `link` tells when its VMM is gone; `removed` holds the
+    /// ranges removed before the loop (a VM taken over) and journals the new ones.
     pub fn new(
         guest: Guest<'a>,
-        socket: &'a UnixStream,
+        link: &'a VmmLink,
         demand: Demand,
         prefetcher: Option<Prefetcher<'a>>,
         learner: Option<Learner<'a>>,
+        removed: RemovedRanges,
     ) -> FaultLoop<'a> {
         FaultLoop {
             guest,
-            socket,
+            link,
             demand,
             prefetcher,
             learner,
-            removed: RemovedRanges::default(),
+            removed,
             faults: VecDeque::new(),
             events: Vec::with_capacity(EVENTS_PER_READ),
             buf: EventBuffer::new(EVENTS_PER_READ),
@@ -104,12 +107,18 @@ impl<'a> FaultLoop<'a> {
         }
     }
 
-    /// What the VM taught us (nothing if the learning stage was dropped).
-    pub fn finish(self) -> Learned {
-        self.learner.map(Learner::finish).unwrap_or_default()
+    /// What the VM taught us (nothing if the learning stage was dropped), and its removed
+    /// ranges (with their journal).
+    pub fn finish(self) -> (Learned, RemovedRanges) {
+        (self.learner.map(Learner::finish).unwrap_or_default(), self.removed)
     }
 
     fn turn(&mut self, turn: u32) -> Result<(), VmEnd> {
+        // A safe point: every fault read is served and every REMOVE read is journaled, so a
+        // successor that wakes the VM's ranges loses nothing.
+        if self.faults.is_empty() && self.link.stop.as_ref().is_some_and(|stop| stop.is_requested()) {
+            return Err(VmEnd::Stopped);
+        }
         if self.prefetcher.as_ref().is_some_and(Prefetcher::is_installing) {
             return self.prefetch_step();
         }
@@ -144,6 +153,7 @@ impl<'a> FaultLoop<'a> {
             Ready::Idle => Ok(()), // a deferred batch may be due now: look again
             Ready::VmmClosed => Err(VmEnd::VmmClosed),
             Ready::UffdHangup => Err(VmEnd::UffdHangup),
+            Ready::StopRequested => Ok(()), // the next turn stops
         }
     }
 
@@ -234,8 +244,12 @@ impl<'a> FaultLoop<'a> {
 
     fn poll(&self, timeout: PollTimeout) -> Result<Ready, VmEnd> {
         let uffd = self.guest.placer.uffd();
-        let mut fds =
-            [PollFd::new(uffd.as_fd(), PollFlags::POLLIN), PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
+        // uffd, then whichever of socket, pidfd and stop signal the VM has, in that order.
+        let link = self.link;
+        let mut fds = vec![PollFd::new(uffd.as_fd(), PollFlags::POLLIN)];
+        fds.extend(link.socket.as_ref().map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN)));
+        fds.extend(link.pidfd.as_ref().map(|p| PollFd::new(p.as_fd(), PollFlags::POLLIN)));
+        fds.extend(link.stop.as_ref().map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN)));
         loop {
             match poll(&mut fds, timeout) {
                 Ok(0) => return Ok(Ready::Idle),
@@ -244,25 +258,38 @@ impl<'a> FaultLoop<'a> {
                 Err(e) => return Err(VmEnd::Failed(format!("poll: {e}"))),
             }
         }
-        let socket = fds[1].revents().unwrap_or(PollFlags::empty());
-        if socket.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+        let revents: Vec<PollFlags> = fds.iter().map(|fd| fd.revents().unwrap_or(PollFlags::empty())).collect();
+        let mut next = revents[1..].iter();
+        if link.socket.is_some() {
+            let socket = next.next().copied().unwrap_or(PollFlags::empty());
+            if socket.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+                return Ok(Ready::VmmClosed);
+            }
+            if socket.contains(PollFlags::POLLIN) && self.vmm_closed_or_drained() {
+                return Ok(Ready::VmmClosed);
+            }
+        }
+        // A pidfd turns readable when its process has exited.
+        if link.pidfd.is_some() && !next.next().copied().unwrap_or(PollFlags::empty()).is_empty() {
             return Ok(Ready::VmmClosed);
         }
-        if socket.contains(PollFlags::POLLIN) && self.vmm_closed_or_drained() {
-            return Ok(Ready::VmmClosed);
-        }
-        let uffd = fds[0].revents().unwrap_or(PollFlags::empty());
+        let stop = link.stop.is_some() && !next.next().copied().unwrap_or(PollFlags::empty()).is_empty();
+        let uffd = revents[0];
         if uffd.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
             return Ok(Ready::UffdHangup);
         }
-        Ok(Ready::Events)
+        if uffd.contains(PollFlags::POLLIN) {
+            return Ok(Ready::Events);
+        }
+        Ok(if stop { Ready::StopRequested } else { Ready::Idle })
     }
 
     /// The protocol has nothing after the handshake: EOF means the VMM is gone; stray bytes are
     /// read and dropped so they cannot wake the loop forever.
     fn vmm_closed_or_drained(&self) -> bool {
+        let Some(socket) = self.link.socket.as_ref() else { return false };
         let mut buf = [0u8; 64 * 1024];
-        match nix::sys::socket::recv(self.socket.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+        match nix::sys::socket::recv(socket.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
             Ok(0) => true,
             Ok(n) => {
                 if self.guest.log_limit.allow() {
@@ -292,7 +319,10 @@ impl<'a> FaultLoop<'a> {
                 UffdEvent::Remove { start, end } | UffdEvent::Unmap { start, end } => {
                     count(&self.guest.stats.remove_events, 1);
                     tracing::debug!(%start, %end, "range removed: it will read as zeros");
-                    self.removed.insert(start, end);
+                    // Journaled before this function returns, so before anything is placed.
+                    if let Err(e) = self.removed.insert(start, end) {
+                        tracing::error!("{e}; this VM cannot be recovered if the server dies");
+                    }
                 }
                 UffdEvent::Remap { from, to, len } => {
                     // Firecracker never enables REMAP; serving a moved range would need a

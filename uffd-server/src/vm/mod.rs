@@ -28,7 +28,23 @@ use fault_loop::FaultLoop;
 use learner::{Learned, Learner};
 use prefetch::PageIndex;
 use prefetcher::Prefetcher;
+use removed::RemovedRanges;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+/// How the fault loop learns that the VMM is gone or the server wants the VM stopped.
+#[derive(Debug, Default)]
+pub struct VmmLink {
+    /// The VMM's connection: it closing means the VMM is gone. None for a VM recovered after
+    /// a crash (the server's end died with it).
+    pub socket: Option<UnixStream>,
+    /// Readable once the VMM process has exited.
+    pub pidfd: Option<OwnedFd>,
+    /// Set when the server stops (handover, SIGTERM): the loop ends at its next safe point.
+    pub stop: Option<Arc<crate::recovery::StopSignal>>,
+}
 
 /// What every stage places into: one VM's memory, and where its bytes come from.
 pub struct Guest<'a> {
@@ -102,6 +118,8 @@ pub enum VmEnd {
     Failed(String),
     /// Serving panicked outside the stages that can be dropped.
     Panicked(String),
+    /// The server stopped serving it at a safe point, for a successor to take it over.
+    Stopped,
 }
 
 impl VmEnd {
@@ -119,20 +137,22 @@ impl std::fmt::Display for VmEnd {
             VmEnd::AddressSpaceGone => write!(f, "VMM address space gone"),
             VmEnd::Failed(why) => write!(f, "fault loop failed: {why}"),
             VmEnd::Panicked(why) => write!(f, "serving the VM panicked: {why}"),
+            VmEnd::Stopped => write!(f, "stopped for a successor"),
         }
     }
 }
 
 /// Serves one VM until it ends: its stages in a fault loop, a panic contained. Returns how it
-/// ended and what it taught us.
+/// ended, what it taught us and its removed ranges (with the VM's journal).
 pub fn serve(
     guest: Guest<'_>,
-    socket: &std::os::unix::net::UnixStream,
+    link: &VmmLink,
     demand: demand::Demand,
-    prefetcher: Option<Prefetcher<'_>>,
-    learner: Option<Learner<'_>>,
-) -> (VmEnd, Learned) {
-    let mut fault_loop = FaultLoop::new(guest, socket, demand, prefetcher, learner);
+    stages: (Option<Prefetcher<'_>>, Option<Learner<'_>>),
+    removed: RemovedRanges,
+) -> (VmEnd, Learned, RemovedRanges) {
+    let (prefetcher, learner) = stages;
+    let mut fault_loop = FaultLoop::new(guest, link, demand, prefetcher, learner, removed);
     let end = match contain(|| fault_loop.run()) {
         Ok(end) => end,
         Err(panic) => {
@@ -140,7 +160,8 @@ pub fn serve(
             VmEnd::Panicked(panic)
         }
     };
-    (end, fault_loop.finish())
+    let (learned, removed) = fault_loop.finish();
+    (end, learned, removed)
 }
 
 /// Runs `f`, turning a panic into its message.

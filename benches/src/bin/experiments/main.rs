@@ -9,6 +9,8 @@
 //! 5. Density: N concurrent restores (`density`).
 //! 6. The chunk store: dedup and compression vs chunk size, RAM per snapshot, fault path,
 //!    prefetch and restore from it, on real runtime memory (`store`).
+//! 7. Restoring from an object store (`remote`).
+//! 8. The server's own end: a vCPU's stall across a handover and a crash, a soak (`restart`).
 //!
 //! Run: `./x experiments [--full]` (`--quick`, the default, takes ~4 minutes). Writes CSV
 //! files, PNG plots and `summary.md` to `--out` (default `target/experiments`).
@@ -21,6 +23,7 @@ mod harness;
 mod latency;
 mod remote;
 mod report;
+mod restart;
 mod stability;
 mod store;
 
@@ -40,7 +43,7 @@ struct Args {
     quick: bool,
     #[arg(long, default_value = "target/experiments")]
     out: PathBuf,
-    /// Run only these experiments (1, 1b, 2, 3, 4, 5, 6, 7; repeatable); all by default.
+    /// Run only these experiments (1, 1b, 2, 3, 4, 5, 6, 7, 8; repeatable); all by default.
     #[arg(long)]
     only: Vec<String>,
 }
@@ -86,6 +89,9 @@ fn main() -> Result<()> {
     }
     if wanted("7") {
         summary += &remote::run(work, out)?;
+    }
+    if wanted("8") {
+        summary += &restart::run(work, out)?;
     }
     std::fs::write(out.join("summary.md"), &summary)?;
     println!("{summary}");

@@ -1,0 +1,235 @@
+//! Experiment 8: the server's own end. How long a faulting vCPU stalls across a planned
+//! handover (`serve --takeover`) and across a crash (`kill -9`, then a new server that takes
+//! the VMs back from their journals), for 1, 16 and 64 VMs; a soak of restore cycles against
+//! one server with its RSS and fd count sampled; and the cost of journaling a REMOVE (the
+//! window a crash could lose one in).
+//!
+//! The VMs are in-process test VMMs (`e2e::fake_vmm`: real uffds, Firecracker's handshake),
+//! one host thread each standing in for a vCPU: it touches its guest's pages one by one — each
+//! a demand fault — and when it has touched them all drops them (MADV_DONTNEED: a REMOVE) and
+//! starts over, so it faults for the whole run. The snapshot is random bytes: nothing here
+//! depends on its contents.
+
+use crate::report::{bar_plot, Labels};
+use anyhow::{ensure, Result};
+use e2e::fake_vmm::{touch, FakeVmm, PAGE};
+use e2e::server_process::ServerProcess;
+use e2e::snapshot_file::SnapshotFile;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Guest memory per VM: 4096 pages.
+const VM_BYTES: usize = 16 << 20;
+/// Faulting before the event, and after it.
+const BEFORE: Duration = Duration::from_millis(400);
+const AFTER: Duration = Duration::from_millis(600);
+
+/// What one vCPU saw.
+#[derive(Clone, Copy, Default)]
+struct Stalls {
+    /// Its longest fault before the event (the machine's noise under this load).
+    before: Duration,
+    /// Its longest fault that ended after the event began.
+    after: Duration,
+    /// When the first fault that ended after the event began did end.
+    resumed: Option<Instant>,
+}
+
+/// Faults through `vmm`'s memory until `stop`; `event` is set when the event begins.
+fn fault_continuously(vmm: &FakeVmm, stop: &AtomicBool, event: &OnceLock<Instant>) -> Stalls {
+    let mut stalls = Stalls::default();
+    let pages: Vec<usize> = vmm.memory.page_addrs().collect();
+    while !stop.load(Ordering::Relaxed) {
+        for &addr in &pages {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let started = Instant::now();
+            touch(addr, false);
+            let ended = Instant::now();
+            let took = ended - started;
+            match event.get() {
+                Some(&at) if ended > at => {
+                    stalls.after = stalls.after.max(took);
+                    stalls.resumed.get_or_insert(ended);
+                }
+                _ => stalls.before = stalls.before.max(took),
+            }
+        }
+        for (i, region) in vmm.memory.regions.iter().enumerate() {
+            let _ = vmm.dontneed(i, 0, region.size);
+        }
+    }
+    stalls
+}
+
+/// One measurement: `vms` VMs faulting, then `event` (a handover or a crash) on the server;
+/// each VM's stalls, and when the new server process started.
+fn measure(snap: &SnapshotFile, vms: usize, crash: bool) -> Result<(Vec<Stalls>, Instant, Instant)> {
+    let mut server = ServerProcess::start(&[("vm", &snap.path)], &["--fault-around", "1"]);
+    let attached: Vec<FakeVmm> =
+        (0..vms).map(|_| FakeVmm::attach(&server.socket("vm"), VM_BYTES)).collect::<std::io::Result<_>>()?;
+    let (stop, event) = (AtomicBool::new(false), OnceLock::new());
+    let (stalls, began, spawned) = std::thread::scope(|scope| {
+        let threads: Vec<_> =
+            attached.iter().map(|vmm| scope.spawn(|| fault_continuously(vmm, &stop, &event))).collect();
+        std::thread::sleep(BEFORE);
+        let began = Instant::now();
+        let _ = event.set(began);
+        let spawned = if crash {
+            server.restart(&[])
+        } else {
+            let spawned = Instant::now();
+            let status = server.take_over();
+            assert!(status.success(), "the predecessor failed its handover:\n{}", server.log());
+            spawned
+        };
+        std::thread::sleep(AFTER);
+        stop.store(true, Ordering::Relaxed);
+        let stalls: Vec<Stalls> = threads.into_iter().map(|t| t.join().unwrap_or_default()).collect();
+        (stalls, began, spawned)
+    });
+    ensure!(stalls.iter().all(|s| s.resumed.is_some()), "a VM never faulted again after the event:\n{}", server.log());
+    drop(attached);
+    Ok((stalls, began, spawned))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn run(work: &Path, out: &Path) -> Result<String> {
+    let snap = SnapshotFile::random(work, "restart.mem", VM_BYTES, 0.3, 88);
+    let mut csv = String::from("event,vms,stall_p50_ms,stall_max_ms,noise_max_ms,pause_from_start_max_ms\n");
+    let mut md = String::from(
+        "## 8. Restart: handover and crash recovery\n\n\
+         Each VM's vCPU (a host thread) faults continuously through 16 MiB of guest memory, dropping \
+         it with MADV_DONTNEED after each pass (REMOVE events); after 400 ms the server is handed \
+         over (`serve --takeover`) or killed with SIGKILL and started again (it takes the VMs back \
+         from their journals). Stall: a vCPU's longest fault that ended after the event began \
+         (p50 and max over the VMs); noise: the longest fault in the 400 ms before, same run. \
+         Crash: pause from start, the new process's start to the last VM's first fault served.\n\n\
+         | event | VMs | stall p50 | stall max | noise max | pause from process start (max) |\n|---|---|---|---|---|---|\n",
+    );
+    let mut bars = Vec::new();
+    for vms in [1, 16, 64] {
+        for crash in [false, true] {
+            let (stalls, _began, spawned) = measure(&snap, vms, crash)?;
+            let mut after: Vec<f64> = stalls.iter().map(|s| ms(s.after)).collect();
+            after.sort_by(f64::total_cmp);
+            let p50 = benches::median(&after);
+            let max = after.last().copied().unwrap_or(0.0);
+            let noise = stalls.iter().map(|s| ms(s.before)).fold(0.0, f64::max);
+            let from_start = stalls
+                .iter()
+                .filter_map(|s| s.resumed)
+                .map(|r| ms(r.saturating_duration_since(spawned)))
+                .fold(0.0, f64::max);
+            let event = if crash { "crash" } else { "handover" };
+            let pause = if crash { format!("{from_start:.1} ms") } else { "-".into() };
+            writeln!(csv, "{event},{vms},{p50:.3},{max:.3},{noise:.3},{from_start:.3}")?;
+            writeln!(md, "| {event} | {vms} | {p50:.1} ms | {max:.1} ms | {noise:.1} ms | {pause} |")?;
+            bars.push((format!("{event}, {vms} VMs: stall p50"), p50));
+        }
+    }
+    std::fs::write(out.join("restart.csv"), &csv)?;
+    bar_plot(
+        &out.join("restart.png"),
+        &Labels { title: "A vCPU's stall across a handover or a crash (p50 over VMs)", x: "ms", y: "" },
+        &bars,
+    )?;
+    md += &soak(&snap, 10_000, out)?;
+    md += &journal_append_cost(work)?;
+    Ok(md)
+}
+
+/// `cycles` restores against one server (attach, fault 64 pages, detach), its RSS and open fds
+/// sampled every 1000.
+fn soak(snap: &SnapshotFile, cycles: usize, out: &Path) -> Result<String> {
+    let server = ServerProcess::start(&[("vm", &snap.path)], &["--fault-around", "1"]);
+    let mut samples = Vec::new();
+    let mut csv = String::from("cycle,rss_kib,fds\n");
+    for cycle in 1..=cycles {
+        let vmm = FakeVmm::attach(&server.socket("vm"), VM_BYTES)?;
+        let base = vmm.memory.regions[0].addr;
+        for page in 0..64 {
+            touch(base + page * 37 * PAGE, false);
+        }
+        drop(vmm);
+        if cycle % 1000 == 0 {
+            let rss = rss_kib(server.pid())?;
+            let fds = server.open_fds();
+            writeln!(csv, "{cycle},{rss},{fds}")?;
+            samples.push((cycle, rss, fds));
+        }
+    }
+    std::fs::write(out.join("restart-soak.csv"), &csv)?;
+    let (first, last) = (samples.get(1).copied().unwrap_or_default(), samples.last().copied().unwrap_or_default());
+    let mut md = format!(
+        "\nSoak: {cycles} restore cycles against one server (attach, 64 faults, detach). Sampled every \
+         1000 cycles (`restart-soak.csv`); from cycle {} (after the 1024 ended VMs the stats keep) to {}: \
+         RSS {} → {} KiB ({:+.1}%), open fds {} → {}.\n",
+        first.0,
+        last.0,
+        first.1,
+        last.1,
+        (last.1 as f64 / first.1.max(1) as f64 - 1.0) * 100.0,
+        first.2,
+        last.2
+    );
+    let _ = writeln!(md);
+    Ok(md)
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next());
+    Ok(rss.and_then(|v| v.parse().ok()).unwrap_or(0))
+}
+
+/// What journaling one REMOVE costs: the time between reading it and having it journaled,
+/// which a crash could fall into (the VM's REMOVE would then be unknown to the successor).
+fn journal_append_cost(work: &Path) -> Result<String> {
+    use uffd_server::addr::HostAddr;
+    use uffd_server::recovery::journal::{JournalDir, JournalHeader, JOURNAL_FORMAT};
+    let mut md = String::from("\nJournaling one REMOVE (`VmJournal::note_removed`, 10,000 appends):");
+    for (place, dir) in [
+        ("disk (/tmp)", work.join("journal")),
+        ("tmpfs (/dev/shm)", Path::new("/dev/shm").join(format!("uffd-journal-{}", std::process::id()))),
+    ] {
+        let journal_dir = JournalDir::open(&dir)?;
+        let header = JournalHeader {
+            format: JOURNAL_FORMAT,
+            snapshot: "vm".into(),
+            identity: prefetch::identity::SnapshotIdentity { len: 0, fingerprint: 0 },
+            peer_pid: 1,
+            peer_start_ticks: 1,
+            uffd: (0, 1),
+            regions: vec![[0x7f00_0000_0000, 1 << 30, 0, 4096]],
+        };
+        let mut journal = journal_dir.create(&header)?;
+        let mut took: Vec<f64> = (0..10_000u64)
+            .map(|i| {
+                let started = Instant::now();
+                let _ = journal.note_removed(HostAddr(i << 21), HostAddr((i << 21) + (1 << 21)));
+                started.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        took.sort_by(f64::total_cmp);
+        journal.remove();
+        let _ = std::fs::remove_dir(&dir);
+        write!(
+            md,
+            " {place}: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs;",
+            benches::median(&took),
+            benches::percentile(&took, 0.99),
+            took.last().copied().unwrap_or(0.0)
+        )?;
+    }
+    md.pop();
+    md += ".\n\n";
+    Ok(md)
+}

@@ -1,0 +1,50 @@
+//! Surviving the server's own end: a VM outlives the process that served it.
+//!
+//! - [`journal`]: per attached VM, what a successor needs (pid, uffd, regions, removed ranges);
+//! - [`reacquire`]: after a crash, its uffd taken back from the VMM with `pidfd_getfd`;
+//! - [`handover`]: a planned handover, every VM's fds passed to a successor over a socket.
+//!
+//! Either way the successor wakes every registered range, so a fault its predecessor read and
+//! did not answer is raised again, and serves on.
+
+pub mod handover;
+pub mod journal;
+pub mod reacquire;
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Asks every VM's fault loop to stop at its next safe point: a flag for loops that are busy
+/// (checked each turn), and a pipe that wakes the ones waiting in `poll`.
+#[derive(Debug)]
+pub struct StopSignal {
+    requested: AtomicBool,
+    readable: OwnedFd,
+    writable: OwnedFd,
+}
+
+impl StopSignal {
+    /// A signal not raised yet.
+    pub fn new() -> std::io::Result<StopSignal> {
+        let (readable, writable) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+        Ok(StopSignal { requested: AtomicBool::new(false), readable, writable })
+    }
+
+    /// Raises it: every loop stops at its next safe point. The byte is never read, so the
+    /// pipe stays readable for every poll from now on.
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        let _ = nix::unistd::write(&self.writable, &[1]);
+    }
+
+    /// Whether it was raised.
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::Relaxed)
+    }
+}
+
+impl AsFd for StopSignal {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.readable.as_fd()
+    }
+}

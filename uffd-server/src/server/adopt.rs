@@ -1,0 +1,170 @@
+//! Taking back the VMs a predecessor left: after a crash, from the journals and the VMMs' own
+//! copies of their uffds; after a handover, from the fds it passed. Either way a VM is served
+//! only if its journal is whole, its snapshot is the same bytes, and its uffd is the one
+//! journaled.
+
+use super::lifecycle::{bind_metrics, Sockets};
+use super::serve_vm::{serve_vm, ReadyVm};
+use super::{spawn_vm_thread, SnapshotService};
+use crate::config::{ServerConfig, ServerError};
+use crate::control::CONTROL_SOCKET;
+use crate::memory::regions::RegionMap;
+use crate::memory::uffd_io::Userfaultfd;
+use crate::recovery::handover::{self, expect_fds, HandoverError, Message};
+use crate::recovery::journal::{JournalDir, JournalRead};
+use crate::recovery::reacquire::{self, ReacquireError};
+use crate::registry::VmRecord;
+use crate::vm::removed::RemovedRanges;
+use crate::vm::VmmLink;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A VM to take back: its journal and the fds to serve it through.
+struct Adoptee {
+    path: PathBuf,
+    read: JournalRead,
+    uffd: OwnedFd,
+    socket: Option<UnixStream>,
+    pidfd: OwnedFd,
+}
+
+/// After a crash (or SIGTERM): every journaled VM whose VMM still runs is taken back and
+/// served; a VMM that exited meanwhile, or a pid now used by another process, only has its
+/// journal removed.
+pub(super) fn recover_journaled(journal: &JournalDir, services: &[Arc<SnapshotService>]) {
+    let found = match journal.scan() {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::error!("cannot read the journals: {e}; no VM of an earlier server is recovered");
+            return;
+        }
+    };
+    for (path, read) in found {
+        let read = match read {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::error!("{e}: that VM is not recovered");
+                continue;
+            }
+        };
+        match reacquire::reacquire(&read.header) {
+            Ok(taken) => {
+                let adoptee = Adoptee { path, read, uffd: taken.uffd, socket: None, pidfd: taken.pidfd };
+                adopt(services, adoptee);
+            }
+            Err(e @ (ReacquireError::VmmGone(_) | ReacquireError::PidReused(..) | ReacquireError::UffdClosed(_))) => {
+                tracing::info!(journal = %path.display(), "{e}: nothing to recover, journal removed");
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(e) => tracing::error!(journal = %path.display(), "VM not recovered: {e}"),
+        }
+    }
+}
+
+/// Starts serving `adoptee` on a thread of its own.
+fn adopt(services: &[Arc<SnapshotService>], adoptee: Adoptee) {
+    let name = &adoptee.read.header.snapshot;
+    let Some(service) = services.iter().find(|s| &s.name == name) else {
+        tracing::error!(journal = %adoptee.path.display(), "VM of snapshot `{name}`, which this server does not serve: not recovered (journal kept)");
+        return;
+    };
+    let id = service.registry.next_id();
+    spawn_vm_thread(service, id, move |service| match ready(service, id, adoptee) {
+        Ok(vm) => serve_vm(service, vm),
+        Err(e) => tracing::error!("VM not recovered: {e}"),
+    });
+}
+
+/// Checks an adoptee against what this server serves and registers it.
+fn ready(service: &SnapshotService, id: u64, adoptee: Adoptee) -> Result<ReadyVm, String> {
+    let Adoptee { path, read, uffd, socket, pidfd } = adoptee;
+    let header = &read.header;
+    let at = |what: &dyn std::fmt::Display| format!("journal {}: {what}", path.display());
+    let snapshot = service.store.get_prepared(&service.name, &|s| service.prepare(s)).map_err(|e| at(&e))?;
+    if snapshot.identity() != header.identity {
+        return Err(at(&format!(
+            "snapshot `{}` holds other bytes now than when the VM attached; serving it would be wrong (journal kept)",
+            service.name
+        )));
+    }
+    let regions = header.regions().map_err(|e| at(&e))?;
+    let regions = RegionMap::new(regions, snapshot.len()).map_err(|e| at(&e))?;
+    let uffd = Userfaultfd::from_owned(uffd).map_err(|e| at(&e))?;
+    let record = Arc::new(VmRecord::new(id, &service.name, header.peer_pid, header.uffd));
+    service.registry.add(Arc::clone(&record)).map_err(|other| at(&format!("its uffd already serves VM {other}")))?;
+    let journal = service.journal.as_ref().and_then(|dir| dir.reopen(&path).map_err(|e| tracing::error!("{e}")).ok());
+    tracing::info!(peer_pid = header.peer_pid, removed_ranges = read.removed.len(), "VM taken over");
+    let link = VmmLink { socket, pidfd: Some(pidfd), stop: Some(Arc::clone(&service.lifecycle.stop)) };
+    let removed = RemovedRanges::journaled(journal, &read.removed);
+    Ok(ReadyVm { record, snapshot, regions, uffd, link, removed, taken_over: true })
+}
+
+/// The successor's side of a handover: asks the server running on the socket directory for
+/// everything, serves each VM it passes, and returns its sockets.
+pub(super) fn take_over(config: &ServerConfig, services: &[Arc<SnapshotService>]) -> Result<Sockets, ServerError> {
+    let failed = |e: HandoverError| ServerError::Takeover(e.to_string());
+    let stream = UnixStream::connect(config.socket_dir.join(CONTROL_SOCKET)).map_err(|e| {
+        ServerError::Takeover(format!("no server to take over on {}: {e}", config.socket_dir.display()))
+    })?;
+    (&stream).write_all(b"handover\n").map_err(|e| failed(e.into()))?;
+    let (message, mut fds) = handover::receive(&stream).map_err(failed)?;
+    let Message::Listeners { snapshots, metrics } = message else {
+        return Err(failed(HandoverError::Unexpected(format!("{message:?}"))));
+    };
+    expect_fds("listeners", &fds, 2 + snapshots.len() + usize::from(metrics)).map_err(failed)?;
+    let metrics_fd = if metrics { fds.pop() } else { None };
+    let mut fds = fds.into_iter();
+    let (lock, control) = (fds.next(), fds.next().map(UnixListener::from));
+    let (Some(lock), Some(control)) = (lock, control) else { return Err(failed(HandoverError::Cut)) };
+    let mut received: Vec<(String, UnixListener)> = snapshots.into_iter().zip(fds.map(UnixListener::from)).collect();
+    let mut vms = 0;
+    loop {
+        let (message, fds) = handover::receive(&stream).map_err(failed)?;
+        match message {
+            Message::Vm { journal, socket } => {
+                expect_fds("vm", &fds, 1 + usize::from(socket)).map_err(failed)?;
+                take_vm(services, config, &journal, fds);
+                vms += 1;
+            }
+            Message::Done { vms: sent } if sent == vms => break,
+            other => return Err(failed(HandoverError::Unexpected(format!("{other:?}")))),
+        }
+    }
+    // Snapshots this server no longer serves lose their socket; new ones get one.
+    received.retain(|(name, _)| config.names().contains(&name.as_str()));
+    for name in config.names() {
+        if !received.iter().any(|(n, _)| n == name) {
+            received.push((name.to_string(), crate::sockets::bind(&config.socket_path(name), config.access())?));
+        }
+    }
+    let metrics = match metrics_fd {
+        Some(fd) if config.metrics_listen.is_some() => Some(std::net::TcpListener::from(fd)),
+        _ => bind_metrics(config)?,
+    };
+    (&stream).write_all(b"ok\n").map_err(|e| failed(e.into()))?;
+    tracing::info!(vms, "took over from the previous server");
+    Ok(Sockets { lock, control, snapshots: received, metrics })
+}
+
+/// Serves one VM a predecessor handed over.
+fn take_vm(services: &[Arc<SnapshotService>], config: &ServerConfig, journal: &Path, fds: Vec<OwnedFd>) {
+    let mut fds = fds.into_iter();
+    let (Some(uffd), socket) = (fds.next(), fds.next().map(UnixStream::from)) else { return };
+    // Only a journal in our own directory: the predecessor is trusted, but not beyond it.
+    let dir = config.journal_dir.as_deref().filter(|dir| journal.parent() == Some(*dir));
+    let read = match dir.map(|dir| JournalDir::open(dir).and_then(|d| d.read(journal))) {
+        Some(Ok(read)) => read,
+        Some(Err(e)) => return tracing::error!("handed-over VM not served: {e}"),
+        None => {
+            return tracing::error!(journal = %journal.display(), "handed-over VM's journal is outside the journal directory: not served")
+        }
+    };
+    let pidfd = match reacquire::pidfd_open(read.header.peer_pid) {
+        Ok(pidfd) => pidfd,
+        Err(e) => return tracing::info!(peer_pid = read.header.peer_pid, "handed-over VM's VMM is gone ({e})"),
+    };
+    adopt(services, Adoptee { path: journal.to_path_buf(), read, uffd, socket, pidfd });
+}
