@@ -3,9 +3,10 @@
 //!
 //! ```text
 //! successor → "handover\n"
-//! predecessor: stops accepting, stops every VM at a safe point (their journals current), then
+//! predecessor: stops accepting and asks every VM to stop at a safe point (journal current), then
 //!   Listeners { snapshots, metrics }  fds: lock, control, one per snapshot, metrics?
-//!   Vm { journal, socket }            fds: uffd, VMM socket?      (one per VM)
+//!   Vm { journal, socket }            fds: uffd, VMM socket?   (one per VM, as each stops: a VM
+//!                                     stalls for its own stop and adoption, not the slowest's)
 //!   Done { vms }
 //! successor → "ok\n" once it serves them; the predecessor exits
 //! ```
@@ -19,7 +20,7 @@ use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 /// Largest message accepted (a journal path and a few names).
 const MAX_MESSAGE_BYTES: u32 = 64 * 1024;
@@ -35,21 +36,27 @@ pub struct HandedVm {
     pub socket: Option<UnixStream>,
 }
 
-/// The VMs stopped so far, collected from their threads.
+/// The VMs stopped so far, collected from their threads as each reaches its safe point.
 #[derive(Debug, Default)]
 pub struct Collector {
     vms: Mutex<Vec<HandedVm>>,
+    given: Condvar,
 }
 
 impl Collector {
     /// A VM's thread gives it up.
     pub fn give(&self, vm: HandedVm) {
         self.lock().push(vm);
+        self.given.notify_all();
     }
 
-    /// Every VM given so far.
-    pub fn take_all(&self) -> Vec<HandedVm> {
-        std::mem::take(&mut *self.lock())
+    /// The VMs given so far, waiting up to `wait` for one if there are none.
+    pub fn take(&self, wait: std::time::Duration) -> Vec<HandedVm> {
+        let mut vms = self.lock();
+        if vms.is_empty() {
+            vms = self.given.wait_timeout(vms, wait).map_or_else(|p| p.into_inner().0, |(vms, _)| vms);
+        }
+        std::mem::take(&mut *vms)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<HandedVm>> {

@@ -69,8 +69,15 @@ pub fn start_ticks(pid: i32) -> std::io::Result<u64> {
         .ok_or_else(|| std::io::Error::other(format!("/proc/{pid}/stat has no start time")))
 }
 
+/// The fds of the processes looked at so far: pid → (device, inode) → fd number. A VMM that
+/// runs many VMs (one process, many uffds) has its `/proc/PID/fd` read once, not once per VM.
+#[derive(Debug, Default)]
+pub struct FdTables {
+    tables: std::collections::HashMap<i32, std::collections::HashMap<(u64, u64), RawFd>>,
+}
+
 /// Takes back the uffd of the VM `header` journals.
-pub fn reacquire(header: &JournalHeader) -> Result<Reacquired, ReacquireError> {
+pub fn reacquire(header: &JournalHeader, fd_tables: &mut FdTables) -> Result<Reacquired, ReacquireError> {
     let pid = header.peer_pid;
     let gone_or = |e: std::io::Error, other: fn(i32, std::io::Error) -> ReacquireError| match e.raw_os_error() {
         Some(libc::ESRCH | libc::ENOENT) => ReacquireError::VmmGone(pid),
@@ -82,7 +89,11 @@ pub fn reacquire(header: &JournalHeader) -> Result<Reacquired, ReacquireError> {
     if started != header.peer_start_ticks {
         return Err(ReacquireError::PidReused(pid, started, header.peer_start_ticks));
     }
-    let target = find_fd(pid, header.uffd)?;
+    let table = match fd_tables.tables.entry(pid) {
+        std::collections::hash_map::Entry::Occupied(table) => table.into_mut(),
+        std::collections::hash_map::Entry::Vacant(slot) => slot.insert(fd_table(pid)?),
+    };
+    let target = *table.get(&header.uffd).ok_or(ReacquireError::UffdClosed(pid))?;
     let uffd = pidfd_getfd(&pidfd, target).map_err(|e| match e.raw_os_error() {
         Some(libc::EPERM) => ReacquireError::Denied(pid, e),
         _ => gone_or(e, ReacquireError::Io),
@@ -96,24 +107,26 @@ pub fn reacquire(header: &JournalHeader) -> Result<Reacquired, ReacquireError> {
     Ok(Reacquired { pidfd, uffd })
 }
 
-/// The fd number under which `pid` holds the file with (device, inode) `identity`.
-fn find_fd(pid: i32, identity: (u64, u64)) -> Result<RawFd, ReacquireError> {
+/// The fds of `pid`, by the (device, inode) of the file each is open on.
+fn fd_table(pid: i32) -> Result<std::collections::HashMap<(u64, u64), RawFd>, ReacquireError> {
     let dir = format!("/proc/{pid}/fd");
     let entries = std::fs::read_dir(&dir).map_err(|e| match e.raw_os_error() {
         Some(libc::ENOENT | libc::ESRCH) => ReacquireError::VmmGone(pid),
         Some(libc::EACCES | libc::EPERM) => ReacquireError::Denied(pid, e),
         _ => ReacquireError::Io(pid, e),
     })?;
+    let mut table = std::collections::HashMap::new();
     for entry in entries.flatten() {
+        // Only anonymous inodes can be uffds: a readlink is cheaper than a stat of a file.
+        let is_anon = std::fs::read_link(entry.path())
+            .is_ok_and(|t| t.as_os_str().as_encoded_bytes().starts_with(b"anon_inode:"));
         // stat follows the magic link to the open file itself.
-        let Ok(meta) = std::fs::metadata(entry.path()) else { continue };
-        if (meta.dev(), meta.ino()) == identity {
-            if let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
-                return Ok(fd);
-            }
+        let Some(meta) = is_anon.then(|| std::fs::metadata(entry.path()).ok()).flatten() else { continue };
+        if let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+            table.insert((meta.dev(), meta.ino()), fd);
         }
     }
-    Err(ReacquireError::UffdClosed(pid))
+    Ok(table)
 }
 
 #[cfg(test)]
@@ -134,8 +147,9 @@ mod tests {
 
     #[test]
     fn an_fd_is_taken_back_from_a_process_only_by_its_identity() {
-        let file = tempfile::tempfile().unwrap();
-        let meta = file.metadata().unwrap();
+        // A uffd of our own (every uffd has an anonymous inode of its own).
+        let uffd = userfaultfd::UffdBuilder::new().user_mode_only(true).create().unwrap();
+        let meta = std::fs::metadata(format!("/proc/self/fd/{}", uffd.as_raw_fd())).unwrap();
         let pid = std::process::id().cast_signed();
         let header = |ticks, ino| JournalHeader {
             format: super::super::journal::JOURNAL_FORMAT,
@@ -147,10 +161,13 @@ mod tests {
             regions: Vec::new(),
         };
         let ticks = start_ticks(pid).unwrap();
-        let taken = reacquire(&header(ticks, meta.ino())).unwrap();
+        let mut tables = FdTables::default();
+        let taken = reacquire(&header(ticks, meta.ino()), &mut tables).unwrap();
         let copy = std::fs::metadata(format!("/proc/self/fd/{}", taken.uffd.as_raw_fd())).unwrap();
         assert_eq!(copy.ino(), meta.ino());
-        assert!(matches!(reacquire(&header(ticks + 1, meta.ino())), Err(ReacquireError::PidReused(..))));
-        assert!(matches!(reacquire(&header(ticks, meta.ino() + 1_000_000)), Err(ReacquireError::UffdClosed(_))));
+        let mut tables = FdTables::default();
+        assert!(matches!(reacquire(&header(ticks + 1, meta.ino()), &mut tables), Err(ReacquireError::PidReused(..))));
+        let other = reacquire(&header(ticks, meta.ino() + 1_000_000), &mut tables);
+        assert!(matches!(other, Err(ReacquireError::UffdClosed(_))));
     }
 }

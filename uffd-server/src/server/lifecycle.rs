@@ -107,15 +107,16 @@ impl Lifecycle {
 /// A successor that fails leaves the VMs journaled for the next start.
 pub(super) fn hand_over(stream: &UnixStream, lifecycle: &Lifecycle, fds: &HandoverFds) {
     let started = Instant::now();
+    if lifecycle.ending.swap(true, Ordering::SeqCst) {
+        tracing::warn!("a handover was asked for while this server is already ending: refused");
+        return;
+    }
     tracing::info!("handing over to a successor");
-    lifecycle.stop_all();
-    let micros = |since: Instant| u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
-    let stopped_us = micros(started);
-    let vms = lifecycle.handover.take_all();
-    match send_everything(stream, fds, &vms) {
-        Ok(()) => {
-            let sent_us = micros(started);
-            tracing::info!(vms = vms.len(), stopped_us, sent_us, "handed over; exiting");
+    lifecycle.stop.request();
+    match send_everything(stream, fds, lifecycle) {
+        Ok(vms) => {
+            let handed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            tracing::info!(vms, handed_us, "handed over; exiting");
             std::process::exit(0);
         }
         Err(e) => {
@@ -125,23 +126,40 @@ pub(super) fn hand_over(stream: &UnixStream, lifecycle: &Lifecycle, fds: &Handov
     }
 }
 
+/// Sends the listeners, then each VM as it stops, until every VM thread has ended; returns how
+/// many VMs were sent once the successor confirms.
 fn send_everything(
     stream: &UnixStream,
     fds: &HandoverFds,
-    vms: &[crate::recovery::handover::HandedVm],
-) -> Result<(), handover::HandoverError> {
+    lifecycle: &Lifecycle,
+) -> Result<usize, handover::HandoverError> {
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     let mut listeners: Vec<RawFd> = vec![fds.lock.as_raw_fd(), fds.control.as_raw_fd()];
     listeners.extend(fds.snapshots.iter().map(|(_, fd)| fd.as_raw_fd()));
     listeners.extend(fds.metrics.as_ref().map(AsRawFd::as_raw_fd));
     let snapshots = fds.snapshots.iter().map(|(name, _)| name.clone()).collect();
     handover::send(stream, &Message::Listeners { snapshots, metrics: fds.metrics.is_some() }, &listeners)?;
-    for vm in vms {
-        let mut vm_fds = vec![vm.uffd.as_raw_fd()];
-        vm_fds.extend(vm.socket.as_ref().map(AsRawFd::as_raw_fd));
-        handover::send(stream, &Message::Vm { journal: vm.journal.clone(), socket: vm.socket.is_some() }, &vm_fds)?;
+    let deadline = Instant::now() + STOP_WAIT;
+    let mut sent = 0;
+    loop {
+        // Read before taking: a thread that ends after this has given its VM before.
+        let running = lifecycle.accept_loops.load(Ordering::SeqCst) + lifecycle.vm_threads.load(Ordering::SeqCst);
+        let stopped = lifecycle.handover.take(Duration::from_micros(200));
+        for vm in &stopped {
+            let mut vm_fds = vec![vm.uffd.as_raw_fd()];
+            vm_fds.extend(vm.socket.as_ref().map(AsRawFd::as_raw_fd));
+            handover::send(stream, &Message::Vm { journal: vm.journal.clone(), socket: vm.socket.is_some() }, &vm_fds)?;
+        }
+        sent += stopped.len();
+        if running == 0 && stopped.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            tracing::error!(running, "not every VM stopped in time; those left stay journaled");
+            break;
+        }
     }
-    handover::send(stream, &Message::Done { vms: vms.len() }, &[])?;
+    handover::send(stream, &Message::Done { vms: sent }, &[])?;
     // The successor serves them once it says so; until then they are ours to keep journaled.
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut reply = [0u8; 3];
@@ -149,7 +167,7 @@ fn send_everything(
     if &reply != b"ok\n" {
         return Err(handover::HandoverError::Unexpected(String::from_utf8_lossy(&reply).into()));
     }
-    Ok(())
+    Ok(sent)
 }
 
 /// Waits until `listener` has a connection (true) or the server stops (false).

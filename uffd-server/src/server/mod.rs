@@ -56,6 +56,9 @@ struct Lifecycle {
     stop: Arc<StopSignal>,
     /// VMs stopped for a successor.
     handover: Collector,
+    /// Claimed by whichever ends the process first, a handover or a stop signal: the other
+    /// then leaves it alone (a SIGTERM must not remove the sockets a successor now owns).
+    ending: std::sync::atomic::AtomicBool,
     /// Accept loops and VM threads still running.
     accept_loops: AtomicUsize,
     vm_threads: AtomicUsize,
@@ -94,6 +97,7 @@ impl Server {
         let lifecycle = Arc::new(Lifecycle {
             stop: Arc::new(StopSignal::new().map_err(io_error)?),
             handover: Collector::default(),
+            ending: std::sync::atomic::AtomicBool::new(false),
             accept_loops: AtomicUsize::new(0),
             vm_threads: AtomicUsize::new(0),
         });
@@ -167,6 +171,13 @@ impl Server {
         lifecycle::notify_systemd_ready();
         // Until SIGTERM/SIGINT; a handover ends the process from the control thread.
         let signal = lifecycle::wait_for_stop_signal(signals);
+        if lifecycle.ending.swap(true, Ordering::SeqCst) {
+            // The sockets are the successor's now; the handover ends the process.
+            tracing::info!("{signal} during a handover: the handover ends this process");
+            loop {
+                std::thread::park();
+            }
+        }
         tracing::info!("{signal}: stopping; VMs keep their journals for the next start");
         lifecycle.stop_all();
         for path in &socket_files {
