@@ -271,3 +271,31 @@ fn the_shipped_systemd_unit_is_valid() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && !stderr.contains("uffd-server.service:"), "systemd-analyze verify:\n{stderr}");
 }
+
+#[test]
+fn a_run_being_recorded_goes_on_across_a_handover() {
+    let fixture = fixture();
+    let mem = fixture.snap_dir.join("mem");
+    let identity = prefetch::identity::SnapshotIdentity::of(&std::fs::read(&mem).expect("memory file"));
+    let pages_of = |ws: &Path| prefetch::format::load(ws, &identity).expect("working set").pages.len();
+    // The same restore recorded twice: straight through, and handed over in the middle.
+    let mut recorded = Vec::new();
+    for handover in [false, true] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ws = dir.path().join("vm.ws");
+        let mut server =
+            ServerProcess::start_command("record", &[("vm", &mem)], &["--working-set", ws.to_str().expect("utf-8")]);
+        let vm = spawn_vm(&server, &fixture.snap_dir, 8, &[]);
+        wait_until("the VM journaled", &server, || journals(&server).0 == 1);
+        if handover {
+            std::thread::sleep(Duration::from_millis(30));
+            assert!(server.take_over().success(), "handover:\n{}", server.log());
+            assert!(server.log().contains("VM taken over"), "the VM was handed over mid-run:\n{}", server.log());
+        }
+        assert_all_verified(vec![vm], &server, "recording");
+        server.wait_for_log("run merged into the working set", 1);
+        recorded.push(pages_of(&ws));
+    }
+    assert!(recorded[0] > 1000, "the run recorded the guest's pages: {recorded:?}");
+    assert_eq!(recorded[0], recorded[1], "the handed-over run lost no first touch");
+}

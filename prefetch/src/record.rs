@@ -19,7 +19,7 @@ pub struct Touch {
 }
 
 /// A recorded run: first touches in order (a touch's rank is its position).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Run {
     /// Each page once, in the order first touched.
     pub touches: Vec<Touch>,
@@ -81,6 +81,18 @@ impl Recorder {
     /// The run recorded.
     pub fn finish(self) -> Run {
         self.run
+    }
+
+    /// Whether the window has closed (as far as touches so far tell).
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Goes on with `run`, recorded so far by another process since `started`: a run carried
+    /// over a server handover.
+    pub fn resume(window: RecordWindow, run: Run, started: Instant, closed: bool) -> Recorder {
+        let seen = run.touches.iter().map(|t| t.page).collect();
+        Recorder { window, started, seen, run, closed }
     }
 }
 

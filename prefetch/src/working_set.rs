@@ -36,7 +36,7 @@ impl PageStats {
 }
 
 /// A page first seen while serving (online refinement), not in a recorded run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LearnedTouch {
     /// The file page.
     pub page: PageIndex,

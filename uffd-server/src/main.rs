@@ -211,7 +211,7 @@ struct ServeArgs {
     /// outlive the process, not the machine). Default: SOCKET_DIR/journal.
     #[arg(long)]
     journal_dir: Option<PathBuf>,
-    /// Journal nothing: VMs are lost if this server stops or crashes.
+    /// Journal nothing: VMs are lost if this server stops, crashes or hands over.
     #[arg(long, conflicts_with = "journal_dir")]
     no_journal: bool,
     /// Take every socket and live VM over from the server running on --socket-dir (an upgrade

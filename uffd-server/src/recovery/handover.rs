@@ -22,8 +22,9 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Condvar, Mutex};
 
-/// Largest message accepted (a journal path and a few names).
-const MAX_MESSAGE_BYTES: u32 = 64 * 1024;
+/// Largest message accepted: a VM's carried state holds its recorded run (~16 bytes a page in
+/// JSON; a 1 GiB set is 262,144 pages).
+const MAX_MESSAGE_BYTES: u32 = 64 << 20;
 
 /// A VM stopped for a successor: its journal and the fds the successor serves it through.
 #[derive(Debug)]
@@ -34,6 +35,20 @@ pub struct HandedVm {
     pub uffd: OwnedFd,
     /// Its VMM's connection, if this server had one.
     pub socket: Option<UnixStream>,
+    /// What the successor goes on from.
+    pub carried: Carried,
+}
+
+/// What a VM's service was doing, for the successor to go on from (a crash loses it: the
+/// journal holds only what serving correctly needs).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Carried {
+    /// What it learned so far: a run being recorded, pages new to the working set.
+    pub learned: crate::vm::learner::Learned,
+    /// How long ago it attached (a record window's time limit counts from then).
+    pub attached_ms_ago: u64,
+    /// How far its plan was placed.
+    pub progress: Option<crate::vm::prefetcher::PlanProgress>,
 }
 
 /// The VMs stopped so far, collected from their threads as each reaches its safe point.
@@ -83,6 +98,9 @@ pub enum Message {
         journal: PathBuf,
         /// Whether its VMM socket follows.
         socket: bool,
+        /// What its service goes on from.
+        #[serde(default)]
+        carried: Carried,
     },
     /// Every VM was sent.
     Done {

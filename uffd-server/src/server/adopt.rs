@@ -10,7 +10,7 @@ use crate::config::{ServerConfig, ServerError};
 use crate::control::CONTROL_SOCKET;
 use crate::memory::regions::RegionMap;
 use crate::memory::uffd_io::Userfaultfd;
-use crate::recovery::handover::{self, expect_fds, HandoverError, Message};
+use crate::recovery::handover::{self, expect_fds, Carried, HandoverError, Message};
 use crate::recovery::journal::{JournalDir, JournalRead};
 use crate::recovery::reacquire::{self, ReacquireError};
 use crate::registry::VmRecord;
@@ -29,6 +29,8 @@ struct Adoptee {
     uffd: OwnedFd,
     socket: Option<UnixStream>,
     pidfd: OwnedFd,
+    /// What a predecessor carried over (a handover; None after a crash).
+    carried: Option<Carried>,
 }
 
 /// After a crash (or SIGTERM): every journaled VM whose VMM still runs is taken back and
@@ -55,7 +57,7 @@ pub(super) fn recover_journaled(journal: &JournalDir, services: &[Arc<SnapshotSe
         };
         match reacquire::reacquire(&read.header, &mut fd_tables) {
             Ok(taken) => {
-                let adoptee = Adoptee { path, read, uffd: taken.uffd, socket: None, pidfd: taken.pidfd };
+                let adoptee = Adoptee { path, read, uffd: taken.uffd, socket: None, pidfd: taken.pidfd, carried: None };
                 adopt(services, adoptee, Arc::clone(&gate));
             }
             Err(e @ (ReacquireError::VmmGone(_) | ReacquireError::PidReused(..) | ReacquireError::UffdClosed(_))) => {
@@ -107,7 +109,7 @@ fn adopt(services: &[Arc<SnapshotService>], adoptee: Adoptee, gate: Arc<Gate>) {
 
 /// Checks an adoptee against what this server serves and registers it.
 fn ready(service: &SnapshotService, id: u64, adoptee: Adoptee) -> Result<ReadyVm, String> {
-    let Adoptee { path, read, uffd, socket, pidfd } = adoptee;
+    let Adoptee { path, read, uffd, socket, pidfd, carried } = adoptee;
     let header = &read.header;
     let at = |what: &dyn std::fmt::Display| format!("journal {}: {what}", path.display());
     let snapshot = service.store.get_prepared(&service.name, &|s| service.prepare(s)).map_err(|e| at(&e))?;
@@ -126,7 +128,7 @@ fn ready(service: &SnapshotService, id: u64, adoptee: Adoptee) -> Result<ReadyVm
     tracing::info!(peer_pid = header.peer_pid, removed_ranges = read.removed.len(), "VM taken over");
     let link = VmmLink { socket, pidfd: Some(pidfd), stop: Some(Arc::clone(&service.lifecycle.stop)) };
     let removed = RemovedRanges::journaled(journal, &read.removed);
-    Ok(ReadyVm { record, snapshot, regions, uffd, link, removed, taken_over: true })
+    Ok(ReadyVm { record, snapshot, regions, uffd, link, removed, taken_over: true, carried })
 }
 
 /// The successor's side of a handover: asks the server running on the socket directory for
@@ -155,9 +157,9 @@ pub(super) fn take_over(config: &ServerConfig, services: &[Arc<SnapshotService>]
     loop {
         let (message, fds) = handover::receive(&stream).map_err(failed)?;
         match message {
-            Message::Vm { journal, socket } => {
+            Message::Vm { journal, socket, carried } => {
                 expect_fds("vm", &fds, 1 + usize::from(socket)).map_err(failed)?;
-                take_vm(services, config, &journal, fds, &gate);
+                take_vm(services, config, (&journal, carried), fds, &gate);
                 vms += 1;
             }
             Message::Done { vms: sent } if sent == vms => break,
@@ -193,7 +195,7 @@ impl Drop for OpenOnDrop {
 fn take_vm(
     services: &[Arc<SnapshotService>],
     config: &ServerConfig,
-    journal: &Path,
+    (journal, carried): (&Path, Carried),
     fds: Vec<OwnedFd>,
     gate: &Arc<Gate>,
 ) {
@@ -212,5 +214,9 @@ fn take_vm(
         Ok(pidfd) => pidfd,
         Err(e) => return tracing::info!(peer_pid = read.header.peer_pid, "handed-over VM's VMM is gone ({e})"),
     };
-    adopt(services, Adoptee { path: journal.to_path_buf(), read, uffd, socket, pidfd }, Arc::clone(gate));
+    adopt(
+        services,
+        Adoptee { path: journal.to_path_buf(), read, uffd, socket, pidfd, carried: Some(carried) },
+        Arc::clone(gate),
+    );
 }

@@ -98,21 +98,26 @@ fn attach(
     service.registry.add(Arc::clone(&record)).map_err(AttachError::UffdInUse)?;
     let pidfd = peer_pidfd(&stream, peer_pid);
     let journal = service.journal.as_ref().and_then(|dir| {
-        let header = JournalHeader {
-            format: JOURNAL_FORMAT,
-            snapshot: service.name.clone(),
-            identity: snapshot.identity(),
-            peer_pid,
-            peer_start_ticks: reacquire::start_ticks(peer_pid).ok()?,
-            uffd: handshake.uffd_identity,
-            regions: JournalHeader::encode_regions(regions.regions()),
-        };
-        dir.create(&header).inspect_err(|e| tracing::error!("{e}; this VM cannot be recovered if the server dies")).ok()
+        let journaled = reacquire::start_ticks(peer_pid)
+            .map_err(|e| format!("cannot read the VMM's start time: {e}"))
+            .and_then(|peer_start_ticks| {
+                let header = JournalHeader {
+                    format: JOURNAL_FORMAT,
+                    snapshot: service.name.clone(),
+                    identity: snapshot.identity(),
+                    peer_pid,
+                    peer_start_ticks,
+                    uffd: handshake.uffd_identity,
+                    regions: JournalHeader::encode_regions(regions.regions()),
+                };
+                dir.create(&header).map_err(|e| e.to_string())
+            });
+        journaled.inspect_err(|e| tracing::error!("{e}; this VM cannot be recovered if the server ends")).ok()
     });
     tracing::info!(peer_pid, regions = regions.regions().len(), guest_bytes = regions.total_bytes(), "VM attached");
     let link = VmmLink { socket: Some(stream), pidfd, stop: Some(Arc::clone(&service.lifecycle.stop)) };
     let removed = RemovedRanges::journaled(journal, &[]);
-    Ok(ReadyVm { record, snapshot, regions, uffd, link, removed, taken_over: false })
+    Ok(ReadyVm { record, snapshot, regions, uffd, link, removed, taken_over: false, carried: None })
 }
 
 /// A pidfd of the socket's peer: `SO_PEERPIDFD` names the very process that connected; an

@@ -145,13 +145,15 @@ fn send_everything(
         // Read before taking: a thread that ends after this has given its VM before.
         let running = lifecycle.accept_loops.load(Ordering::SeqCst) + lifecycle.vm_threads.load(Ordering::SeqCst);
         let stopped = lifecycle.handover.take(Duration::from_micros(200));
-        for vm in &stopped {
+        let before = sent;
+        sent += stopped.len();
+        for vm in stopped {
             let mut vm_fds = vec![vm.uffd.as_raw_fd()];
             vm_fds.extend(vm.socket.as_ref().map(AsRawFd::as_raw_fd));
-            handover::send(stream, &Message::Vm { journal: vm.journal.clone(), socket: vm.socket.is_some() }, &vm_fds)?;
+            let message = Message::Vm { journal: vm.journal, socket: vm.socket.is_some(), carried: vm.carried };
+            handover::send(stream, &message, &vm_fds)?;
         }
-        sent += stopped.len();
-        if running == 0 && stopped.is_empty() {
+        if running == 0 && sent == before {
             break;
         }
         if Instant::now() > deadline {

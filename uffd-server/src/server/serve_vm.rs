@@ -8,7 +8,7 @@ use crate::log_limit::LogLimit;
 use crate::memory::placer::Placer;
 use crate::memory::regions::RegionMap;
 use crate::memory::uffd_io::Userfaultfd;
-use crate::recovery::handover::HandedVm;
+use crate::recovery::handover::{Carried, HandedVm};
 use crate::registry::VmRecord;
 use crate::source::snapshot::Snapshot;
 use crate::stats::count;
@@ -19,6 +19,7 @@ use crate::vm::{self, Guest, VmEnd, VmmLink};
 use prefetch::plan::Plan;
 use prefetch::policy::PrefetchPolicy;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// A VM validated, registered and journaled: everything its fault loop needs.
 pub(super) struct ReadyVm {
@@ -30,14 +31,17 @@ pub(super) struct ReadyVm {
     /// Ranges removed so far, and the VM's journal.
     pub removed: RemovedRanges,
     /// Taken over from a predecessor: its ranges are woken before serving (a fault the
-    /// predecessor read and never answered is raised again), and it is not learned from (its
-    /// first touches happened elsewhere).
+    /// predecessor read and never answered is raised again). After a handover it goes on with
+    /// what the predecessor carried over; after a crash it is not learned from (its first
+    /// touches before the crash are lost).
     pub taken_over: bool,
+    /// What a predecessor's service of it left (a handover).
+    pub carried: Option<Carried>,
 }
 
 /// Serves `vm` until it ends.
 pub(super) fn serve_vm(service: &SnapshotService, vm: ReadyVm) {
-    let ReadyVm { record, snapshot, regions, uffd, link, removed, taken_over } = vm;
+    let ReadyVm { record, snapshot, regions, uffd, link, removed, taken_over, carried } = vm;
     let config = &service.config;
     let planned = service.plans.get(&snapshot);
     let eager = match config.mode {
@@ -50,7 +54,7 @@ pub(super) fn serve_vm(service: &SnapshotService, vm: ReadyVm) {
     count(&stats.prefetch_planned_pages, plan.pages());
     count(&stats.prefetch_deferred_pages, plan.batches[plan.deferred_from..].iter().map(|b| b.pages).sum());
     let window = match config.mode {
-        Mode::Record { window } if !taken_over => Some(window),
+        Mode::Record { window } if !taken_over || carried.is_some() => Some(window),
         _ => None,
     };
     let guest = Guest {
@@ -63,18 +67,34 @@ pub(super) fn serve_vm(service: &SnapshotService, vm: ReadyVm) {
     if taken_over {
         guest.wake_all();
     }
-    let prefetcher = Prefetcher::new(plan, planned.loading_set.as_ref(), record.started());
-    let known = planned.working_set.as_ref().filter(|_| !taken_over);
-    let learner = Learner::new(window, known, &record.end_recording);
-    let (end, learned, mut removed) = vm::serve(guest, &link, config.demand, (prefetcher, learner), removed);
+    let mut prefetcher = Prefetcher::new(plan, planned.loading_set.as_ref(), record.started());
+    let known = planned.working_set.as_ref().filter(|_| !taken_over || carried.is_some());
+    let learner = match carried {
+        Some(Carried { learned, attached_ms_ago, progress }) => {
+            if let (Some(prefetcher), Some(progress)) = (prefetcher.as_mut(), progress.as_ref()) {
+                prefetcher.resume(progress);
+            }
+            let attached =
+                Instant::now().checked_sub(Duration::from_millis(attached_ms_ago)).unwrap_or_else(Instant::now);
+            Learner::resume(window, known, &record.end_recording, learned, attached)
+        }
+        None => Learner::new(window, known, &record.end_recording),
+    };
+    let (end, served) = vm::serve(guest, &link, config.demand, (prefetcher, learner), removed);
+    let vm::Served { learned, mut removed, progress } = served;
     let journal = removed.take_journal();
 
     if end == VmEnd::Stopped {
         // Left as it is for a successor: the journal stays, and a handover in progress takes
         // the fds (else they close with the process; the VMM keeps its copies).
         if let Some(journal) = journal {
-            let handed =
-                HandedVm { journal: journal.path().to_path_buf(), uffd: uffd.into_owned(), socket: link.socket };
+            let attached_ms_ago = u64::try_from(record.started().elapsed().as_millis()).unwrap_or(u64::MAX);
+            let handed = HandedVm {
+                journal: journal.path().to_path_buf(),
+                uffd: uffd.into_owned(),
+                socket: link.socket,
+                carried: Carried { learned, attached_ms_ago, progress },
+            };
             service.lifecycle.handover.give(handed);
         }
         log_end(service, &record, &end);

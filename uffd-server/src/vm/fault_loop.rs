@@ -15,7 +15,7 @@
 //! events and asks it again.
 
 use super::demand::Demand;
-use super::learner::{Learned, Learner};
+use super::learner::Learner;
 use super::prefetcher::{Prefetcher, Pulled};
 use super::removed::RemovedRanges;
 use super::{contain, Fault, Guest, Step, VmEnd, VmmLink};
@@ -107,10 +107,14 @@ impl<'a> FaultLoop<'a> {
         }
     }
 
-    /// What the VM taught us (nothing if the learning stage was dropped), and its removed
-    /// ranges (with their journal).
-    pub fn finish(self) -> (Learned, RemovedRanges) {
-        (self.learner.map(Learner::finish).unwrap_or_default(), self.removed)
+    /// What the VM taught us (nothing if the learning stage was dropped), its removed ranges
+    /// (with their journal), and how far its plan was placed.
+    pub fn finish(self) -> super::Served {
+        super::Served {
+            learned: self.learner.map(Learner::finish).unwrap_or_default(),
+            removed: self.removed,
+            progress: self.prefetcher.as_ref().map(Prefetcher::progress),
+        }
     }
 
     fn turn(&mut self, turn: u32) -> Result<(), VmEnd> {

@@ -18,12 +18,18 @@ pub struct Learner<'a> {
 }
 
 /// What a VM taught us.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Learned {
     /// `record` mode: the run.
     pub run: Option<Run>,
+    /// Whether the run's window had closed.
+    #[serde(default)]
+    pub run_closed: bool,
     /// Serving: pages new to the working set.
     pub touches: Vec<LearnedTouch>,
+    /// Demand faults so far (a learned page's rank counts them).
+    #[serde(default)]
+    pub demand_faults: u64,
 }
 
 impl<'a> Learner<'a> {
@@ -61,7 +67,31 @@ impl<'a> Learner<'a> {
 
     /// What was learned.
     pub fn finish(self) -> Learned {
-        Learned { run: self.recorder.map(Recorder::finish), touches: self.learned }
+        let run_closed = self.recorder.as_ref().is_some_and(Recorder::is_closed);
+        Learned {
+            run: self.recorder.map(Recorder::finish),
+            run_closed,
+            touches: self.learned,
+            demand_faults: self.demand_faults,
+        }
+    }
+
+    /// Goes on learning from a VM taken over: `so_far` is what its predecessor learned since
+    /// the VM attached at `attached` (None for a VM recovered after a crash: its first touches
+    /// are lost, so it records nothing).
+    pub fn resume(
+        record: Option<RecordWindow>,
+        known: Option<&'a WorkingSet>,
+        end_recording: &'a AtomicBool,
+        so_far: Learned,
+        attached: std::time::Instant,
+    ) -> Option<Learner<'a>> {
+        let mut learner = Learner::new(record, known, end_recording)?;
+        learner.recorder =
+            record.map(|window| Recorder::resume(window, so_far.run.unwrap_or_default(), attached, so_far.run_closed));
+        learner.learned = so_far.touches;
+        learner.demand_faults = so_far.demand_faults;
+        Some(learner)
     }
 }
 

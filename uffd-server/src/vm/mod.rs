@@ -142,15 +142,25 @@ impl std::fmt::Display for VmEnd {
     }
 }
 
+/// What serving a VM left behind.
+pub struct Served {
+    /// What it taught us.
+    pub learned: Learned,
+    /// Its removed ranges, with its journal.
+    pub removed: RemovedRanges,
+    /// How far its plan was placed (None: no plan, or the stage was dropped).
+    pub progress: Option<prefetcher::PlanProgress>,
+}
+
 /// Serves one VM until it ends: its stages in a fault loop, a panic contained. Returns how it
-/// ended, what it taught us and its removed ranges (with the VM's journal).
+/// ended and what it left behind.
 pub fn serve(
     guest: Guest<'_>,
     link: &VmmLink,
     demand: demand::Demand,
     stages: (Option<Prefetcher<'_>>, Option<Learner<'_>>),
     removed: RemovedRanges,
-) -> (VmEnd, Learned, RemovedRanges) {
+) -> (VmEnd, Served) {
     let (prefetcher, learner) = stages;
     let mut fault_loop = FaultLoop::new(guest, link, demand, prefetcher, learner, removed);
     let end = match contain(|| fault_loop.run()) {
@@ -160,8 +170,7 @@ pub fn serve(
             VmEnd::Panicked(panic)
         }
     };
-    let (learned, removed) = fault_loop.finish();
-    (end, learned, removed)
+    (end, fault_loop.finish())
 }
 
 /// Runs `f`, turning a panic into its message.

@@ -31,6 +31,7 @@ pub const PULL_FORWARD_BURST_BYTES: u64 = 256 * 1024;
 
 /// The prefetch stage of one VM.
 pub struct Prefetcher<'a> {
+    plan: &'a Plan,
     schedule: PrefetchSchedule<'a>,
     synchronous: bool,
     /// The bytes of the plan's batches, when it came from a loading-set file.
@@ -42,6 +43,17 @@ pub struct Prefetcher<'a> {
     resume: Option<(usize, u64)>,
     /// Pieces that could not be placed (left to demand faults).
     failed_pieces: u64,
+}
+
+/// How far a VM's plan was placed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PlanProgress {
+    /// The plan's batch count and pages: a plan that differs is not resumed.
+    pub batches: usize,
+    /// See `batches`.
+    pub pages: u64,
+    /// The batches placed.
+    pub placed: Vec<usize>,
 }
 
 /// What pulling the plan forward for a fault came to.
@@ -59,6 +71,7 @@ impl<'a> Prefetcher<'a> {
     /// The stage for `plan` (None when it is empty); `loading_set` holds its batches' bytes.
     pub fn new(plan: &'a Plan, loading_set: Option<&'a LoadingSet>, attached: Instant) -> Option<Prefetcher<'a>> {
         (!plan.is_empty()).then(|| Prefetcher {
+            plan,
             schedule: PrefetchSchedule::new(plan),
             synchronous: plan.synchronous,
             loading_set,
@@ -77,6 +90,25 @@ impl<'a> Prefetcher<'a> {
     /// Pages placed so far.
     pub fn placed_pages(&self) -> u64 {
         self.schedule.placed_pages()
+    }
+
+    /// Where the plan is: its size, and the batches placed so far (to carry over a handover).
+    pub fn progress(&self) -> PlanProgress {
+        let plan = self.plan;
+        let placed = (0..plan.batches.len()).filter(|&i| self.schedule.is_placed(i)).collect();
+        PlanProgress { batches: plan.batches.len(), pages: plan.pages(), placed }
+    }
+
+    /// Goes on from a predecessor's `progress` of the same plan (the same batch count and
+    /// pages; else the plan starts over, pages already there costing an EEXIST each).
+    pub fn resume(&mut self, progress: &PlanProgress) {
+        let plan = self.plan;
+        if progress.batches != plan.batches.len() || progress.pages != plan.pages() {
+            return;
+        }
+        for &batch in &progress.placed {
+            self.schedule.placed(batch);
+        }
     }
 
     /// When the next batch may be placed: now (zero), after a wait (a deferred batch while the
