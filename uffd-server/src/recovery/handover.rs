@@ -26,9 +26,10 @@ use std::sync::{Condvar, Mutex};
 /// JSON; a 1 GiB set is 262,144 pages).
 const MAX_MESSAGE_BYTES: u32 = 64 << 20;
 
-/// A VM stopped for a successor: its journal and the fds the successor serves it through.
+/// A VM stopped for a successor: its journal, the fds the successor serves it through, and
+/// what its service was doing (`C`: the server's business, carried as JSON).
 #[derive(Debug)]
-pub struct HandedVm {
+pub struct HandedVm<C> {
     /// Its journal file.
     pub journal: PathBuf,
     /// Its userfaultfd.
@@ -36,37 +37,31 @@ pub struct HandedVm {
     /// Its VMM's connection, if this server had one.
     pub socket: Option<UnixStream>,
     /// What the successor goes on from.
-    pub carried: Carried,
-}
-
-/// What a VM's service was doing, for the successor to go on from (a crash loses it: the
-/// journal holds only what serving correctly needs).
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Carried {
-    /// What it learned so far: a run being recorded, pages new to the working set.
-    pub learned: crate::vm::learner::Learned,
-    /// How long ago it attached (a record window's time limit counts from then).
-    pub attached_ms_ago: u64,
-    /// How far its plan was placed.
-    pub progress: Option<crate::vm::prefetcher::PlanProgress>,
+    pub carried: C,
 }
 
 /// The VMs stopped so far, collected from their threads as each reaches its safe point.
-#[derive(Debug, Default)]
-pub struct Collector {
-    vms: Mutex<Vec<HandedVm>>,
+#[derive(Debug)]
+pub struct Collector<C> {
+    vms: Mutex<Vec<HandedVm<C>>>,
     given: Condvar,
 }
 
-impl Collector {
+impl<C> Default for Collector<C> {
+    fn default() -> Self {
+        Collector { vms: Mutex::default(), given: Condvar::new() }
+    }
+}
+
+impl<C> Collector<C> {
     /// A VM's thread gives it up.
-    pub fn give(&self, vm: HandedVm) {
+    pub fn give(&self, vm: HandedVm<C>) {
         self.lock().push(vm);
         self.given.notify_all();
     }
 
     /// The VMs given so far, waiting up to `wait` for one if there are none.
-    pub fn take(&self, wait: std::time::Duration) -> Vec<HandedVm> {
+    pub fn take(&self, wait: std::time::Duration) -> Vec<HandedVm<C>> {
         let mut vms = self.lock();
         if vms.is_empty() {
             vms = self.given.wait_timeout(vms, wait).map_or_else(|p| p.into_inner().0, |(vms, _)| vms);
@@ -74,16 +69,16 @@ impl Collector {
         std::mem::take(&mut *vms)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<HandedVm>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<HandedVm<C>>> {
         // Only ever pushed to or emptied whole: a poisoned list is consistent.
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// One message of the handover.
+/// One message of the handover; `C` is what a VM's service carries over.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Message {
+pub enum Message<C> {
     /// The listening sockets: fds lock, control, then one per snapshot in this order, then the
     /// metrics listener if `metrics`.
     Listeners {
@@ -98,9 +93,9 @@ pub enum Message {
         journal: PathBuf,
         /// Whether its VMM socket follows.
         socket: bool,
-        /// What its service goes on from.
+        /// What its service goes on from (missing from an older predecessor: defaults).
         #[serde(default)]
-        carried: Carried,
+        carried: C,
     },
     /// Every VM was sent.
     Done {
@@ -128,7 +123,7 @@ pub enum HandoverError {
 }
 
 /// Sends `message` with `fds`.
-pub fn send(stream: &UnixStream, message: &Message, fds: &[RawFd]) -> Result<(), HandoverError> {
+pub fn send<C: Serialize>(stream: &UnixStream, message: &Message<C>, fds: &[RawFd]) -> Result<(), HandoverError> {
     let json = serde_json::to_vec(message)?;
     let len = u32::try_from(json.len()).map_err(|_| HandoverError::TooLarge(u32::MAX))?;
     let header = len.to_le_bytes();
@@ -150,7 +145,9 @@ pub fn send(stream: &UnixStream, message: &Message, fds: &[RawFd]) -> Result<(),
 }
 
 /// Receives one message and the fds that came with it.
-pub fn receive(stream: &UnixStream) -> Result<(Message, Vec<OwnedFd>), HandoverError> {
+pub fn receive<C: serde::de::DeserializeOwned + Default>(
+    stream: &UnixStream,
+) -> Result<(Message<C>, Vec<OwnedFd>), HandoverError> {
     let mut header = [0u8; 4];
     let mut cmsg = nix::cmsg_space!([RawFd; 253]);
     let (got, fds) = {
@@ -202,18 +199,18 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let files: Vec<std::fs::File> = (0..3).map(|_| tempfile::tempfile().unwrap()).collect();
         let raw: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
-        send(&a, &Message::Listeners { snapshots: vec!["a".into(), "b".into()], metrics: false }, &raw).unwrap();
-        send(&a, &Message::Done { vms: 0 }, &[]).unwrap();
-        let (message, fds) = receive(&b).unwrap();
+        send(&a, &Message::<()>::Listeners { snapshots: vec!["a".into(), "b".into()], metrics: false }, &raw).unwrap();
+        send(&a, &Message::<()>::Done { vms: 0 }, &[]).unwrap();
+        let (message, fds) = receive::<()>(&b).unwrap();
         assert!(matches!(message, Message::Listeners { ref snapshots, metrics: false } if snapshots.len() == 2));
         use std::os::unix::fs::MetadataExt;
         let ino = |fd: RawFd| std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
         let sent: Vec<u64> = raw.iter().map(|&fd| ino(fd)).collect();
         let got: Vec<u64> = fds.iter().map(|fd| ino(fd.as_raw_fd())).collect();
         assert_eq!(sent, got);
-        let (message, fds) = receive(&b).unwrap();
+        let (message, fds) = receive::<()>(&b).unwrap();
         assert!(matches!(message, Message::Done { vms: 0 }) && fds.is_empty());
         drop(a);
-        assert!(matches!(receive(&b), Err(HandoverError::Cut)));
+        assert!(matches!(receive::<()>(&b), Err(HandoverError::Cut)));
     }
 }

@@ -4,13 +4,13 @@
 //! journaled.
 
 use super::lifecycle::{bind_metrics, Sockets};
-use super::serve_vm::{serve_vm, ReadyVm};
+use super::serve_vm::{serve_vm, Carried, ReadyVm};
 use super::{spawn_vm_thread, SnapshotService};
 use crate::config::{ServerConfig, ServerError};
 use crate::control::CONTROL_SOCKET;
 use crate::memory::regions::RegionMap;
 use crate::memory::uffd_io::Userfaultfd;
-use crate::recovery::handover::{self, expect_fds, Carried, HandoverError, Message};
+use crate::recovery::handover::{self, expect_fds, HandoverError, Message};
 use crate::recovery::journal::{JournalDir, JournalRead};
 use crate::recovery::reacquire::{self, ReacquireError};
 use crate::registry::VmRecord;
@@ -139,7 +139,7 @@ pub(super) fn take_over(config: &ServerConfig, services: &[Arc<SnapshotService>]
         ServerError::Takeover(format!("no server to take over on {}: {e}", config.socket_dir.display()))
     })?;
     (&stream).write_all(b"handover\n").map_err(|e| failed(e.into()))?;
-    let (message, mut fds) = handover::receive(&stream).map_err(failed)?;
+    let (message, mut fds) = handover::receive::<Carried>(&stream).map_err(failed)?;
     let Message::Listeners { snapshots, metrics } = message else {
         return Err(failed(HandoverError::Unexpected(format!("{message:?}"))));
     };
@@ -155,7 +155,7 @@ pub(super) fn take_over(config: &ServerConfig, services: &[Arc<SnapshotService>]
     let gate = Arc::new(Gate::default());
     let _open_on_return = OpenOnDrop(Arc::clone(&gate));
     loop {
-        let (message, fds) = handover::receive(&stream).map_err(failed)?;
+        let (message, fds) = handover::receive::<Carried>(&stream).map_err(failed)?;
         match message {
             Message::Vm { journal, socket, carried } => {
                 expect_fds("vm", &fds, 1 + usize::from(socket)).map_err(failed)?;

@@ -2,6 +2,7 @@
 //! stopping — on SIGTERM/SIGINT (journals kept for the next start) or by handing everything to
 //! a successor.
 
+use super::serve_vm::Carried;
 use super::Lifecycle;
 use crate::config::{ServerConfig, ServerError};
 use crate::control::CONTROL_SOCKET;
@@ -138,7 +139,8 @@ fn send_everything(
     listeners.extend(fds.snapshots.iter().map(|(_, fd)| fd.as_raw_fd()));
     listeners.extend(fds.metrics.as_ref().map(AsRawFd::as_raw_fd));
     let snapshots = fds.snapshots.iter().map(|(name, _)| name.clone()).collect();
-    handover::send(stream, &Message::Listeners { snapshots, metrics: fds.metrics.is_some() }, &listeners)?;
+    let listeners_message: Message<Carried> = Message::Listeners { snapshots, metrics: fds.metrics.is_some() };
+    handover::send(stream, &listeners_message, &listeners)?;
     let deadline = Instant::now() + STOP_WAIT;
     let mut sent = 0;
     loop {
@@ -161,7 +163,7 @@ fn send_everything(
             break;
         }
     }
-    handover::send(stream, &Message::Done { vms: sent }, &[])?;
+    handover::send(stream, &Message::<Carried>::Done { vms: sent }, &[])?;
     // The successor serves them once it says so; until then they are ours to keep journaled.
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut reply = [0u8; 3];

@@ -55,7 +55,7 @@ struct Lifecycle {
     /// Raised to stop accepting and stop every VM at a safe point.
     stop: Arc<StopSignal>,
     /// VMs stopped for a successor.
-    handover: Collector,
+    handover: Collector<serve_vm::Carried>,
     /// Claimed by whichever ends the process first, a handover or a stop signal: the other
     /// then leaves it alone (a SIGTERM must not remove the sockets a successor now owns).
     ending: std::sync::atomic::AtomicBool,

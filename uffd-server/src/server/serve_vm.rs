@@ -8,7 +8,7 @@ use crate::log_limit::LogLimit;
 use crate::memory::placer::Placer;
 use crate::memory::regions::RegionMap;
 use crate::memory::uffd_io::Userfaultfd;
-use crate::recovery::handover::{Carried, HandedVm};
+use crate::recovery::handover::HandedVm;
 use crate::registry::VmRecord;
 use crate::source::snapshot::Snapshot;
 use crate::stats::count;
@@ -20,6 +20,19 @@ use prefetch::plan::Plan;
 use prefetch::policy::PrefetchPolicy;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// What a VM's service was doing, for the successor to go on from (a crash loses it: the
+/// journal holds only what serving correctly needs).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)] // a field an older predecessor did not send is left at its default
+pub(super) struct Carried {
+    /// What it learned so far: a run being recorded, pages new to the working set.
+    pub learned: crate::vm::learner::Learned,
+    /// How long ago it attached (a record window's time limit counts from then).
+    pub attached_ms_ago: u64,
+    /// How far its plan was placed.
+    pub progress: Option<crate::vm::prefetcher::PlanProgress>,
+}
 
 /// A VM validated, registered and journaled: everything its fault loop needs.
 pub(super) struct ReadyVm {
