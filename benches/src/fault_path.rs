@@ -5,6 +5,10 @@
 //! random (no zero page) snapshot to the same faulting thread, which touches each 4 KiB page
 //! once and times every touch; rounds alternate so that machine noise hits both alike.
 //! The server runs with `--fault-around 1`, so both place exactly one page per fault.
+//!
+//! Where the faulting thread and the handler run decides the figure (the same CPU ~10 µs, the
+//! other ~45 µs here: a cross-CPU wake-up), so both are pinned, and each placement is measured
+//! on its own: the handler on CPU 0 and the faulting thread on CPU 0 (same) or CPU 1 (cross).
 
 use anyhow::{bail, Context, Result};
 use e2e::fake_vmm::{FakeVmm, GuestMemory, PAGE};
@@ -13,31 +17,116 @@ use e2e::snapshot_file::SnapshotFile;
 use std::time::Instant;
 use userfaultfd::{Event, UffdBuilder};
 
+/// Where the handler and the faulting thread run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Wherever the scheduler puts them.
+    Unpinned,
+    /// Both on CPU 0.
+    SameCpu,
+    /// The handler on CPU 0, the faulting thread on CPU 1.
+    CrossCpu,
+}
+
+impl Placement {
+    /// The CPUs of the handler and of the faulting thread, if pinned.
+    fn cpus(self) -> Option<(usize, usize)> {
+        match self {
+            Placement::Unpinned => None,
+            Placement::SameCpu => Some((0, 0)),
+            Placement::CrossCpu => Some((0, 1)),
+        }
+    }
+}
+
 /// Per-touch times in µs of every round, for each handler.
+#[derive(Default)]
 pub struct FaultTimes {
     pub raw_us: Vec<f64>,
     pub server_us: Vec<f64>,
 }
 
-/// `rounds` alternating rounds of `pages` faults for each handler.
-pub fn measure(pages: usize, rounds: usize) -> Result<FaultTimes> {
+/// `rounds` alternating rounds of `pages` faults for each handler, placed as `placement` says.
+pub fn measure(pages: usize, rounds: usize, placement: Placement) -> Result<FaultTimes> {
     let dir = tempfile::tempdir()?;
     let snapshot = SnapshotFile::random(dir.path(), "fault-path.mem", pages * PAGE, 0.0, 42);
     let server = ServerProcess::start(&[("bench", &snapshot.path)], &["--fault-around", "1"]);
-    let mut times = FaultTimes { raw_us: Vec::new(), server_us: Vec::new() };
+    let mut times = FaultTimes::default();
     for _ in 0..rounds {
-        times.raw_us.extend(raw_round(&snapshot.bytes)?);
-        times.server_us.extend(server_round(&server, "bench", snapshot.bytes.len(), 1)?);
+        times.raw_us.extend(raw_round(&snapshot.bytes, placement)?);
+        times.server_us.extend(server_round(&server, "bench", snapshot.bytes.len(), 1, placement)?);
     }
     Ok(times)
 }
 
 /// One VM attached to snapshot `name` of `server` (`len` bytes, one region) touching every
 /// `stride`-th page once: the time of each touch in µs.
-pub fn server_round(server: &ServerProcess, name: &str, len: usize, stride: usize) -> Result<Vec<f64>> {
+pub fn server_round(
+    server: &ServerProcess,
+    name: &str,
+    len: usize,
+    stride: usize,
+    placement: Placement,
+) -> Result<Vec<f64>> {
     // FakeVmm waits for the server to let go of the VM before its memory is unmapped.
     let vmm = FakeVmm::attach_layout(&server.socket(name), &[len], 0, false).context("attaching to uffd-server")?;
-    Ok(touch_timed_every(&vmm.memory, stride))
+    let Some((handler, toucher)) = placement.cpus() else { return Ok(touch_timed_every(&vmm.memory, stride)) };
+    pin(newest_vm_thread(server.pid())?, handler)?;
+    let times = on_cpu(toucher, || touch_timed_every(&vmm.memory, stride))?;
+    Ok(times)
+}
+
+/// The thread id of the server's newest VM thread (`vm-ID`, the highest ID), waiting for it to
+/// start (the handshake was sent; the server may not have accepted it yet).
+fn newest_vm_thread(server_pid: u32) -> Result<i32> {
+    // The highest VM id pinned so far, per server process.
+    static PINNED: std::sync::Mutex<Vec<(u32, u64)>> = std::sync::Mutex::new(Vec::new());
+    let pinned = || {
+        let list = PINNED.lock().unwrap_or_else(|p| p.into_inner());
+        list.iter().find(|(pid, _)| *pid == server_pid).map_or(0, |&(_, id)| id)
+    };
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let newest = std::fs::read_dir(format!("/proc/{server_pid}/task"))?
+            .flatten()
+            .filter_map(|task| {
+                let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+                let id: u64 = comm.trim().strip_prefix("vm-")?.parse().ok()?;
+                Some((id, task.file_name().to_str()?.parse::<i32>().ok()?))
+            })
+            .max();
+        if let Some((id, tid)) = newest.filter(|&(id, _)| id > pinned()) {
+            let mut list = PINNED.lock().unwrap_or_else(|p| p.into_inner());
+            list.retain(|(pid, _)| *pid != server_pid);
+            list.push((server_pid, id));
+            return Ok(tid);
+        }
+        if Instant::now() > deadline {
+            bail!("the server started no thread for the VM");
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+/// Pins thread `tid` (0: the calling thread) to `cpu`.
+fn pin(tid: i32, cpu: usize) -> Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set)?;
+    Ok(())
+}
+
+/// Runs `f` on a thread pinned to `cpu`.
+fn on_cpu<R: Send>(cpu: usize, f: impl FnOnce() -> R + Send) -> Result<R> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> Result<R> {
+                pin(0, cpu)?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("a pinned thread panicked"))?
+    })
 }
 
 /// Touches every page once, returning the time of each touch in µs.
@@ -59,7 +148,7 @@ fn touch_timed_every(memory: &GuestMemory, stride: usize) -> Vec<f64> {
 }
 
 /// The floor: blocking read + one UFFDIO_COPY per fault, on a thread of this process.
-pub fn raw_round(snapshot: &[u8]) -> Result<Vec<f64>> {
+pub fn raw_round(snapshot: &[u8], placement: Placement) -> Result<Vec<f64>> {
     let memory = GuestMemory::map(&[snapshot.len()], 0, false)?;
     let uffd = UffdBuilder::new().close_on_exec(true).user_mode_only(false).create()?;
     let region = memory.regions[0];
@@ -67,6 +156,9 @@ pub fn raw_round(snapshot: &[u8]) -> Result<Vec<f64>> {
     let pages = snapshot.len() / PAGE;
     std::thread::scope(|scope| {
         let handler = scope.spawn(|| -> Result<()> {
+            if let Some((cpu, _)) = placement.cpus() {
+                pin(0, cpu)?;
+            }
             for _ in 0..pages {
                 let Ok(Some(Event::Pagefault { addr, .. })) = uffd.read_event() else {
                     bail!("the raw handler read an unexpected uffd event")
@@ -79,7 +171,10 @@ pub fn raw_round(snapshot: &[u8]) -> Result<Vec<f64>> {
             }
             Ok(())
         });
-        let times = touch_timed(&memory);
+        let times = match placement.cpus() {
+            Some((_, cpu)) => on_cpu(cpu, || touch_timed(&memory))?,
+            None => touch_timed(&memory),
+        };
         handler.join().map_err(|_| anyhow::anyhow!("the raw handler panicked"))??;
         Ok(times)
     })

@@ -290,11 +290,11 @@ fn fault_path(work: &Path, python: &[PathBuf], out: &Path) -> Result<String> {
         let mut first_vm = Vec::new();
         for round in 0..5 {
             if stride == 1 {
-                raw.extend(fault_path::raw_round(&snapshot.bytes)?);
+                raw.extend(fault_path::raw_round(&snapshot.bytes, fault_path::Placement::Unpinned)?);
             }
-            f.extend(fault_path::server_round(&file, "bench", len, stride)?);
-            r.extend(fault_path::server_round(&flat, "bench", len, stride)?);
-            let times = fault_path::server_round(&lz4, "bench", len, stride)?;
+            f.extend(fault_path::server_round(&file, "bench", len, stride, fault_path::Placement::Unpinned)?);
+            r.extend(fault_path::server_round(&flat, "bench", len, stride, fault_path::Placement::Unpinned)?);
+            let times = fault_path::server_round(&lz4, "bench", len, stride, fault_path::Placement::Unpinned)?;
             if round == 0 {
                 first_vm.clone_from(&times);
             }
