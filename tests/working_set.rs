@@ -224,6 +224,10 @@ fn a_demand_fault_outside_the_set_is_served_while_a_large_prefetch_is_running() 
     assert!(early.faults_during_prefetch >= 1, "…while the prefetch was running: {early:?}");
     assert!(early.faults_unreached_plan >= 1, "the last planned page was faulted before its batch ran");
     assert!(c.prefetch_done_us > 0, "the prefetch finished afterwards");
+    assert!(
+        c.prefetch_first_batch_us > 0 && c.prefetch_first_batch_us <= c.prefetch_done_us,
+        "its first batch was placed before it finished: {c:?}"
+    );
     assert_eq!(c.prefetch_planned_pages, vmm_layout_first_region);
     assert_eq!(c.prefetched_pages + c.prefetch_present_pages, vmm_layout_first_region);
 }

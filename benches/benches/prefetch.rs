@@ -60,7 +60,7 @@ fn bandwidth(dir: &Path) -> anyhow::Result<()> {
         rows[1].1.push(setup.bulk_copy_ceiling(2 << 20)?);
         for i in (0..batches.len()).map(|i| (i + round) % batches.len()) {
             let (batch_pages, _) = batches[i];
-            let (placing, end_to_end) = setup.server_prefetch(batch_pages)?;
+            let ((placing, end_to_end), _) = setup.server_prefetch(batch_pages)?;
             rows[2 + 2 * i].1.push(placing);
             rows[3 + 2 * i].1.push(end_to_end);
         }

@@ -47,14 +47,14 @@ impl Setup {
 
     /// GB/s of the server's background prefetch of the whole snapshot in batches of
     /// `batch_pages`: (placing only, and from the VM's attach including loading the working
-    /// set and planning).
-    pub fn server_prefetch(&self, batch_pages: u64) -> Result<(f64, f64)> {
+    /// set and planning); and µs from the VM's attach to its first batch placed.
+    pub fn server_prefetch(&self, batch_pages: u64) -> Result<((f64, f64), f64)> {
         self.server_prefetch_from(batch_pages, &[])
     }
 
     /// As [`Setup::server_prefetch`], the server serving snapshot `bench` from wherever
     /// `source` says (e.g. `--store DIR --snapshot bench`); from the memory file if empty.
-    pub fn server_prefetch_from(&self, batch_pages: u64, source: &[&str]) -> Result<(f64, f64)> {
+    pub fn server_prefetch_from(&self, batch_pages: u64, source: &[&str]) -> Result<((f64, f64), f64)> {
         let batch = batch_pages.to_string();
         let ws = self.working_set.to_str().context("working-set path is not UTF-8")?;
         let mut args = vec!["--working-set", ws, "--prefetch", "union", "--prefetch-batch-pages", &batch];
@@ -76,7 +76,8 @@ impl Setup {
                 );
                 let bytes = (c.prefetched_pages * PAGE as u64) as f64;
                 let placing_us = c.prefetch_done_us.saturating_sub(c.prefetch_plan_us).max(1);
-                return Ok((bytes / (placing_us as f64 * 1e3), bytes / (c.prefetch_done_us as f64 * 1e3)));
+                let rates = (bytes / (placing_us as f64 * 1e3), bytes / (c.prefetch_done_us as f64 * 1e3));
+                return Ok((rates, c.prefetch_first_batch_us as f64));
             }
             ensure!(Instant::now() < deadline, "prefetch did not finish in 60 s");
             std::thread::sleep(Duration::from_millis(5));

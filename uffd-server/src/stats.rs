@@ -225,6 +225,8 @@ vm_counters! {
     prefetch_done_us,
     /// Microseconds spent loading the working set and planning, before the first fault is served.
     prefetch_plan_us,
+    /// Microseconds from attach until the plan's first batch was placed (0: none yet).
+    prefetch_first_batch_us,
     /// Pages placed from a loading-set file rather than from the snapshot.
     loading_set_pages,
     /// Panics contained: a dropped prefetch or learning stage, or a VM ended by one.

@@ -232,6 +232,10 @@ impl<'a> Prefetcher<'a> {
         }
         if step == Step::Done {
             self.resume = None;
+            if self.schedule.placed_pages() == 0 {
+                let micros = u64::try_from(self.attached.elapsed().as_micros()).unwrap_or(u64::MAX);
+                count(&guest.stats.prefetch_first_batch_us, micros.max(1));
+            }
             self.schedule.placed(index);
             if self.schedule.is_finished() {
                 let micros = u64::try_from(self.attached.elapsed().as_micros()).unwrap_or(u64::MAX);

@@ -23,6 +23,7 @@ pub fn run(full: bool, work: &Path, out: &Path) -> Result<String> {
     // kernel memory-state effect seen here): one discarded warm-up run.
     setup.server_prefetch(16)?;
     bar.inc(1);
+    let mut first_batch_us = Vec::new();
     let mut rows: [(&str, Vec<f64>); 4] = [
         ("bulk UFFDIO_COPY, 64 KiB chunks (ceiling)", vec![]),
         ("bulk UFFDIO_COPY, 2 MiB chunks (ceiling)", vec![]),
@@ -32,7 +33,8 @@ pub fn run(full: bool, work: &Path, out: &Path) -> Result<String> {
     for _ in 0..bandwidth_rounds {
         rows[0].1.push(setup.bulk_copy_ceiling(64 << 10)?);
         rows[1].1.push(setup.bulk_copy_ceiling(2 << 20)?);
-        let (placing, end_to_end) = setup.server_prefetch(16)?;
+        let ((placing, end_to_end), first_batch) = setup.server_prefetch(16)?;
+        first_batch_us.push(first_batch);
         rows[2].1.push(placing);
         rows[3].1.push(end_to_end);
         bar.inc(1);
@@ -88,6 +90,11 @@ pub fn run(full: bool, work: &Path, out: &Path) -> Result<String> {
     for (name, values) in &rows {
         writeln!(md, "| {name} | {:.2} | {:.0}% |", median(values), median(values) / ceiling * 100.0)?;
     }
-    md += "\nGoal: prefetch ≥ 80% of the ceiling.\n\n";
+    writeln!(
+        md,
+        "\nFrom the VM's attach (handshake validated) to the plan's first batch placed: {:.0} µs (median; the {}-page plan is made when the snapshot loads).\n\nGoal: prefetch ≥ 80% of the ceiling.\n",
+        median(&first_batch_us),
+        (mib << 20) / 4096
+    )?;
     Ok(md)
 }

@@ -336,9 +336,9 @@ fn fault_path(work: &Path, python: &[PathBuf], out: &Path) -> Result<String> {
     let (mut ceiling, mut file, mut stored, mut flat) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..3 {
         ceiling.push(setup.bulk_copy_ceiling(64 << 10)?.max(setup.bulk_copy_ceiling(2 << 20)?));
-        file.push(setup.server_prefetch(16)?.0);
-        stored.push(setup.server_prefetch_from(16, &from_store)?.0);
-        flat.push(setup.server_prefetch_from(16, &from_flat_store)?.0);
+        file.push(setup.server_prefetch(16)?.0 .0);
+        stored.push(setup.server_prefetch_from(16, &from_store)?.0 .0);
+        flat.push(setup.server_prefetch_from(16, &from_flat_store)?.0 .0);
     }
     let c = median(&ceiling);
     let share = |v: &[f64]| format!("{:.2} GB/s (**{:.0}%**)", median(v), median(v) / c * 100.0);
