@@ -157,6 +157,8 @@ fn sigterm_leaves_journals_and_removes_sockets_and_a_restart_finishes_every_gues
     server.restart(&[]);
     assert_all_verified(vms, &server, "after SIGTERM");
     assert!(server.log().matches("VM taken over").count() >= left);
+    let counted = server.stats().vms.iter().filter(|vm| vm.counters.taken_over == 1).count();
+    assert_eq!(counted, left, "each VM taken back is counted once (uffd_vms_taken_over_total)");
 }
 
 #[test]

@@ -30,9 +30,12 @@ const BOUNDS: [f64; 16] =
 /// A counter of a snapshot's view: name, help, value.
 type Count = (&'static str, &'static str, fn(&SnapshotView) -> u64);
 
-const COUNTERS: [Count; 13] = [
+const COUNTERS: [Count; 14] = [
     ("uffd_vms_attached", "VMs attached", |v| v.vms_attached),
     ("uffd_vms_ended", "VMs that ended (VMM gone, or an error)", |v| v.vms_attached - v.vms_live),
+    ("uffd_vms_taken_over", "VMs taken over from a predecessor (handover or crash recovery)", |v| {
+        v.stats.taken_over.load(Relaxed)
+    }),
     ("uffd_faults", "page faults served", |v| v.stats.faults.load(Relaxed)),
     ("uffd_pages_copied", "4 KiB pages copied from the snapshot by demand faults", |v| {
         v.stats.copied_pages.load(Relaxed)

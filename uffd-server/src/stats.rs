@@ -233,6 +233,8 @@ vm_counters! {
     stage_panics,
     /// Pages poisoned because their bytes could not be had (the memory file changed or failed).
     poisoned_pages,
+    /// 1 for a VM this server took over from a predecessor (a handover or crash recovery).
+    taken_over,
 }
 
 #[cfg(test)]

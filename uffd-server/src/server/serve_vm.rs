@@ -78,6 +78,7 @@ pub(super) fn serve_vm(service: &SnapshotService, vm: ReadyVm) {
         log_limit: LogLimit::default(),
     };
     if taken_over {
+        count(&stats.taken_over, 1);
         guest.wake_all();
     }
     let mut prefetcher = Prefetcher::new(plan, planned.loading_set.as_ref(), record.started());
