@@ -56,9 +56,18 @@ fn spawn_vm(server: &ServerProcess, snap_dir: &Path, invocations: u32, extra: &[
         .expect("spawn vmm-shim")
 }
 
-/// Waits for every VM; fails with the stderr of the first that did not verify.
+/// Waits for every VM; fails with the stderr of the first that did not verify, or with the
+/// server's log if one has not finished within 90 s (a guest frozen on a fault).
 fn assert_all_verified(vms: Vec<Child>, server: &ServerProcess, what: &str) {
-    for vm in vms {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for mut vm in vms {
+        while vm.try_wait().expect("wait for vmm-shim").is_none() {
+            if Instant::now() > deadline {
+                let _ = vm.kill();
+                panic!("{what}: a guest did not finish (frozen?)\nserver log:\n{}", server.log());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let out = vm.wait_with_output().expect("wait for vmm-shim");
         assert!(
             out.status.success(),
@@ -300,4 +309,28 @@ fn a_run_being_recorded_goes_on_across_a_handover() {
     }
     assert!(recorded[0] > 1000, "the run recorded the guest's pages: {recorded:?}");
     assert_eq!(recorded[0], recorded[1], "the handed-over run lost no first touch");
+}
+
+#[test]
+fn a_successor_that_fails_mid_handover_leaves_the_old_server_serving_every_guest() {
+    let fixture = fixture();
+    let mut server = fixture.serve();
+    let _watchdog = Watchdog::arm(Duration::from_secs(300), "the failed handover");
+    let vms: Vec<Child> = (0..4).map(|_| spawn_vm(&server, &fixture.snap_dir, 12, &[])).collect();
+    wait_until("4 journaled VMs", &server, || journals(&server).0 == 4);
+    // A successor that asks, reads the start of the handover and dies.
+    {
+        use std::io::{Read, Write};
+        let mut successor =
+            std::os::unix::net::UnixStream::connect(server.socket_dir.join("control.sock")).expect("control socket");
+        successor.write_all(b"handover\n").expect("ask for a handover");
+        let mut start = [0u8; 16];
+        successor.read_exact(&mut start).expect("the handover starts");
+    }
+    server.wait_for_log("handover failed", 1);
+    assert!(server.is_running(), "the old server goes on:\n{}", server.log());
+    assert_all_verified(vms, &server, "after a failed handover");
+    // And it accepts new VMs again.
+    let vm = spawn_vm(&server, &fixture.snap_dir, 2, &[]);
+    assert_all_verified(vec![vm], &server, "a VM after the failed handover");
 }

@@ -11,7 +11,7 @@ pub mod handover;
 pub mod journal;
 pub mod reacquire;
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Asks every VM's fault loop to stop at its next safe point: a flag for loops that are busy
@@ -40,6 +40,14 @@ impl StopSignal {
     /// Whether it was raised.
     pub fn is_requested(&self) -> bool {
         self.requested.load(Ordering::Relaxed)
+    }
+
+    /// Lowers it again (a handover that failed: the server goes on). Only once nothing waits
+    /// on it: loops that see it raised stop.
+    pub fn clear(&self) {
+        let mut byte = [0u8; 64];
+        while matches!(nix::unistd::read(self.readable.as_raw_fd(), &mut byte), Ok(n) if n > 0) {}
+        self.requested.store(false, Ordering::SeqCst);
     }
 }
 

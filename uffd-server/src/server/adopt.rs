@@ -10,7 +10,7 @@ use crate::config::{ServerConfig, ServerError};
 use crate::control::CONTROL_SOCKET;
 use crate::memory::regions::RegionMap;
 use crate::memory::uffd_io::Userfaultfd;
-use crate::recovery::handover::{self, expect_fds, HandoverError, Message};
+use crate::recovery::handover::{self, expect_fds, HandedVm, HandoverError, Message};
 use crate::recovery::journal::{JournalDir, JournalRead};
 use crate::recovery::reacquire::{self, ReacquireError};
 use crate::registry::VmRecord;
@@ -46,7 +46,7 @@ pub(super) fn recover_journaled(journal: &JournalDir, services: &[Arc<SnapshotSe
     };
     let mut fd_tables = reacquire::FdTables::default();
     let gate = Arc::new(Gate::default());
-    let _open_on_return = OpenOnDrop(Arc::clone(&gate));
+    let _open_on_return = OpenOnDrop(Arc::clone(&gate), true);
     for (path, read) in found {
         let read = match read {
             Ok(read) => read,
@@ -74,19 +74,23 @@ pub(super) fn recover_journaled(journal: &JournalDir, services: &[Arc<SnapshotSe
 /// busy cores, handing over 16 VMs took 10 ms served one by one, 4 ms gated; 64: 190 / 18 ms).
 #[derive(Debug, Default)]
 struct Gate {
-    open: std::sync::Mutex<bool>,
+    /// None while closed; then whether the VMs behind it are to be served.
+    open: std::sync::Mutex<Option<bool>>,
     opened: std::sync::Condvar,
 }
 
 impl Gate {
-    fn open(&self) {
-        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    fn open(&self, serve: bool) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.get_or_insert(serve);
         self.opened.notify_all();
     }
 
-    fn wait(&self) {
+    /// Waits until the gate opens; whether to serve.
+    fn wait(&self) -> bool {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        drop(self.opened.wait_while(open, |open| !*open).unwrap_or_else(|p| p.into_inner()));
+        let open = self.opened.wait_while(open, |open| open.is_none()).unwrap_or_else(|p| p.into_inner());
+        open.unwrap_or(false)
     }
 }
 
@@ -99,10 +103,9 @@ fn adopt(services: &[Arc<SnapshotService>], adoptee: Adoptee, gate: Arc<Gate>) {
     };
     let id = service.registry.next_id();
     spawn_vm_thread(service, id, move |service| match ready(service, id, adoptee) {
-        Ok(vm) => {
-            gate.wait();
-            serve_vm(service, vm);
-        }
+        Ok(vm) if gate.wait() => serve_vm(service, vm),
+        // A handover that failed: the predecessor serves this VM again (its journal stays).
+        Ok(_) => tracing::info!("handover failed: VM left to the previous server"),
         Err(e) => tracing::error!("VM not recovered: {e}"),
     });
 }
@@ -150,10 +153,10 @@ pub(super) fn take_over(config: &ServerConfig, services: &[Arc<SnapshotService>]
     let (Some(lock), Some(control)) = (lock, control) else { return Err(failed(HandoverError::Cut)) };
     let mut received: Vec<(String, UnixListener)> = snapshots.into_iter().zip(fds.map(UnixListener::from)).collect();
     let mut vms = 0;
-    // Opened when this function returns, whether the handover completed or not: a VM taken
-    // over is served either way.
+    // Opened to serve only once the handover is complete; if it fails, the predecessor serves
+    // every VM again, and no VM may have two servers.
     let gate = Arc::new(Gate::default());
-    let _open_on_return = OpenOnDrop(Arc::clone(&gate));
+    let _close_on_failure = OpenOnDrop(Arc::clone(&gate), false);
     loop {
         let (message, fds) = handover::receive::<Carried>(&stream).map_err(failed)?;
         match message {
@@ -178,16 +181,28 @@ pub(super) fn take_over(config: &ServerConfig, services: &[Arc<SnapshotService>]
         _ => bind_metrics(config)?,
     };
     (&stream).write_all(b"ok\n").map_err(|e| failed(e.into()))?;
+    gate.open(true);
     tracing::info!(vms, "took over from the previous server");
     Ok(Sockets { lock, control, snapshots: received, metrics })
 }
 
-/// Opens its gate when dropped.
-struct OpenOnDrop(Arc<Gate>);
+/// Serves again the VMs of a handover that failed: the fds and journals are still ours.
+pub(super) fn take_back(services: &[Arc<SnapshotService>], config: &ServerConfig, vms: Vec<HandedVm<Carried>>) {
+    let gate = Arc::new(Gate::default());
+    let _open_on_return = OpenOnDrop(Arc::clone(&gate), true);
+    for vm in vms {
+        let mut fds = vec![vm.uffd];
+        fds.extend(vm.socket.map(OwnedFd::from));
+        take_vm(services, config, (&vm.journal, vm.carried), fds, &gate);
+    }
+}
+
+/// Opens its gate when dropped (to serve or not), unless it was opened before.
+struct OpenOnDrop(Arc<Gate>, bool);
 
 impl Drop for OpenOnDrop {
     fn drop(&mut self) {
-        self.0.open();
+        self.0.open(self.1);
     }
 }
 

@@ -6,7 +6,7 @@ use super::serve_vm::Carried;
 use super::Lifecycle;
 use crate::config::{ServerConfig, ServerError};
 use crate::control::CONTROL_SOCKET;
-use crate::recovery::handover::{self, Message};
+use crate::recovery::handover::{self, HandedVm, Message};
 use crate::recovery::StopSignal;
 use crate::sockets;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -65,6 +65,11 @@ pub(super) struct HandoverFds {
 }
 
 impl HandoverFds {
+    /// New copies of the snapshot listeners (to accept on again after a failed handover).
+    pub fn listeners(&self) -> io::Result<Vec<(String, UnixListener)>> {
+        self.snapshots.iter().map(|(name, fd)| Ok((name.clone(), UnixListener::from(fd.try_clone()?)))).collect()
+    }
+
     pub fn of(
         lock: &OwnedFd,
         control: &UnixListener,
@@ -105,8 +110,14 @@ impl Lifecycle {
 
 /// The predecessor's side of a handover (control command `handover`), on `stream`: stops
 /// everything, sends the sockets and VMs, and exits the process once the successor confirms.
-/// A successor that fails leaves the VMs journaled for the next start.
-pub(super) fn hand_over(stream: &UnixStream, lifecycle: &Lifecycle, fds: &HandoverFds) {
+/// If the successor fails first, `resume` serves every VM again (their fds and journals are
+/// still ours) and this server goes on.
+pub(super) fn hand_over(
+    stream: &UnixStream,
+    lifecycle: &Lifecycle,
+    fds: &HandoverFds,
+    resume: &dyn Fn(Vec<HandedVm<Carried>>),
+) {
     let started = Instant::now();
     if lifecycle.ending.swap(true, Ordering::SeqCst) {
         tracing::warn!("a handover was asked for while this server is already ending: refused");
@@ -114,26 +125,35 @@ pub(super) fn hand_over(stream: &UnixStream, lifecycle: &Lifecycle, fds: &Handov
     }
     tracing::info!("handing over to a successor");
     lifecycle.stop.request();
-    match send_everything(stream, fds, lifecycle) {
-        Ok(vms) => {
+    let mut vms = Vec::new();
+    match send_everything(stream, fds, lifecycle, &mut vms) {
+        Ok(()) => {
             let handed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-            tracing::info!(vms, handed_us, "handed over; exiting");
+            tracing::info!(vms = vms.len(), handed_us, "handed over; exiting");
             std::process::exit(0);
         }
         Err(e) => {
-            tracing::error!("handover failed ({e}): exiting with every VM journaled; start a server to recover them");
-            std::process::exit(1);
+            // Every VM thread has ended or will give its VM: collect the rest, then go on.
+            while lifecycle.accept_loops.load(Ordering::SeqCst) + lifecycle.vm_threads.load(Ordering::SeqCst) > 0 {
+                vms.extend(lifecycle.handover.take(Duration::from_millis(1)));
+            }
+            vms.extend(lifecycle.handover.take(Duration::ZERO));
+            tracing::error!(vms = vms.len(), "handover failed ({e}): serving every VM again");
+            lifecycle.stop.clear();
+            resume(vms);
+            lifecycle.ending.store(false, Ordering::SeqCst);
         }
     }
 }
 
-/// Sends the listeners, then each VM as it stops, until every VM thread has ended; returns how
-/// many VMs were sent once the successor confirms.
+/// Sends the listeners, then each VM as it stops (kept in `sent`: they are ours until the
+/// successor confirms), until every VM thread has ended.
 fn send_everything(
     stream: &UnixStream,
     fds: &HandoverFds,
     lifecycle: &Lifecycle,
-) -> Result<usize, handover::HandoverError> {
+    sent: &mut Vec<HandedVm<Carried>>,
+) -> Result<(), handover::HandoverError> {
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     let mut listeners: Vec<RawFd> = vec![fds.lock.as_raw_fd(), fds.control.as_raw_fd()];
     listeners.extend(fds.snapshots.iter().map(|(_, fd)| fd.as_raw_fd()));
@@ -142,20 +162,21 @@ fn send_everything(
     let listeners_message: Message<Carried> = Message::Listeners { snapshots, metrics: fds.metrics.is_some() };
     handover::send(stream, &listeners_message, &listeners)?;
     let deadline = Instant::now() + STOP_WAIT;
-    let mut sent = 0;
     loop {
         // Read before taking: a thread that ends after this has given its VM before.
         let running = lifecycle.accept_loops.load(Ordering::SeqCst) + lifecycle.vm_threads.load(Ordering::SeqCst);
         let stopped = lifecycle.handover.take(Duration::from_micros(200));
-        let before = sent;
-        sent += stopped.len();
-        for vm in stopped {
+        // Kept before they are sent: if the handover fails, each is taken back.
+        let before = sent.len();
+        sent.extend(stopped);
+        for vm in &sent[before..] {
             let mut vm_fds = vec![vm.uffd.as_raw_fd()];
             vm_fds.extend(vm.socket.as_ref().map(AsRawFd::as_raw_fd));
-            let message = Message::Vm { journal: vm.journal, socket: vm.socket.is_some(), carried: vm.carried };
+            let message =
+                Message::Vm { journal: vm.journal.clone(), socket: vm.socket.is_some(), carried: &vm.carried };
             handover::send(stream, &message, &vm_fds)?;
         }
-        if running == 0 && sent == before {
+        if running == 0 && sent.len() == before {
             break;
         }
         if Instant::now() > deadline {
@@ -163,7 +184,7 @@ fn send_everything(
             break;
         }
     }
-    handover::send(stream, &Message::<Carried>::Done { vms: sent }, &[])?;
+    handover::send(stream, &Message::<Carried>::Done { vms: sent.len() }, &[])?;
     // The successor serves them once it says so; until then they are ours to keep journaled.
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut reply = [0u8; 3];
@@ -171,7 +192,7 @@ fn send_everything(
     if &reply != b"ok\n" {
         return Err(handover::HandoverError::Unexpected(String::from_utf8_lossy(&reply).into()));
     }
-    Ok(sent)
+    Ok(())
 }
 
 /// Waits until `listener` has a connection (true) or the server stops (false).

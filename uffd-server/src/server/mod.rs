@@ -147,12 +147,7 @@ impl Server {
         let handover_fds =
             lifecycle::HandoverFds::of(&lock, &control, &snapshots, metrics.as_ref()).map_err(io_error)?;
         let socket_files: Vec<PathBuf> = snapshots.iter().map(|(name, _)| self.config.socket_path(name)).collect();
-        for (name, listener) in snapshots {
-            let Some(service) = services.iter().find(|s| s.name == name).map(Arc::clone) else { continue };
-            lifecycle.accept_loops.fetch_add(1, Ordering::SeqCst);
-            let accept = move || accept_loop(&listener, &service);
-            std::thread::Builder::new().name(format!("accept-{name}")).spawn(accept).map_err(io_error)?;
-        }
+        start_accepting(services, snapshots).map_err(io_error)?;
         if let Some(listener) = metrics {
             let server = tiny_http::Server::from_listener(listener, None)
                 .map_err(|e| ServerError::Metrics("(listener)".into(), e.to_string()))?;
@@ -162,8 +157,22 @@ impl Server {
             std::thread::Builder::new().name("metrics".into()).spawn(serve).map_err(io_error)?;
         }
         let handover = {
-            let lifecycle = Arc::clone(lifecycle);
-            move |stream: &std::os::unix::net::UnixStream| lifecycle::hand_over(stream, &lifecycle, &handover_fds)
+            let (lifecycle, services, config) = (Arc::clone(lifecycle), services.to_vec(), self.config.clone());
+            move |stream: &std::os::unix::net::UnixStream| {
+                // A failed handover: every VM served again, every socket accepted again.
+                let resume = |vms| {
+                    adopt::take_back(&services, &config, vms);
+                    match handover_fds.listeners() {
+                        Ok(listeners) => {
+                            if let Err(e) = start_accepting(&services, listeners) {
+                                tracing::error!("cannot accept again after a failed handover: {e}");
+                            }
+                        }
+                        Err(e) => tracing::error!("cannot accept again after a failed handover: {e}"),
+                    }
+                };
+                lifecycle::hand_over(stream, &lifecycle, &handover_fds, &resume);
+            }
         };
         let (store, registry) = (Arc::clone(&self.store), Arc::clone(&self.registry));
         let control = move || crate::control::serve(&control, &store, &registry, &handover);
@@ -254,6 +263,23 @@ impl SnapshotService {
             snapshot.pages().warm(offset, batch.pages * crate::addr::BASE_PAGE);
         }
     }
+}
+
+/// Starts an accept loop for each of `listeners` (snapshot name, socket).
+fn start_accepting(services: &[Arc<SnapshotService>], listeners: Vec<(String, UnixListener)>) -> io::Result<()> {
+    for (name, listener) in listeners {
+        let Some(service) = services.iter().find(|s| s.name == name).map(Arc::clone) else { continue };
+        service.lifecycle.accept_loops.fetch_add(1, Ordering::SeqCst);
+        let accept = move || accept_loop(&listener, &service);
+        if let Err(e) = std::thread::Builder::new().name(format!("accept-{name}")).spawn(accept) {
+            // The count went up for a loop that never ran.
+            if let Some(service) = services.first() {
+                service.lifecycle.accept_loops.fetch_sub(1, Ordering::SeqCst);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Accepts the snapshot's VMMs, each on a thread of its own, until the server stops.
