@@ -56,6 +56,14 @@ fn spawn_vm(server: &ServerProcess, snap_dir: &Path, invocations: u32, extra: &[
         .expect("spawn vmm-shim")
 }
 
+/// `count` VMs of `invocations` each (as [`spawn_vm`]), returned once the server has journaled
+/// them all.
+fn start_journaled(server: &ServerProcess, snap_dir: &Path, count: usize, invocations: u32) -> Vec<Child> {
+    let vms: Vec<Child> = (0..count).map(|_| spawn_vm(server, snap_dir, invocations, &[])).collect();
+    wait_until(&format!("{count} journaled VMs"), server, || journals(server).0 == count);
+    vms
+}
+
 /// Waits for every VM; fails with the stderr of the first that did not verify, or with the
 /// server's log if one has not finished within 90 s (a guest frozen on a fault).
 fn assert_all_verified(vms: Vec<Child>, server: &ServerProcess, what: &str) {
@@ -108,8 +116,7 @@ fn sixteen_guests_survive_twenty_crashes_of_the_server_at_random_moments() {
     let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
     let mut taken_over = 0;
     for round in 0..20 {
-        let vms: Vec<Child> = (0..16).map(|_| spawn_vm(&server, &fixture.snap_dir, 12, &[])).collect();
-        wait_until("16 journaled VMs", &server, || journals(&server).0 == 16);
+        let vms = start_journaled(&server, &fixture.snap_dir, 16, 12);
         seed = vmm_shim::workload::xorshift(seed);
         if round % 2 == 1 {
             // Right after a REMOVE: the moment a lost range would serve snapshot bytes.
@@ -136,8 +143,7 @@ fn a_planned_handover_of_sixteen_faulting_guests_loses_no_fault() {
     let mut server = fixture.serve();
     let _watchdog = Watchdog::arm(Duration::from_secs(300), "the handover rounds");
     for round in 0..3 {
-        let vms: Vec<Child> = (0..16).map(|_| spawn_vm(&server, &fixture.snap_dir, 12, &[])).collect();
-        wait_until("16 journaled VMs", &server, || journals(&server).0 == 16);
+        let vms = start_journaled(&server, &fixture.snap_dir, 16, 12);
         std::thread::sleep(Duration::from_millis(5 * round));
         let status = server.take_over();
         assert!(status.success(), "the predecessor exits cleanly after a handover:\n{}", server.log());
@@ -156,8 +162,7 @@ fn sigterm_leaves_journals_and_removes_sockets_and_a_restart_finishes_every_gues
     let fixture = fixture();
     let mut server = fixture.serve();
     let _watchdog = Watchdog::arm(Duration::from_secs(120), "the SIGTERM round");
-    let vms: Vec<Child> = (0..4).map(|_| spawn_vm(&server, &fixture.snap_dir, 12, &[])).collect();
-    wait_until("4 journaled VMs", &server, || journals(&server).0 == 4);
+    let vms = start_journaled(&server, &fixture.snap_dir, 4, 12);
     let status = server.terminate();
     assert!(status.success(), "SIGTERM is a clean stop:\n{}", server.log());
     assert!(!server.socket("vm").exists(), "the socket file is removed");
@@ -174,8 +179,7 @@ fn sigterm_leaves_journals_and_removes_sockets_and_a_restart_finishes_every_gues
 fn a_vmm_that_died_meanwhile_and_a_reused_pid_are_cleaned_up_never_touched() {
     let fixture = fixture();
     let mut server = fixture.serve();
-    let mut vms: Vec<Child> = (0..2).map(|_| spawn_vm(&server, &fixture.snap_dir, 1_000_000, &[])).collect();
-    wait_until("2 journaled VMs", &server, || journals(&server).0 == 2);
+    let mut vms = start_journaled(&server, &fixture.snap_dir, 2, 1_000_000);
     server.kill_hard();
     // One VMM dies while no server runs; the other's journal is made to name a process that
     // holds no such uffd: a pid reused by an innocent process.
@@ -316,8 +320,7 @@ fn a_successor_that_fails_mid_handover_leaves_the_old_server_serving_every_guest
     let fixture = fixture();
     let mut server = fixture.serve();
     let _watchdog = Watchdog::arm(Duration::from_secs(300), "the failed handover");
-    let vms: Vec<Child> = (0..4).map(|_| spawn_vm(&server, &fixture.snap_dir, 12, &[])).collect();
-    wait_until("4 journaled VMs", &server, || journals(&server).0 == 4);
+    let vms = start_journaled(&server, &fixture.snap_dir, 4, 12);
     // A successor that asks, reads the start of the handover and dies.
     {
         use std::io::{Read, Write};

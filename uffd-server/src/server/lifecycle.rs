@@ -89,18 +89,23 @@ impl HandoverFds {
 }
 
 impl Lifecycle {
+    /// Accept loops and VM threads still running (a VM thread gives its VM up before it ends).
+    fn running(&self) -> usize {
+        self.accept_loops.load(Ordering::SeqCst) + self.vm_threads.load(Ordering::SeqCst)
+    }
+
     /// Stops accepting and stops every VM at a safe point; returns once all have (or after
     /// [`STOP_WAIT`], logging the ones that did not).
     pub fn stop_all(&self) {
         self.stop.request();
         let deadline = Instant::now() + STOP_WAIT;
         loop {
-            let (accepting, vms) = (self.accept_loops.load(Ordering::SeqCst), self.vm_threads.load(Ordering::SeqCst));
-            if accepting == 0 && vms == 0 {
+            let running = self.running();
+            if running == 0 {
                 return;
             }
             if Instant::now() > deadline {
-                tracing::error!(accepting, vms, "not every VM stopped in time");
+                tracing::error!(running, "not every VM stopped in time");
                 return;
             }
             std::thread::sleep(Duration::from_micros(100));
@@ -134,7 +139,7 @@ pub(super) fn hand_over(
         }
         Err(e) => {
             // Every VM thread has ended or will give its VM: collect the rest, then go on.
-            while lifecycle.accept_loops.load(Ordering::SeqCst) + lifecycle.vm_threads.load(Ordering::SeqCst) > 0 {
+            while lifecycle.running() > 0 {
                 vms.extend(lifecycle.handover.take(Duration::from_millis(1)));
             }
             vms.extend(lifecycle.handover.take(Duration::ZERO));
@@ -164,7 +169,7 @@ fn send_everything(
     let deadline = Instant::now() + STOP_WAIT;
     loop {
         // Read before taking: a thread that ends after this has given its VM before.
-        let running = lifecycle.accept_loops.load(Ordering::SeqCst) + lifecycle.vm_threads.load(Ordering::SeqCst);
+        let running = lifecycle.running();
         let stopped = lifecycle.handover.take(Duration::from_micros(200));
         // Kept before they are sent: if the handover fails, each is taken back.
         let before = sent.len();
