@@ -32,6 +32,9 @@ pub enum ChunkError {
     /// The stored bytes do not decompress to the header's length.
     #[error("the stored bytes do not decompress ({0})")]
     Decompress(String),
+    /// The file could not be read.
+    #[error("cannot read the chunk file: {0}")]
+    Read(String),
     /// The bytes hash to another id: corrupt, or stored under the wrong name.
     #[error("content hashes to {actual}, not to its name {expected}")]
     Hash {
@@ -150,6 +153,40 @@ pub fn decode(file: &[u8], expected: &ChunkId) -> Result<Vec<u8>, ChunkError> {
     Ok(bytes)
 }
 
+/// The uncompressed bytes of the chunk file `file` reads, which must be chunk `expected`. As
+/// [`decode`], without holding the file in memory first: stored raw, its bytes are read
+/// straight into the buffer returned (no second copy, half the fresh memory).
+pub fn read(mut file: impl std::io::Read, expected: &ChunkId) -> Result<Vec<u8>, ChunkError> {
+    let io = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ChunkError::Read("it ends early (truncated?)".into()),
+        _ => ChunkError::Read(e.to_string()),
+    };
+    let mut head = [0u8; HEADER_LEN];
+    file.read_exact(&mut head).map_err(io)?;
+    let header = header(&head)?;
+    if header.stored_len > MAX_CHUNK + MAX_CHUNK / 8 {
+        return Err(ChunkError::Header(format!("stored length {} is larger than any chunk", header.stored_len)));
+    }
+    let mut stored = vec![0u8; header.stored_len];
+    file.read_exact(&mut stored).map_err(io)?;
+    let mut extra = [0u8; 1];
+    if file.read(&mut extra).map_err(io)? != 0 {
+        return Err(ChunkError::Length { expected: header.stored_len, actual: header.stored_len + 1 });
+    }
+    let bytes = if header.codec == Codec::None && header.stored_len == header.len {
+        stored
+    } else {
+        let mut bytes = vec![0u8; header.len];
+        decompress_into(header.codec, &stored, &mut bytes)?;
+        bytes
+    };
+    let actual = ChunkId::of(&bytes);
+    if actual != *expected {
+        return Err(ChunkError::Hash { expected: *expected, actual });
+    }
+    Ok(bytes)
+}
+
 fn usize_of(bytes: &[u8]) -> usize {
     let mut word = [0u8; 4];
     word.copy_from_slice(bytes);
@@ -200,6 +237,24 @@ mod tests {
             assert!(matches!(decode(&bad_codec, &id), Err(ChunkError::Header(_))));
         }
         assert!(matches!(decode(b"USCK", &id), Err(ChunkError::Length { .. })));
+    }
+
+    #[test]
+    fn read_agrees_with_decode_on_good_and_damaged_files() {
+        let bytes = sample();
+        let id = ChunkId::of(&bytes);
+        for codec in [Codec::None, Codec::Lz4, Codec::Zstd] {
+            let file = encode(&bytes, codec);
+            assert_eq!(read(&file[..], &id).as_deref(), Ok(bytes.as_slice()), "{codec:?}");
+            assert!(matches!(read(&file[..file.len() - 1], &id), Err(ChunkError::Read(_))), "{codec:?}: truncated");
+            let longer = [&file[..], b"x"].concat();
+            assert!(matches!(read(&longer[..], &id), Err(ChunkError::Length { .. })), "{codec:?}: trailing byte");
+            for at in [HEADER_LEN, file.len() - 1] {
+                let mut flipped = file.clone();
+                flipped[at] ^= 0x10;
+                assert!(read(&flipped[..], &id).is_err(), "{codec:?}: bit flip at {at} accepted");
+            }
+        }
     }
 
     #[test]

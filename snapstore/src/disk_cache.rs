@@ -1,10 +1,13 @@
 //! A host's disk cache of chunks fetched from an object store: a store directory (same layout,
 //! same chunk files) kept within a byte budget, least recently used chunks removed first.
 //!
-//! Chunks are kept LZ4-compressed, whatever the bucket holds: a restore from the disk cache
-//! waits for their decompression. It survives restarts: at open the files found are indexed, ordered by modification time,
-//! and a hit sets the file's time, so the order is kept across runs. Every chunk read from it is
-//! checked against its name; one that does not match is removed and fetched again.
+//! Chunks are kept LZ4-compressed, whatever the bucket holds: a hit decompresses ~3× faster
+//! than zstd, and 2.3× fewer bytes than raw chunks let the same budget hold 2.3× more of them
+//! (a miss costs a GET: 100× a hit). Raw files restored only ~4% faster (16 restores each,
+//! python-image). It survives restarts: at open the files found are indexed, ordered by
+//! modification time, and a hit sets the file's time (behind, off the reader's time: setting it
+//! can wait for the file system's journal), so the order is kept across runs. Every chunk read
+//! from it is checked against its name; one that does not match is removed and fetched again.
 
 use crate::store::{Store, StoreError};
 use crate::ChunkId;
@@ -21,16 +24,21 @@ struct Index {
     clock: u64,
 }
 
-/// A chunk's id and its bytes.
-type ChunkBytes = (ChunkId, Vec<u8>);
+/// Work done behind the callers' back, at low priority.
+enum Behind {
+    /// A chunk (checked) to keep.
+    Keep(ChunkId, Vec<u8>),
+    /// A chunk read: its file's time is set, so that the order survives a restart.
+    Touch(ChunkId),
+}
 
 /// Chunk files on local disk, within a budget.
 pub struct DiskCache {
     store: Store,
     budget: u64,
     index: Arc<Mutex<Index>>,
-    /// Chunks to write behind, at low priority ([`DiskCache::put_behind`]).
-    writer: OnceLock<std::sync::mpsc::Sender<ChunkBytes>>,
+    /// Work done behind, at low priority ([`DiskCache::put_behind`], hits' file times).
+    behind: OnceLock<std::sync::mpsc::Sender<Behind>>,
 }
 
 impl DiskCache {
@@ -55,7 +63,7 @@ impl DiskCache {
             index.files.insert(id, (len, index.clock));
             index.bytes += len;
         }
-        let cache = DiskCache { store, budget, index: Arc::new(Mutex::new(index)), writer: OnceLock::new() };
+        let cache = DiskCache { store, budget, index: Arc::new(Mutex::new(index)), behind: OnceLock::new() };
         evict(&cache.store, budget, &mut cache.lock());
         Ok(cache)
     }
@@ -99,25 +107,21 @@ impl DiskCache {
             index.files.get_mut(id)?.1 = now;
         }
         let path = self.store.chunk_path(id);
-        // One open: read, check, and set the file's time (the order survives a restart by it).
-        let checked = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&path)
-            .and_then(|mut file| {
-                let mut bytes = Vec::new();
-                std::io::Read::read_to_end(&mut file, &mut bytes)?;
-                let _ = file.set_modified(SystemTime::now());
-                Ok(bytes)
-            })
-            .ok()
-            .and_then(|bytes| crate::chunk::decode(&bytes, id).ok());
-        if checked.is_none() {
-            tracing::warn!(chunk = %id, "disk cache: chunk damaged or gone; removing it");
-            let _ = std::fs::remove_file(&path);
-            self.forget(id);
+        let file = std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW).open(&path);
+        match file.map_err(|e| e.to_string()).and_then(|file| crate::chunk::read(file, id).map_err(|e| e.to_string())) {
+            Ok(bytes) => {
+                // Setting a file's time can wait for the file system's journal: not on a
+                // fault's time.
+                self.send_behind(Behind::Touch(*id));
+                Some(bytes)
+            }
+            Err(e) => {
+                tracing::warn!(chunk = %id, "disk cache: chunk damaged or gone ({e}); removing it");
+                let _ = std::fs::remove_file(&path);
+                self.forget(id);
+                None
+            }
         }
-        checked
     }
 
     /// Keeps `bytes` (chunk `id`'s bytes, already checked against it) as an LZ4 chunk file,
@@ -129,23 +133,32 @@ impl DiskCache {
     /// As [`DiskCache::put`], later, on a writer thread of the lowest CPU priority: a host
     /// restoring VMs spends its cores on them, and the disk copy is only for next time.
     pub fn put_behind(&self, id: &ChunkId, bytes: Vec<u8>) {
-        let writer = self.writer.get_or_init(|| {
-            let (sender, receiver) = std::sync::mpsc::channel::<ChunkBytes>();
+        self.send_behind(Behind::Keep(*id, bytes));
+    }
+
+    fn send_behind(&self, work: Behind) {
+        let sender = self.behind.get_or_init(|| {
+            let (sender, receiver) = std::sync::mpsc::channel::<Behind>();
             let (store, budget, index) = (self.store.clone(), self.budget, Arc::clone(&self.index));
-            let write = move || {
+            let work = move || {
                 lower_priority();
-                for (id, bytes) in receiver {
-                    if let Err(e) = put(&store, budget, &index, &id, &bytes) {
-                        tracing::warn!(chunk = %id, "disk cache: could not keep the chunk: {e}");
+                for work in receiver {
+                    match work {
+                        Behind::Keep(id, bytes) => {
+                            if let Err(e) = put(&store, budget, &index, &id, &bytes) {
+                                tracing::warn!(chunk = %id, "disk cache: could not keep the chunk: {e}");
+                            }
+                        }
+                        Behind::Touch(id) => touch(&store.chunk_path(&id)),
                     }
                 }
             };
-            if let Err(e) = std::thread::Builder::new().name("disk-cache".into()).spawn(write) {
+            if let Err(e) = std::thread::Builder::new().name("disk-cache".into()).spawn(work) {
                 tracing::error!("cannot start the disk cache writer: {e}");
             }
             sender
         });
-        let _ = writer.send((*id, bytes));
+        let _ = sender.send(work);
     }
 
     fn forget(&self, id: &ChunkId) {
@@ -165,7 +178,7 @@ fn put(store: &Store, budget: u64, index: &Mutex<Index>, id: &ChunkId, bytes: &[
     if lock(index).files.contains_key(id) {
         return Ok(());
     }
-    // Kept as LZ4: a hit decompresses ~3× faster than from zstd, on a restore's time.
+    // Kept as LZ4: see the module doc.
     let file = crate::chunk::encode(bytes, crate::Codec::Lz4);
     let len = file.len() as u64;
     if len > budget {
@@ -180,6 +193,16 @@ fn put(store: &Store, budget: u64, index: &Mutex<Index>, id: &ChunkId, bytes: &[
     }
     evict(store, budget, &mut index);
     Ok(())
+}
+
+/// Sets the time of the chunk file at `path` to now (never through a symlink).
+fn touch(path: &Path) {
+    use nix::sys::stat::{utimensat, UtimensatFlags};
+    use nix::sys::time::TimeSpec;
+    let (keep, now) = (TimeSpec::UTIME_OMIT, TimeSpec::UTIME_NOW);
+    if let Err(e) = utimensat(None, path, &keep, &now, UtimensatFlags::NoFollowSymlink) {
+        tracing::debug!(path = %path.display(), "disk cache: file time not set: {e}");
+    }
 }
 
 /// Removes least recently used chunks until the cache fits its budget.
@@ -209,5 +232,55 @@ fn lower_priority() {
     let result = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, tid, 19) };
     if result != 0 {
         tracing::debug!("disk cache writer keeps its priority: {}", std::io::Error::last_os_error());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn chunk(seed: u8) -> (ChunkId, Vec<u8>) {
+        let bytes: Vec<u8> = (0..65536u32).map(|i| u8::try_from(i % 61).unwrap_or(0) ^ seed).collect();
+        (ChunkId::of(&bytes), bytes)
+    }
+
+    fn modified(cache: &DiskCache, id: &ChunkId) -> SystemTime {
+        std::fs::metadata(cache.store().chunk_path(id)).and_then(|m| m.modified()).expect("chunk file")
+    }
+
+    #[test]
+    fn a_hit_is_remembered_across_a_restart_and_a_damaged_file_is_removed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cache = DiskCache::open(dir.path(), u64::MAX).expect("open");
+        let chunks = [chunk(1), chunk(2), chunk(3)];
+        let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        for (n, (id, bytes)) in chunks.iter().enumerate() {
+            cache.put(id, bytes).expect("put");
+            let file = std::fs::File::options().write(true).open(cache.store().chunk_path(id)).expect("open");
+            file.set_modified(an_hour_ago + Duration::from_secs(n as u64)).expect("set time");
+        }
+        let [(a, a_bytes), (b, _), (c, _)] = &chunks;
+        assert_eq!(cache.get(a).as_deref(), Some(a_bytes.as_slice()));
+        // The hit's file time is set behind the reader: wait for it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while modified(&cache, a) <= modified(&cache, c) {
+            assert!(Instant::now() < deadline, "the hit's file time was never set");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let file_len = std::fs::metadata(cache.store().chunk_path(c)).expect("c").len();
+        drop(cache);
+        let reopened = DiskCache::open(dir.path(), 2 * file_len).expect("reopen");
+        assert!(reopened.contains(a) && reopened.contains(c), "the used chunk and the newest stay");
+        assert!(!reopened.contains(b), "the least recently used chunk goes first, after a restart too");
+
+        let path = reopened.store().chunk_path(c);
+        let mut damaged = std::fs::read(&path).expect("read");
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        std::fs::write(&path, damaged).expect("write");
+        assert_eq!(reopened.get(c), None, "a damaged chunk is never returned");
+        assert!(!reopened.contains(c) && !path.exists(), "and it is removed, to be fetched again");
+        assert_eq!(reopened.get(a).as_deref(), Some(a_bytes.as_slice()));
     }
 }

@@ -160,8 +160,12 @@ impl Store {
 
     /// The uncompressed bytes of chunk `id`, checked against its id.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        let file = self.read_chunk_file(id)?;
-        chunk::decode(&file, id).map_err(|source| StoreError::Chunk { path: self.chunk_path(id), source })
+        let path = self.chunk_path(id);
+        let file = File::open(&path).map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => StoreError::MissingChunk { id: *id, path: path.clone() },
+            _ => StoreError::Io { path: path.clone(), source },
+        })?;
+        chunk::read(file, id).map_err(|source| StoreError::Chunk { path, source })
     }
 
     /// Makes every chunk written so far durable, then writes `manifest` as snapshot `name`
