@@ -107,10 +107,10 @@ fn main() -> Result<()> {
             };
             if !(0.0..=1.0).contains(&w.shared_fraction)
                 || w.mem_mib < 2
-                || w.mem_mib > 7168
+                || w.mem_mib > 32768
                 || w.init_mib >= w.mem_mib.min(3072)
             {
-                bail!("invalid workload {w:?}: need 2 ≤ mem-mib ≤ 7168, init-mib < min(mem-mib, 3072), 0 ≤ shared-fraction ≤ 1");
+                bail!("invalid workload {w:?}: need 2 ≤ mem-mib ≤ 32768, init-mib < min(mem-mib, 3072), 0 ≤ shared-fraction ≤ 1");
             }
             let state = snapshot::take(&w, &out).with_context(|| format!("cannot snapshot into {}", out.display()))?;
             println!("snapshot of {:?} written to {}", state.workload, out.display());

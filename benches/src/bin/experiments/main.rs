@@ -34,8 +34,8 @@ use std::path::PathBuf;
 
 #[derive(Parser)]
 struct Args {
-    /// Every size from 128 MiB to 3 GiB in 128 MiB steps, more compute levels, more rounds,
-    /// and 64 concurrent VMs.
+    /// Every size from 128 MiB to 3 GiB in 128 MiB steps and 4, 8, 16 GiB, more compute
+    /// levels, more rounds, and 64 concurrent VMs.
     #[arg(long)]
     full: bool,
     /// The default: a quick run.
@@ -64,7 +64,11 @@ fn main() -> Result<()> {
         args.only.iter().map(|o| format!(" --only {o}")).collect::<String>()
     )?;
     if wanted("1") {
-        let sizes: Vec<u64> = if full { (1..=24).map(|i| i * 128).collect() } else { vec![128, 512, 1024, 3072] };
+        let sizes: Vec<u64> = if full {
+            (1..=24).map(|i| i * 128).chain([4096, 8192, 16384]).collect()
+        } else {
+            vec![128, 512, 1024, 3072, 16384]
+        };
         summary += &latency::run(&sizes, work, out)?;
     }
     if wanted("1b") {
