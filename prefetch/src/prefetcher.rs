@@ -102,6 +102,27 @@ impl<'p> PrefetchSchedule<'p> {
         }
     }
 
+    /// Batch `first` and the unplaced batches after it in plan order that continue it in the
+    /// file (same kind, same tier), up to `max_pages` in all: what one copy can place.
+    pub fn contiguous_run(&self, first: usize, max_pages: u64) -> std::ops::Range<usize> {
+        let batches = &self.plan.batches;
+        let Some(head) = batches.get(first) else { return first..first };
+        let (mut end, mut pages) = (first + 1, head.pages);
+        while let Some(next) = batches.get(end) {
+            let last = &batches[end - 1];
+            let continues = next.first_page == last.end_page()
+                && next.kind == last.kind
+                && self.is_deferred(end) == self.is_deferred(first)
+                && !self.is_placed(end);
+            if !continues || pages + next.pages > max_pages {
+                break;
+            }
+            pages += next.pages;
+            end += 1;
+        }
+        first..end
+    }
+
     /// The guest is at `batch`: the schedule goes on after it, wherever it was.
     pub fn follow(&mut self, batch: usize) {
         self.cursor = (batch + 1).min(self.placed.len());
@@ -139,6 +160,33 @@ mod tests {
         assert_eq!(s.placed_pages(), 24);
         assert_eq!(s.batch_containing(32), Some(3));
         assert_eq!(s.batch_containing(35), None, "between batches");
+    }
+
+    #[test]
+    fn a_run_joins_batches_that_continue_each_other_within_its_size() {
+        let batch = |first_page, pages, kind| Batch { first_page, pages, kind, priority: 0.0 };
+        let copy = BatchKind::Copy;
+        // 0..4, 4..8, 8..12 continue each other; 12..16 is zero-mapped; 16..20 after it; then
+        // 30..34 (a gap), then 34..38 (deferred: another tier).
+        let batches = vec![
+            batch(0, 4, copy),
+            batch(4, 4, copy),
+            batch(8, 4, copy),
+            batch(12, 4, BatchKind::Zero),
+            batch(16, 4, copy),
+            batch(30, 4, copy),
+            batch(34, 4, copy),
+        ];
+        let plan = Plan { batches, deferred_from: 6, ..Plan::default() };
+        let mut s = PrefetchSchedule::new(&plan);
+        assert_eq!(s.contiguous_run(0, 64), 0..3, "up to the change of kind");
+        assert_eq!(s.contiguous_run(0, 8), 0..2, "within the size");
+        assert_eq!(s.contiguous_run(0, 2), 0..1, "a batch larger than the size still goes alone");
+        assert_eq!(s.contiguous_run(4, 64), 4..5, "not across a gap");
+        assert_eq!(s.contiguous_run(5, 64), 5..6, "not into the deferred tier");
+        s.placed(1);
+        assert_eq!(s.contiguous_run(0, 64), 0..1, "not over a batch already placed");
+        assert_eq!(s.contiguous_run(7, 64), 7..7, "past the plan: nothing");
     }
 
     #[test]
