@@ -44,6 +44,13 @@ pub trait PageSource {
         0
     }
 
+    /// The longest read served in place, from the source's own memory; a longer one is put
+    /// together in `scratch` (a chunked source: a read across chunks). Prefetch copies no more
+    /// at once: an extra copy of the bytes costs more than the larger UFFDIO_COPY saves.
+    fn contiguous_len(&self) -> u64 {
+        u64::MAX
+    }
+
     /// Readies `[offset, offset + len)` for fast reads (a compressed source decompresses it
     /// ahead of the VMs that will need it); a hint, ignored by sources that are always fast.
     fn warm(&self, _offset: FileOffset, _len: u64) {}

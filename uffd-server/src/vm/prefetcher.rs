@@ -144,7 +144,7 @@ impl<'a> Prefetcher<'a> {
         fail::fail_point!("prefetch-step");
         match self.schedule.next_batch() {
             Some(index) => {
-                let run = self.quiet_run(index);
+                let run = self.quiet_run(guest, index);
                 self.place_batches(guest, removed, run, Wake::Now)
             }
             None => Step::Done,
@@ -152,13 +152,15 @@ impl<'a> Prefetcher<'a> {
     }
 
     /// Batch `first` and, while the guest has been quiet, the unplaced batches after it that
-    /// continue it in the file, up to [`QUIET_RUN_BYTES`]: placed as one copy.
-    fn quiet_run(&self, first: usize) -> Range<usize> {
+    /// continue it in the file, up to [`QUIET_RUN_BYTES`] and to what the snapshot reads in
+    /// place: placed as one copy.
+    fn quiet_run(&self, guest: &Guest<'_>, first: usize) -> Range<usize> {
         let quiet = self.last_demand.is_none_or(|t| t.elapsed() >= QUIET_BEFORE_DEFERRED);
         if !quiet || self.loading_set.is_some() {
             return first..first + 1; // a loading set holds its bytes batch by batch
         }
-        self.schedule.contiguous_run(first, QUIET_RUN_BYTES / BASE_PAGE)
+        let bytes = QUIET_RUN_BYTES.min(guest.snapshot.contiguous_len());
+        self.schedule.contiguous_run(first, bytes / BASE_PAGE)
     }
 
     /// A fault in a batch not placed yet: places that batch and the (not deferred) ones after
