@@ -197,8 +197,9 @@ impl<'a> FaultLoop<'a> {
             }
         }
         count(&self.guest.stats.faults, 1);
-        self.guest.stats.latency.record(started.elapsed());
-        self.guest.stats.stall.record(read_at.elapsed());
+        let now = Instant::now(); // one clock read for both figures
+        self.guest.stats.latency.record(now.saturating_duration_since(started));
+        self.guest.stats.stall.record(now.saturating_duration_since(read_at));
         Ok(())
     }
 
