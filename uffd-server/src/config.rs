@@ -54,6 +54,10 @@ pub struct ChunkStoreConfig {
     pub origin: StoreOrigin,
     /// The snapshots of it to serve.
     pub names: Vec<String>,
+    /// Load the snapshots of an object store when the server starts (in the background: the
+    /// server does not wait for the bucket), not when their first VM attaches. Set when they
+    /// were named; a whole bucket's snapshots load on first use.
+    pub load_remote_at_start: bool,
     /// How chunks are held in RAM: LZ4 where it saves ≥ 1/8, or as they are.
     pub ram_codec: snapstore::Codec,
     /// RAM for decompressed copies of the compressed chunks VMs use (the hot ones).

@@ -101,6 +101,7 @@ fn chunk_store(
     mode: &Mode,
 ) -> Result<Option<uffd_server::config::ChunkStoreConfig>> {
     let remote = remote_commands::remote_store(&args.remote, remote_specs)?;
+    let named = !names.is_empty() || !remote_specs.is_empty();
     let origin = match (&args.store, remote) {
         (Some(_), Some(_)) => bail!("serve from --store or from an object store, not both"),
         (None, None) => return Ok(None),
@@ -126,6 +127,7 @@ fn chunk_store(
     Ok(Some(uffd_server::config::ChunkStoreConfig {
         origin,
         names,
+        load_remote_at_start: named,
         ram_codec: args.store_ram_codec.into(),
         inflate_bytes: args.store_inflate_bytes,
     }))

@@ -81,7 +81,9 @@ impl Server {
         if let Some(chunks) = &config.chunk_store {
             let (origin, fetch_threads) = open_origin(&chunks.origin)?;
             let pool = Arc::new(ChunkPool::new(origin, chunks.ram_codec, chunks.inflate_bytes, fetch_threads));
-            store = store.with_stored(pool, &chunks.names).map_err(|e| ServerError::Snapshot(Box::new(e)))?;
+            store = store
+                .with_stored(pool, &chunks.names, chunks.load_remote_at_start)
+                .map_err(|e| ServerError::Snapshot(Box::new(e)))?;
         }
         Ok(Server { config, store: Arc::new(store), registry: Arc::default(), lock, journal })
     }
@@ -224,13 +226,16 @@ struct SnapshotService {
     lifecycle: Arc<Lifecycle>,
 }
 
-/// Starts loading every snapshot that fits in the budget, each on a thread of its own. VMs of
-/// a snapshot still loading wait for it (at most the load wait); the others do not.
+/// Starts loading every snapshot that fits in the budget, each on a thread of its own, and
+/// returns the threads to wait for before serving: those of an object store's snapshots are
+/// not waited for (the bucket may be slow or down; the disk cache may hold their manifests).
+/// VMs of a snapshot still loading wait for it (at most the load wait); the others do not.
 fn preload(store: &Arc<SnapshotStore>, services: &[Arc<SnapshotService>]) -> io::Result<Vec<JoinHandle<()>>> {
-    let names = store.preload_names();
+    let (names, remote) = (store.preload_names(), store.remote_preload_names());
     store.begin_preload(&names);
+    store.begin_preload(&remote);
     let mut threads = Vec::new();
-    for name in names {
+    for (name, background) in names.into_iter().map(|n| (n, false)).chain(remote.into_iter().map(|n| (n, true))) {
         let Some(service) = services.iter().find(|s| s.name == name).map(Arc::clone) else { continue };
         let load = move || {
             if let Err(e) = service.store.finish_preload(&name, &|snapshot| service.prepare(snapshot)) {
@@ -238,7 +243,10 @@ fn preload(store: &Arc<SnapshotStore>, services: &[Arc<SnapshotService>]) -> io:
             }
             release_freed_memory();
         };
-        threads.push(std::thread::Builder::new().name("preload".into()).spawn(load)?);
+        let thread = std::thread::Builder::new().name("preload".into()).spawn(load)?;
+        if !background {
+            threads.push(thread);
+        }
     }
     Ok(threads)
 }

@@ -56,6 +56,8 @@ pub struct SnapshotStore {
     evictions: std::sync::atomic::AtomicU64,
     /// Chunks of stored snapshots, each held once.
     pool: Option<Arc<ChunkPool>>,
+    /// Snapshots of an object store load at start (else when their first VM attaches).
+    load_remote_at_start: bool,
 }
 
 impl SnapshotStore {
@@ -68,12 +70,27 @@ impl SnapshotStore {
         load_wait: Duration,
     ) -> Self {
         let slots = snapshots.into_iter().map(|(name, path)| (name, Slot::new(path, false))).collect();
-        SnapshotStore { slots, budget_bytes, storage, load_wait, evictions: Default::default(), pool: None }
+        SnapshotStore {
+            slots,
+            budget_bytes,
+            storage,
+            load_wait,
+            evictions: Default::default(),
+            pool: None,
+            load_remote_at_start: false,
+        }
     }
 
     /// Adds snapshots `names` of the chunk store `pool` reads from (their chunks held once in
-    /// the pool, within the same budget).
-    pub fn with_stored(mut self, pool: Arc<ChunkPool>, names: &[String]) -> Result<Self, SnapshotError> {
+    /// the pool, within the same budget); from an object store, loaded at start if
+    /// `load_remote_at_start` ([`SnapshotStore::remote_preload_names`]).
+    pub fn with_stored(
+        mut self,
+        pool: Arc<ChunkPool>,
+        names: &[String],
+        load_remote_at_start: bool,
+    ) -> Result<Self, SnapshotError> {
+        self.load_remote_at_start = load_remote_at_start;
         for name in names {
             let path = pool
                 .manifest_path(name)
@@ -84,9 +101,9 @@ impl SnapshotStore {
         Ok(self)
     }
 
-    /// The snapshots to load at start: in name order, while their files fit in the budget.
-    /// Those of an object store load when their first VM attaches (`uffd-server pull` warms a
-    /// host ahead of time).
+    /// The snapshots to load at start before serving: in name order, while their files fit in
+    /// the budget. Those of an object store are not among them
+    /// ([`SnapshotStore::remote_preload_names`]).
     pub fn preload_names(&self) -> Vec<String> {
         let mut planned = 0;
         let mut names = Vec::new();
@@ -99,6 +116,17 @@ impl SnapshotStore {
             }
         }
         names
+    }
+
+    /// The snapshots of an object store to load at start, without waiting for them: their
+    /// manifests, plans, and the first fetches of their working sets (a remote snapshot holds
+    /// no chunk at load, so the budget does not limit them). None unless they were named.
+    pub fn remote_preload_names(&self) -> Vec<String> {
+        let remote = self.pool.as_ref().is_some_and(|pool| pool.is_remote());
+        if !(remote && self.load_remote_at_start) {
+            return Vec::new();
+        }
+        self.slots.iter().filter(|(_, slot)| slot.stored).map(|(name, _)| name.clone()).collect()
     }
 
     /// The loaded snapshot `name`, loading it if needed (or again, if its file changed).
