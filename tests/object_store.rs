@@ -92,6 +92,34 @@ fn victim_vm(server: &ServerProcess, name: &str, len: usize, limit: Duration) ->
     }
 }
 
+/// A snapshot named on the command line loads when the server starts, in the background:
+/// with the bucket up, before any VM attaches; with it down, the server serves at once.
+#[test]
+fn a_named_snapshot_loads_at_start_and_a_dead_bucket_does_not_hold_the_server_up() {
+    let Fixture { bucket, url, dir, store, snap } = fixture("load-at-start", "s", 4 * MIB, 91);
+    push(&store, "s", &url, &[]);
+    let ready_us = |server: &ServerProcess| -> u64 {
+        let log = server.log();
+        let line = log.lines().find(|line| line.contains("ready_us=")).expect("the server logs when it serves");
+        let field = line.split_whitespace().find_map(|f| f.strip_prefix("ready_us=")).expect("ready_us");
+        field.parse().expect("a number")
+    };
+
+    let server = remote_server(&bucket, "s", &dir.path().join("cache-up"), &[], &[]);
+    assert_eq!(server.stats().snapshots_loaded, vec!["s".to_string()], "loaded with no VM attached");
+    assert_every_byte(&server, "s", &snap.bytes);
+    drop(server);
+
+    // Nothing listens on port 9: every GET of the manifest fails until the deadline (2 s).
+    let dead = [("AWS_ENDPOINT_URL", "http://127.0.0.1:9")];
+    let extra = ["--remote-deadline-ms", "2000"];
+    let server = remote_server(&bucket, "s", &dir.path().join("cache-down"), &extra, &dead);
+    let ready = ready_us(&server);
+    assert!(ready < 1_000_000, "the server waited {ready} µs for an unreachable bucket:\n{}", server.log());
+    server.wait_for_log("VMs of this snapshot will be refused until it loads", 1);
+    assert!(server.stats().snapshots_loaded.is_empty());
+}
+
 #[test]
 fn a_second_host_restores_from_the_bucket_alone_with_none_and_union() {
     require_kvm();
