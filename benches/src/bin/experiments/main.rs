@@ -12,7 +12,7 @@
 //! 7. Restoring from an object store (`remote`).
 //! 8. The server's own end: a vCPU's stall across a handover and a crash, a soak (`restart`).
 //!
-//! Run: `./x experiments [--full]` (`--quick`, the default, takes ~4 minutes). Writes CSV
+//! Run: `./x experiments [--full]` (`--quick`, the default, takes ~5 minutes). Writes CSV
 //! files, PNG plots and `summary.md` to `--out` (default `target/experiments`).
 
 mod compute;
