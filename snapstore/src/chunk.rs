@@ -144,13 +144,7 @@ pub fn decode(file: &[u8], expected: &ChunkId) -> Result<Vec<u8>, ChunkError> {
     if stored.len() != header.stored_len {
         return Err(ChunkError::Length { expected: header.stored_len, actual: stored.len() });
     }
-    let mut bytes = vec![0u8; header.len];
-    decompress_into(header.codec, stored, &mut bytes)?;
-    let actual = ChunkId::of(&bytes);
-    if actual != *expected {
-        return Err(ChunkError::Hash { expected: *expected, actual });
-    }
-    Ok(bytes)
+    unpack(&header, std::borrow::Cow::Borrowed(stored), expected)
 }
 
 /// The uncompressed bytes of the chunk file `file` reads, which must be chunk `expected`. As
@@ -173,8 +167,14 @@ pub fn read(mut file: impl std::io::Read, expected: &ChunkId) -> Result<Vec<u8>,
     if file.read(&mut extra).map_err(io)? != 0 {
         return Err(ChunkError::Length { expected: header.stored_len, actual: header.stored_len + 1 });
     }
-    let bytes = if header.codec == Codec::None && header.stored_len == header.len {
-        stored
+    unpack(&header, std::borrow::Cow::Owned(stored), expected)
+}
+
+/// The uncompressed bytes of a chunk stored as `stored` under `header`, which must be chunk
+/// `expected`; raw stored bytes are returned as they are when owned.
+fn unpack(header: &Header, stored: std::borrow::Cow<'_, [u8]>, expected: &ChunkId) -> Result<Vec<u8>, ChunkError> {
+    let bytes = if header.codec == Codec::None && stored.len() == header.len {
+        stored.into_owned()
     } else {
         let mut bytes = vec![0u8; header.len];
         decompress_into(header.codec, &stored, &mut bytes)?;

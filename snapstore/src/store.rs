@@ -136,36 +136,37 @@ impl Store {
 
     /// The stored bytes of chunk `id` (header included), not checked.
     pub fn read_chunk_file(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        let path = self.chunk_path(id);
-        std::fs::read(&path).map_err(|source| match source.kind() {
-            io::ErrorKind::NotFound => StoreError::MissingChunk { id: *id, path: path.clone() },
-            _ => StoreError::Io { path: path.clone(), source },
-        })
+        let (mut file, path) = self.open_chunk(id)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(|source| StoreError::Io { path, source })?;
+        Ok(bytes)
     }
 
     /// The header of chunk `id` and the length of its file, reading only the header.
     pub fn chunk_header(&self, id: &ChunkId) -> Result<(chunk::Header, u64), StoreError> {
-        let path = self.chunk_path(id);
-        let missing = |source: io::Error| match source.kind() {
-            io::ErrorKind::NotFound => StoreError::MissingChunk { id: *id, path: path.clone() },
-            _ => StoreError::Io { path: path.clone(), source },
-        };
-        let file = File::open(&path).map_err(missing)?;
-        let len = file.metadata().map_err(missing)?.len();
+        let (file, path) = self.open_chunk(id)?;
+        let io = |source| StoreError::Io { path: path.clone(), source };
+        let len = file.metadata().map_err(io)?.len();
         let mut head = Vec::with_capacity(chunk::HEADER_LEN);
-        (&file).take(chunk::HEADER_LEN as u64).read_to_end(&mut head).map_err(missing)?;
+        (&file).take(chunk::HEADER_LEN as u64).read_to_end(&mut head).map_err(io)?;
         let header = chunk::header(&head).map_err(|source| StoreError::Chunk { path: path.clone(), source })?;
         Ok((header, len))
     }
 
     /// The uncompressed bytes of chunk `id`, checked against its id.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        let path = self.chunk_path(id);
-        let file = File::open(&path).map_err(|source| match source.kind() {
-            io::ErrorKind::NotFound => StoreError::MissingChunk { id: *id, path: path.clone() },
-            _ => StoreError::Io { path: path.clone(), source },
-        })?;
+        let (file, path) = self.open_chunk(id)?;
         chunk::read(file, id).map_err(|source| StoreError::Chunk { path, source })
+    }
+
+    /// Chunk `id`'s file, opened, and its path.
+    fn open_chunk(&self, id: &ChunkId) -> Result<(File, PathBuf), StoreError> {
+        let path = self.chunk_path(id);
+        match File::open(&path) {
+            Ok(file) => Ok((file, path)),
+            Err(source) if source.kind() == io::ErrorKind::NotFound => Err(StoreError::MissingChunk { id: *id, path }),
+            Err(source) => Err(StoreError::Io { path, source }),
+        }
     }
 
     /// Makes every chunk written so far durable, then writes `manifest` as snapshot `name`
