@@ -98,13 +98,8 @@ fn victim_vm(server: &ServerProcess, name: &str, len: usize, limit: Duration) ->
 fn a_named_snapshot_loads_at_start_and_a_dead_bucket_does_not_hold_the_server_up() {
     let Fixture { bucket, url, dir, store, snap } = fixture("load-at-start", "s", 4 * MIB, 91);
     push(&store, "s", &url, &[]);
-    let ready_us = |server: &ServerProcess| -> u64 {
-        let log = server.log();
-        let line = log.lines().find(|line| line.contains("ready_us=")).expect("the server logs when it serves");
-        let field = line.split_whitespace().find_map(|f| f.strip_prefix("ready_us=")).expect("ready_us");
-        field.parse().expect("a number")
-    };
-
+    let ready_us =
+        |server: &ServerProcess| server.logged_number("serving ready_us", "ready_us").expect("logged when serving");
     let server = remote_server(&bucket, "s", &dir.path().join("cache-up"), &[], &[]);
     assert_eq!(server.stats().snapshots_loaded, vec!["s".to_string()], "loaded with no VM attached");
     assert_every_byte(&server, "s", &snap.bytes);
@@ -115,7 +110,7 @@ fn a_named_snapshot_loads_at_start_and_a_dead_bucket_does_not_hold_the_server_up
     let extra = ["--remote-deadline-ms", "2000"];
     let server = remote_server(&bucket, "s", &dir.path().join("cache-down"), &extra, &dead);
     let ready = ready_us(&server);
-    assert!(ready < 1_000_000, "the server waited {ready} µs for an unreachable bucket:\n{}", server.log());
+    assert!(ready < 1e6, "the server waited {ready} µs for an unreachable bucket:\n{}", server.log());
     server.wait_for_log("VMs of this snapshot will be refused until it loads", 1);
     assert!(server.stats().snapshots_loaded.is_empty());
 }

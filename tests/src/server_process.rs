@@ -168,6 +168,14 @@ impl ServerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The number after `key=` on the first line of the log that contains `line` (e.g. the
+    /// `ms=` of "snapshot loaded"); None if there is none.
+    pub fn logged_number(&self, line: &str, key: &str) -> Option<f64> {
+        let log = self.log();
+        let found = log.lines().find(|l| l.contains(line))?;
+        found.split_whitespace().find_map(|field| field.strip_prefix(key)?.strip_prefix('='))?.parse().ok()
+    }
+
     /// Waits until the log contains `needle` `count` times; panics with the log on timeout.
     pub fn wait_for_log(&self, needle: &str, count: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);

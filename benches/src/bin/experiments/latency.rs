@@ -121,7 +121,8 @@ fn load_time(work: &Path) -> Result<String> {
     for _ in 0..ROUNDS {
         for (snapshot, loads) in snapshots.iter().zip(&mut loads) {
             let server = ServerProcess::start(&[("vm", &snapshot.join("mem"))], &[]);
-            loads.push(logged_load_ms(&server.log()).context("the server logged no snapshot load")?);
+            let ms = server.logged_number("snapshot loaded", "ms").context("the server logged no snapshot load")?;
+            loads.push(ms);
             bar.inc(1);
         }
     }
@@ -131,10 +132,4 @@ fn load_time(work: &Path) -> Result<String> {
         "Server start: loading the snapshot of a 1 GiB and of a 16 GiB guest holding the same {DATA_MIB} MiB of data (python-like, `--init-mib {DATA_MIB}`; the rest zeros, holes in the file), {ROUNDS} alternating starts, medians: 1 GiB **{small:.0} ms**, 16 GiB **{large:.0} ms**: **{:.2}×** (goal: ≤ 2×).\n\n",
         large / small
     ))
-}
-
-/// The `ms=` of the server's "snapshot loaded" line.
-fn logged_load_ms(log: &str) -> Option<f64> {
-    let line = log.lines().find(|line| line.contains("snapshot loaded"))?;
-    line.split_whitespace().find_map(|field| field.strip_prefix("ms="))?.parse().ok()
 }
