@@ -86,7 +86,7 @@ impl ServerProcess {
     }
 
     /// As [`ServerProcess::start_command`], with `env` set for the server (e.g. `FAILPOINTS`,
-    /// which the test build of the server honours: feature `failpoints`).
+    /// which only a server built with feature `failpoints` honours, as `./x test` builds it).
     pub fn start_with_env(
         command: &str,
         snapshots: &[(&str, &Path)],
@@ -108,6 +108,12 @@ impl ServerProcess {
         let child = spawn_logged(&args, &env, &log);
         let mut server = ServerProcess { child, socket_dir, log, _dir: dir, args, env };
         server.wait_until_listening();
+        if server.env.iter().any(|(k, _)| k == "FAILPOINTS") {
+            assert!(
+                server.log().contains("failpoints configured"),
+                "this uffd-server has no failpoints: build it with `--features uffd-server/failpoints` (./x test does)"
+            );
+        }
         server
     }
 

@@ -181,7 +181,8 @@ struct RecordArgs {
 }
 
 fn main() -> Result<()> {
-    // Test builds only (feature `failpoints`): FAILPOINTS=name=action injects faults.
+    // Test builds only (feature `failpoints`, which `./x test` turns on; a release build has no
+    // lookups on its fault path): FAILPOINTS=name=action injects faults.
     let _failpoints = fail::FailScenario::setup();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -191,6 +192,11 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    if cfg!(feature = "failpoints") {
+        if let Ok(failpoints) = std::env::var("FAILPOINTS") {
+            tracing::warn!(failpoints, "failpoints configured (a test build)");
+        }
+    }
     match Cli::parse().command {
         Command::Serve { serve: args, prefetch } => {
             let (min_frequency, plan) = prefetch.plan.config()?;
