@@ -1,10 +1,13 @@
 //! Per-fault service time of uffd-server against the raw floor, in one run.
 //!
-//! The floor is the least any userfaultfd handler can do: a thread in a blocking `read` on the
-//! uffd that answers each fault with one UFFDIO_COPY from memory. Both handlers serve the same
-//! random (no zero page) snapshot to the same faulting thread, which touches each 4 KiB page
-//! once and times every touch; rounds alternate so that machine noise hits both alike.
-//! The server runs with `--fault-around 1`, so both place exactly one page per fault.
+//! The floor is the least any userfaultfd handler can do: a blocking `read` on the uffd that
+//! answers each fault with one UFFDIO_COPY from memory. It runs twice: in a process of its own
+//! (`raw-uffd-handler`, taking the VM over the same handshake as the server: the floor of any
+//! memory server), and as a thread of the faulting process (no switch between address spaces,
+//! which no memory server can have). Every handler serves the same random (no zero page)
+//! snapshot to the same faulting thread, which touches each 4 KiB page once and times every
+//! touch; rounds alternate so that machine noise hits all alike. The server runs with
+//! `--fault-around 1`, so every handler places exactly one page per fault.
 //!
 //! Where the faulting thread and the handler run decides the figure (the same CPU ~10 µs, the
 //! other ~45 µs here: a cross-CPU wake-up), so both are pinned, and each placement is measured
@@ -42,7 +45,10 @@ impl Placement {
 /// Per-touch times in µs of every round, for each handler.
 #[derive(Default)]
 pub struct FaultTimes {
+    /// The raw loop as a thread of the faulting process.
     pub raw_us: Vec<f64>,
+    /// The raw loop as a process of its own.
+    pub raw_process_us: Vec<f64>,
     pub server_us: Vec<f64>,
 }
 
@@ -54,8 +60,42 @@ pub fn measure(pages: usize, rounds: usize, placement: Placement) -> Result<Faul
     let mut times = FaultTimes::default();
     for _ in 0..rounds {
         times.raw_us.extend(raw_round(&snapshot.bytes, placement)?);
+        times.raw_process_us.extend(raw_process_round(&snapshot.path, snapshot.bytes.len(), placement)?);
         times.server_us.extend(server_round(&server, "bench", snapshot.bytes.len(), 1, placement)?);
     }
+    Ok(times)
+}
+
+/// One VM of `len` bytes (one region) served by `raw-uffd-handler` from `memory_file`,
+/// touching every page once: the time of each touch in µs.
+pub fn raw_process_round(memory_file: &std::path::Path, len: usize, placement: Placement) -> Result<Vec<f64>> {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("raw.sock");
+    let cpu = placement.cpus().map_or_else(|| "any".to_string(), |(handler, _)| handler.to_string());
+    let faults = (len / PAGE).to_string();
+    let mut handler = std::process::Command::new(e2e::server_process::workspace_binary("raw-uffd-handler"))
+        .arg(&socket)
+        .arg(memory_file)
+        .args([&faults, &cpu])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting raw-uffd-handler")?;
+    let mut ready = String::new();
+    if let Some(stdout) = handler.stdout.take() {
+        std::io::BufReader::new(stdout).read_line(&mut ready)?;
+    }
+    if ready.trim() != "ready" {
+        let _ = handler.kill();
+        bail!("raw-uffd-handler did not start: {:?}", handler.wait()?);
+    }
+    let vmm = FakeVmm::attach_layout(&socket, &[len], 0, false).context("attaching to raw-uffd-handler")?;
+    let times = match placement.cpus() {
+        Some((_, toucher)) => on_cpu(toucher, || touch_timed(&vmm.memory))?,
+        None => touch_timed(&vmm.memory),
+    };
+    let status = handler.wait()?;
+    anyhow::ensure!(status.success(), "raw-uffd-handler failed: {status}");
     Ok(times)
 }
 
