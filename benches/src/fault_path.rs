@@ -90,10 +90,7 @@ pub fn raw_process_round(memory_file: &std::path::Path, len: usize, placement: P
         bail!("raw-uffd-handler did not start: {:?}", handler.wait()?);
     }
     let vmm = FakeVmm::attach_layout(&socket, &[len], 0, false).context("attaching to raw-uffd-handler")?;
-    let times = match placement.cpus() {
-        Some((_, toucher)) => on_cpu(toucher, || touch_timed(&vmm.memory))?,
-        None => touch_timed(&vmm.memory),
-    };
+    let times = touch_placed(&vmm.memory, 1, placement)?;
     let status = handler.wait()?;
     anyhow::ensure!(status.success(), "raw-uffd-handler failed: {status}");
     Ok(times)
@@ -110,10 +107,10 @@ pub fn server_round(
 ) -> Result<Vec<f64>> {
     // FakeVmm waits for the server to let go of the VM before its memory is unmapped.
     let vmm = FakeVmm::attach_layout(&server.socket(name), &[len], 0, false).context("attaching to uffd-server")?;
-    let Some((handler, toucher)) = placement.cpus() else { return Ok(touch_timed_every(&vmm.memory, stride)) };
-    pin(newest_vm_thread(server.pid())?, handler)?;
-    let times = on_cpu(toucher, || touch_timed_every(&vmm.memory, stride))?;
-    Ok(times)
+    if let Some((handler, _)) = placement.cpus() {
+        pin(newest_vm_thread(server.pid())?, handler)?;
+    }
+    touch_placed(&vmm.memory, stride, placement)
 }
 
 /// The thread id of the server's newest VM thread (`vm-ID`, the highest ID), waiting for it to
@@ -169,9 +166,13 @@ fn on_cpu<R: Send>(cpu: usize, f: impl FnOnce() -> R + Send) -> Result<R> {
     })
 }
 
-/// Touches every page once, returning the time of each touch in µs.
-fn touch_timed(memory: &GuestMemory) -> Vec<f64> {
-    touch_timed_every(memory, 1)
+/// Touches every `stride`-th page once from the faulting thread's CPU of `placement` (where
+/// the scheduler likes, unpinned), returning the time of each touch in µs.
+fn touch_placed(memory: &GuestMemory, stride: usize, placement: Placement) -> Result<Vec<f64>> {
+    match placement.cpus() {
+        Some((_, toucher)) => on_cpu(toucher, || touch_timed_every(memory, stride)),
+        None => Ok(touch_timed_every(memory, stride)),
+    }
 }
 
 /// Touches every `stride`-th page once, returning the time of each touch in µs.
@@ -211,10 +212,7 @@ pub fn raw_round(snapshot: &[u8], placement: Placement) -> Result<Vec<f64>> {
             }
             Ok(())
         });
-        let times = match placement.cpus() {
-            Some((_, cpu)) => on_cpu(cpu, || touch_timed(&memory))?,
-            None => touch_timed(&memory),
-        };
+        let times = touch_placed(&memory, 1, placement)?;
         handler.join().map_err(|_| anyhow::anyhow!("the raw handler panicked"))??;
         Ok(times)
     })

@@ -110,7 +110,8 @@ impl Waiter {
                 Self::UFFD => readiness.uffd = flags,
                 Self::SOCKET => readiness.socket = flags,
                 Self::PIDFD => readiness.pidfd = flags,
-                _ => readiness.stop = flags,
+                Self::STOP => readiness.stop = flags,
+                _ => {} // only the keys above are ever added
             }
         }
         Ok(Some(readiness))
