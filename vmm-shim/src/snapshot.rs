@@ -105,8 +105,8 @@ pub fn take(workload: &Workload, dir: &Path) -> Result<VmState, SnapshotError> {
 /// Only resident pages are looked at: the rest of fresh anonymous memory is zero.
 fn write_memory_file(memory: &GuestMemory, path: &Path) -> Result<(), SnapshotError> {
     let err = |e| SnapshotError::Write(path.display().to_string(), e);
-    let tmp = path.with_extension("tmp");
-    let file = std::fs::File::create(&tmp).map_err(err)?;
+    let tmp = temp_file_beside(path).map_err(err)?;
+    let file = tmp.as_file();
     file.set_len(memory.len() as u64).map_err(err)?;
     for (i, region) in memory.regions.iter().enumerate() {
         let resident = memory.resident_pages(i).map_err(SnapshotError::Memory)?;
@@ -116,8 +116,7 @@ fn write_memory_file(memory: &GuestMemory, path: &Path) -> Result<(), SnapshotEr
             }
         }
     }
-    file.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    persist(tmp, path).map_err(err)
 }
 
 fn write_state(path: &Path, state: &VmState) -> Result<(), SnapshotError> {
@@ -125,10 +124,24 @@ fn write_state(path: &Path, state: &VmState) -> Result<(), SnapshotError> {
     let mut bytes = STATE_MAGIC.to_vec();
     bytes.extend_from_slice(&STATE_VERSION.to_le_bytes());
     bytes.extend(postcard::to_stdvec(state).map_err(|e| err(e.to_string()))?);
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp).map_err(|e| err(e.to_string()))?;
-    file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(|e| err(e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+    let mut tmp = temp_file_beside(path).map_err(|e| err(e.to_string()))?;
+    tmp.write_all(&bytes).map_err(|e| err(e.to_string()))?;
+    persist(tmp, path).map_err(|e| err(e.to_string()))
+}
+
+/// A file to fill and then [`persist`] as `path`: in the same directory, under a random name,
+/// created exclusively (a name an attacker could guess, or a symlink planted there, is never
+/// opened).
+fn temp_file_beside(path: &Path) -> io::Result<tempfile::NamedTempFile> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    tempfile::Builder::new().prefix(".snapshot.").suffix(".tmp").tempfile_in(dir)
+}
+
+/// Makes `tmp` durable and renames it to `path`: readers see the old file or the new one.
+fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> io::Result<()> {
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// Reads `dir/state`; a wrong magic, version or encoding is named.
@@ -143,4 +156,34 @@ pub fn read_state(path: &Path) -> Result<VmState, SnapshotError> {
         return Err(err(format!("version {version} is not supported (this build reads {STATE_VERSION})")));
     }
     postcard::from_bytes(&bytes[12..]).map_err(|e| err(format!("corrupt: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_is_written_under_a_fresh_name_and_a_planted_symlink_is_not_followed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep").expect("victim");
+        // Where an older build wrote its temp file: a symlink planted there must not be written through.
+        std::os::unix::fs::symlink(&victim, dir.path().join("state.tmp")).expect("symlink");
+        let state = VmState {
+            workload: Workload::preset("python-image", 3).expect("preset"),
+            regs: [7; 18],
+            control: [1, 2, 3, 4],
+        };
+        let path = dir.path().join("state");
+        write_state(&path, &state).expect("write");
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"keep");
+        let back = read_state(&path).expect("read");
+        assert_eq!(back, state);
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+            .collect();
+        names.sort();
+        assert_eq!(names, ["state", "state.tmp", "victim"], "no temp file is left behind");
+    }
 }
