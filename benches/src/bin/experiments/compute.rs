@@ -14,10 +14,17 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 const CONFIGS: [&str; 4] = ["copy", "uffd none", "uffd reap", "uffd union"];
+/// Where each config is in [`CONFIGS`].
+const COPY: usize = 0;
+const NONE: usize = 1;
+const REAP: usize = 2;
+const UNION: usize = 3;
 const SHARED: [(&str, f64); 2] = [("100", 1.0), ("70", 0.7)];
+/// Times each measured input is restored under every config.
+const REPEATS: usize = 3;
 
 pub fn run(rounds: &[u64], work: &Path, out: &Path) -> Result<String> {
-    let steps = SHARED.len() * rounds.len() * (1 + CONFIGS.len() * MEASURED.len());
+    let steps = SHARED.len() * rounds.len() * (1 + CONFIGS.len() * MEASURED.len() * REPEATS);
     let bar = progress(steps, "1b: compute vs warm");
     let mut csv = String::from("shared_percent,compute_rounds,config,input,first_invocation_ms,warm_ms\n");
     let mut series = Series::new(); // (policy, shared) → (warm ms, first invocation / warm)
@@ -31,25 +38,31 @@ pub fn run(rounds: &[u64], work: &Path, out: &Path) -> Result<String> {
             let ws = work.join(format!("compute-{label}-{r}.ws"));
             record(&snapshot, &ws)?;
             bar.inc(1);
+            // samples[config][n]: the n-th first invocation of each config, taken in turn.
+            let mut samples: [Vec<f64>; CONFIGS.len()] = Default::default();
             let mut warm = Vec::new();
-            let mut first = Vec::new();
-            for config in CONFIGS {
-                let mut times = Vec::new();
-                for input in MEASURED {
-                    let timed = measure(&snapshot, &ws, config, input)?;
+            for (n, input) in (0..REPEATS).flat_map(|_| MEASURED).enumerate() {
+                // Each config in turn, starting one further each time, so that neither a slow
+                // spell of the shared machine nor the place in the turn favours one.
+                for k in 0..CONFIGS.len() {
+                    let c = (n + k) % CONFIGS.len();
+                    let timed = measure(&snapshot, &ws, CONFIGS[c], input)?;
                     writeln!(
                         csv,
-                        "{label},{r},{config},{input},{:.3},{:.3}",
-                        timed.first_invocation, timed.second_invocation
+                        "{label},{r},{},{input},{:.3},{:.3}",
+                        CONFIGS[c], timed.first_invocation, timed.second_invocation
                     )?;
-                    times.push(timed.first_invocation);
+                    samples[c].push(timed.first_invocation);
                     warm.push(timed.second_invocation);
                     bar.inc(1);
                 }
-                first.push(median(&times));
             }
             let w = median(&warm);
-            let [copy, none, reap, union] = [first[0], first[1], first[2], first[3]];
+            let [copy, none, reap, union] = samples.each_ref().map(|times| median(times));
+            // Ratios of restores taken side by side, then their median.
+            let ratio = |a: usize, b: usize| {
+                median(&samples[a].iter().zip(&samples[b]).map(|(x, y)| x / y).collect::<Vec<_>>())
+            };
             // Without compute the ratios are 30–100×: plotted, they would flatten the rest.
             for (name, value) in [("none", none), ("reap", reap), ("union", union), ("copy", copy)] {
                 if w >= 1.0 {
@@ -60,9 +73,9 @@ pub fn run(rounds: &[u64], work: &Path, out: &Path) -> Result<String> {
                 table,
                 "| {label}% | {r} | {w:.1} | {copy:.1} | {none:.1} | {reap:.1} | {union:.1} | **{:.2}×** | {:.2}× | {:.2}× | {:.2}× |",
                 union / w,
-                union / copy,
-                none / union,
-                reap / union
+                ratio(UNION, COPY),
+                ratio(NONE, UNION),
+                ratio(REAP, UNION)
             )?;
         }
     }
@@ -75,7 +88,7 @@ pub fn run(rounds: &[u64], work: &Path, out: &Path) -> Result<String> {
     };
     line_plot(&out.join("compute.png"), &labels, &series)?;
     let mut md = String::from("## 1b. First invocation vs warm, as the function computes more\n\n");
-    md += "python-like guest, 128 MiB; the invocation computes `rounds` xorshift64 rounds after each of its 4096 pages. Five inputs recorded, three new inputs measured (medians). Cells: ms of the first invocation alone (first instruction to DONE); warm: the same input again, all resident. `copy` is the resident floor: memory all in place, KVM still maps each page on first touch.\n\n";
+    md += "python-like guest, 128 MiB; the invocation computes `rounds` xorshift64 rounds after each of its 4096 pages. Five inputs recorded, three new inputs measured three times each under every config, the configs in turn (the first one rotating); cells are medians of the nine, ratios between configs the median of the nine side-by-side ratios (union / warm: of the medians). Cells: ms of the first invocation alone (first instruction to DONE); warm: the same input again, all resident. `copy` is the resident floor: memory all in place, KVM still maps each page on first touch.\n\n";
     md += "| shared | rounds | warm | copy | uffd none | uffd reap | uffd union | union / warm | union / copy | none / union | reap / union |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
     md += &table;
     md += "\nGoal: union ≤ 1.1× warm.\n\n![compute](compute.png)\n\n";
