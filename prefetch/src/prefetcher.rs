@@ -5,9 +5,10 @@
 //! this machine kind: a separate prefetch thread costs ~0.5 ms per demand fault in hand-offs,
 //! because reading a REMOVE safely needs every COPY of the VM serialised with the event read).
 //!
-//! Batches go in plan order from where the guest was last seen: on a fault in a batch not
-//! placed yet, the fault thread places that batch at once and the schedule moves past it
-//! ([`PrefetchSchedule::follow`]) — copying behind the guest only races its own faults.
+//! Batches go in plan order. A batch a fault placed out of turn is skipped when the schedule
+//! gets there, and does not move it: inputs reorder a few accesses, and the guest comes back.
+//! When the server sees the guest go on in plan order from such a batch, the schedule follows
+//! it ([`PrefetchSchedule::follow`]): copying behind the guest only races its own faults.
 //! Batches skipped that way come in a second pass.
 
 use crate::plan::{Batch, Plan};
@@ -90,15 +91,18 @@ impl<'p> PrefetchSchedule<'p> {
         first_from(self.cursor).or_else(|| first_from(self.low))
     }
 
-    /// Records that `batch` is placed; the schedule goes on after it.
+    /// Records that `batch` is placed. The cursor moves past batches placed in turn; one placed
+    /// out of turn (a fault ahead of the plan) does not move it: see [`PrefetchSchedule::follow`].
     pub fn placed(&mut self, batch: usize) {
-        self.cursor = self.cursor.max(batch + 1).min(self.placed.len());
         if let Some(flag) = self.placed.get_mut(batch) {
             if !*flag {
                 *flag = true;
                 self.placed_batches += 1;
                 self.placed_pages += self.plan.batches[batch].pages;
             }
+        }
+        while self.cursor < self.placed.len() && self.placed[self.cursor] {
+            self.cursor += 1;
         }
     }
 
@@ -160,6 +164,18 @@ mod tests {
         assert_eq!(s.placed_pages(), 24);
         assert_eq!(s.batch_containing(32), Some(3));
         assert_eq!(s.batch_containing(35), None, "between batches");
+    }
+
+    #[test]
+    fn a_batch_placed_out_of_turn_does_not_move_the_schedule() {
+        let plan = plan();
+        let mut s = PrefetchSchedule::new(&plan);
+        s.placed(0);
+        s.placed(3); // a fault far ahead
+        assert_eq!(s.next_batch(), Some(1), "the schedule stays where it was");
+        s.placed(1);
+        s.placed(2);
+        assert_eq!(s.next_batch(), Some(4), "and skips the batch placed out of turn");
     }
 
     #[test]

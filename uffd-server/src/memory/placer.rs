@@ -29,15 +29,6 @@ pub enum Access {
     Write,
 }
 
-/// When threads waiting on a placed range are woken.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Wake {
-    /// By the placing ioctl itself.
-    Now,
-    /// Later, by [`Placer::wake`] (a burst of batches woken together).
-    Later,
-}
-
 /// What filling a piece came to. Byte counts, from the start of the piece: everything below
 /// [`Outcome::handled`] is in the guest's memory now.
 #[derive(Debug, Default)]
@@ -130,14 +121,14 @@ impl<'a> Placer<'a> {
     }
 
     /// Fills every missing page of `piece` from `source`.
-    pub fn fill(&self, piece: Piece, source: &dyn PageSource, access: Access, wake: Wake) -> Outcome {
+    pub fn fill(&self, piece: Piece, source: &dyn PageSource, access: Access) -> Outcome {
         let unit = piece.page_size.bytes();
         let mut outcome = Outcome::default();
         let mut one_page_at_a_time = false;
         while outcome.handled() < piece.len {
             let at = outcome.handled();
             let part = piece.part(at, if one_page_at_a_time { unit } else { piece.len - at });
-            let (kind, result) = match self.place_once(part, source, access, wake) {
+            let (kind, result) = match self.place_once(part, source, access) {
                 Ok(placed) => placed,
                 Err(e) => {
                     outcome.stop = Some(Stop::Failed(e.into()));
@@ -188,8 +179,8 @@ impl<'a> Placer<'a> {
         outcome
     }
 
-    /// Wakes threads waiting on `piece` (after placing it with [`Wake::Later`], or on finding
-    /// it present).
+    /// Wakes threads waiting on `piece` (on finding it present: whoever placed it woke only
+    /// those waiting then).
     pub fn wake(&self, piece: &Piece) {
         if let Err(e) = self.uffd.wake(piece.host, piece.len) {
             tracing::debug!(host = %piece.host, len = piece.len, "wake failed: {e}");
@@ -202,18 +193,16 @@ impl<'a> Placer<'a> {
         part: Piece,
         source: &dyn PageSource,
         access: Access,
-        wake: Wake,
     ) -> Result<(Kind, Result<u64, IoctlError>), SourceError> {
-        let wake = wake == Wake::Now;
         if source.is_zero(part.file, part.len) {
             if access == Access::Write || part.page_size == PageSize::Huge {
                 let zeros = &zero_buffer()[..part.len.min(MAX_PIECE) as usize];
-                return Ok((Kind::ZeroCopied, self.uffd.copy(zeros, part.host, wake)));
+                return Ok((Kind::ZeroCopied, self.uffd.copy(zeros, part.host)));
             }
-            return Ok((Kind::ZeroMapped, self.uffd.zeropage(part.host, part.len, wake)));
+            return Ok((Kind::ZeroMapped, self.uffd.zeropage(part.host, part.len)));
         }
         let mut scratch = self.scratch.borrow_mut();
         let bytes = source.read(part.file, part.len, &mut scratch)?;
-        Ok((Kind::Copied, self.uffd.copy(bytes, part.host, wake)))
+        Ok((Kind::Copied, self.uffd.copy(bytes, part.host)))
     }
 }

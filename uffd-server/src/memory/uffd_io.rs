@@ -9,10 +9,7 @@ use crate::addr::HostAddr;
 use nix::errno::Errno;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd};
 use userfaultfd::{Event, EventBuffer, Uffd};
-use userfaultfd_sys::{
-    uffdio_copy, uffdio_range, uffdio_zeropage, UFFDIO_COPY, UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_ZEROPAGE,
-    UFFDIO_ZEROPAGE_MODE_DONTWAKE,
-};
+use userfaultfd_sys::{uffdio_copy, uffdio_range, uffdio_zeropage, UFFDIO_COPY, UFFDIO_ZEROPAGE};
 
 /// `struct uffdio_poison` (linux/userfaultfd.h, 6.6+; not in userfaultfd-sys 0.6).
 #[repr(C)]
@@ -133,17 +130,11 @@ impl Userfaultfd {
         Ok(())
     }
 
-    /// Places `src` at `dst` (page aligned, length a multiple of the region's page size).
-    /// Returns the bytes placed. Without `wake`, threads waiting on the range stay asleep until
-    /// [`Userfaultfd::wake`].
-    pub fn copy(&self, src: &[u8], dst: HostAddr, wake: bool) -> Result<u64, IoctlError> {
-        let mut arg = uffdio_copy {
-            dst: dst.0,
-            src: src.as_ptr() as usize as u64,
-            len: src.len() as u64,
-            mode: if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE },
-            copy: 0,
-        };
+    /// Places `src` at `dst` (page aligned, length a multiple of the region's page size) and
+    /// wakes the threads waiting on it (free when none does). Returns the bytes placed.
+    pub fn copy(&self, src: &[u8], dst: HostAddr) -> Result<u64, IoctlError> {
+        let mut arg =
+            uffdio_copy { dst: dst.0, src: src.as_ptr() as usize as u64, len: src.len() as u64, mode: 0, copy: 0 };
         // SAFETY: `arg` is a valid uffdio_copy for the duration of the call; the kernel reads
         // `src.len()` bytes from a live slice and writes only `arg.copy`. Destination pages are
         // populated only if missing (see the module comment), so no observable memory changes.
@@ -155,13 +146,10 @@ impl Userfaultfd {
         }
     }
 
-    /// Maps the zero page over `[dst, dst + len)` (anonymous memory only: not hugetlbfs).
-    pub fn zeropage(&self, dst: HostAddr, len: u64, wake: bool) -> Result<u64, IoctlError> {
-        let mut arg = uffdio_zeropage {
-            range: uffdio_range { start: dst.0, len },
-            mode: if wake { 0 } else { UFFDIO_ZEROPAGE_MODE_DONTWAKE },
-            zeropage: 0,
-        };
+    /// Maps the zero page over `[dst, dst + len)` (anonymous memory only: not hugetlbfs) and
+    /// wakes the threads waiting on it.
+    pub fn zeropage(&self, dst: HostAddr, len: u64) -> Result<u64, IoctlError> {
+        let mut arg = uffdio_zeropage { range: uffdio_range { start: dst.0, len }, mode: 0, zeropage: 0 };
         // SAFETY: as for `copy`: a valid argument struct, and only missing pages are populated.
         let ret = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut arg) };
         if ret == 0 {

@@ -11,7 +11,7 @@ use super::removed::RemovedRanges;
 use super::{Fault, Guest, Step};
 use crate::addr::{HostAddr, BASE_PAGE};
 use crate::memory::pieces::Piece;
-use crate::memory::placer::{Access, Outcome, Stop, Wake};
+use crate::memory::placer::{Access, Outcome, Stop};
 use crate::memory::uffd_io::IoctlError;
 use crate::source::{PageSource, Zeros};
 use crate::stats::count;
@@ -49,10 +49,10 @@ impl Demand {
             (Piece::of_region(&fault.region, fault.page, unit), guest.snapshot)
         };
         let access = if fault.write { Access::Write } else { Access::Read };
-        let outcome = guest.placer.fill(piece, source, access, Wake::Now);
+        let outcome = guest.placer.fill(piece, source, access);
         count_placed(guest, &outcome);
         if outcome.present > 0 {
-            // Placed before us, possibly without waking this thread (a burst, a neighbour).
+            // Placed before us, by a placement that woke only the threads waiting then.
             count(&guest.stats.already_present, 1);
             guest.placer.wake(&piece);
         }

@@ -319,8 +319,6 @@ impl<'a> FaultLoop<'a> {
                 tracing::error!("the learning stage panicked ({panic}); nothing is learned from this VM");
             }
         }
-        // A burst placed without waking may have been cut short.
-        self.guest.wake_all();
     }
 
     /// Waits up to `timeout` for the uffd, the VMM or the stop signal.

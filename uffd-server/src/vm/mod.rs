@@ -17,6 +17,7 @@ pub mod handshake;
 pub mod learner;
 pub mod prefetcher;
 pub mod removed;
+pub mod spare_cpu;
 
 use crate::addr::{HostAddr, BASE_PAGE};
 use crate::log_limit::LogLimit;
@@ -61,8 +62,8 @@ pub struct Guest<'a> {
 }
 
 impl Guest<'_> {
-    /// Wakes every thread waiting anywhere in the VM's memory: after a stage was cut short, a
-    /// thread may sleep on a page it placed without waking.
+    /// Wakes every thread waiting anywhere in the VM's memory: after a takeover, a thread may
+    /// sleep on a fault its predecessor read and never served; woken, it faults again.
     pub fn wake_all(&self) {
         for region in self.regions.regions() {
             if let Err(e) = self.placer.uffd().wake(region.host, region.size) {

@@ -2,17 +2,17 @@
 //!
 //! Synchronous plans (`eager`, `reap`) are placed before any fault is served. A background plan
 //! (`union`) is placed one batch per idle turn of the loop, so a demand fault waits for at most
-//! one small batch. A fault in a batch not placed yet means the guest overtook the plan: that
-//! batch and the following ones, up to [`PULL_FORWARD_BURST_BYTES`], are placed without waking
-//! and woken together (one wake-up per burst: a cross-CPU wake-up here costs more than copying
-//! a 32 KiB batch), and the plan goes on after them. Deferred batches (pages seen in fewer than
-//! half the runs) wait until the guest has not faulted for [`QUIET_BEFORE_DEFERRED`].
+//! one small batch. A fault in a batch not placed yet is served by placing that batch; if the
+//! guest overtook the plan, a burst of the next batches follows ([`Prefetcher::pull_forward`]).
+//! Deferred batches (pages seen in fewer than half the runs) wait until the guest has not
+//! faulted for [`QUIET_BEFORE_DEFERRED`], or until the machine has a CPU to spare.
 
 use super::removed::RemovedRanges;
+use super::spare_cpu::machine_has_spare_cpu;
 use super::{Fault, Guest, Step};
 use crate::addr::{FileOffset, BASE_PAGE};
 use crate::memory::pieces::pieces;
-use crate::memory::placer::{Access, Stop, Wake};
+use crate::memory::placer::{Access, Stop};
 use crate::source::loading_set::BatchBytes;
 use crate::source::PageSource;
 use crate::stats::count;
@@ -26,9 +26,12 @@ use std::time::{Duration, Instant};
 /// Deferred batches wait until the guest has not demand-faulted for this long.
 pub const QUIET_BEFORE_DEFERRED: Duration = Duration::from_millis(1);
 
-/// How much of the plan a fault that overtook it pulls forward at once: ~100 µs of copying,
-/// the most another fault can wait.
+/// How much of the plan a fault that overtook it places at once, without reading events:
+/// ~100 µs of copying, the most another fault can wait.
 pub const PULL_FORWARD_BURST_BYTES: u64 = 256 * 1024;
+
+/// A fault in one of this many batches next due means the guest overtook the plan.
+pub const FRONTIER_BATCHES: usize = 8;
 
 /// While the guest is quiet, consecutive batches that are contiguous in the file are placed
 /// with one copy of up to this much: 64 KiB copies reach ~90% of the bulk UFFDIO_COPY ceiling
@@ -45,6 +48,8 @@ pub struct Prefetcher<'a> {
     /// When the VM attached: the plan's completion is timed from there.
     attached: Instant,
     last_demand: Option<Instant>,
+    /// The batch the last fault ahead of the plan placed.
+    last_pulled: Option<usize>,
     /// A batch a pending event interrupted: its index and the file offset placed up to.
     resume: Option<(usize, u64)>,
     /// Pieces that could not be placed (left to demand faults).
@@ -83,6 +88,7 @@ impl<'a> Prefetcher<'a> {
             loading_set,
             attached,
             last_demand: None,
+            last_pulled: None,
             resume: None,
             failed_pieces: 0,
         })
@@ -121,7 +127,7 @@ impl<'a> Prefetcher<'a> {
     /// guest still faults), or never (None: nothing left).
     pub fn next_wait(&mut self) -> Option<Duration> {
         let next = self.schedule.next_batch()?;
-        if !self.schedule.is_deferred(next) {
+        if !self.schedule.is_deferred(next) || machine_has_spare_cpu() {
             return Some(Duration::ZERO);
         }
         let quiet_for = self.last_demand.map_or(QUIET_BEFORE_DEFERRED, |t| t.elapsed());
@@ -145,7 +151,7 @@ impl<'a> Prefetcher<'a> {
         match self.schedule.next_batch() {
             Some(index) => {
                 let run = self.quiet_run(guest, index);
-                self.place_batches(guest, removed, run, Wake::Now)
+                self.place_batches(guest, removed, run)
             }
             None => Step::Done,
         }
@@ -163,8 +169,15 @@ impl<'a> Prefetcher<'a> {
         self.schedule.contiguous_run(first, bytes / BASE_PAGE)
     }
 
-    /// A fault in a batch not placed yet: places that batch and the (not deferred) ones after
-    /// it in plan order, up to [`PULL_FORWARD_BURST_BYTES`], then wakes them together.
+    /// A fault in a batch not placed yet: places that batch, which wakes its vCPU. What comes
+    /// next depends on where the batch is in the plan:
+    /// - among the next [`FRONTIER_BATCHES`] due: the guest overtook the prefetch, and a burst
+    ///   from the frontier on follows;
+    /// - right after the batch the last such fault placed: the guest goes on in plan order from
+    ///   there; the schedule follows it, with a burst;
+    /// - anywhere else: a one-off (an input reorders a few accesses); the schedule stays where
+    ///   it was, since the guest comes back to it. Moving on past it, as this did once, left
+    ///   the batches the guest needed next for a second pass: ~2x the faults on a stable set.
     pub fn pull_forward(&mut self, guest: &Guest<'_>, removed: &RemovedRanges, fault: &Fault) -> Pulled {
         let Some(first) = self.schedule.batch_containing(fault.file_page).filter(|&b| !self.schedule.is_placed(b))
         else {
@@ -173,27 +186,16 @@ impl<'a> Prefetcher<'a> {
         if self.resume.is_none_or(|(batch, _)| batch != first) {
             count(&guest.stats.faults_unreached_plan, 1);
         }
-        self.schedule.follow(first);
-        let failed_before = self.failed_pieces;
-        let (mut burst, mut bytes, mut next, mut step) = (Vec::new(), 0, Some(first), Step::Done);
-        while let Some(index) = next {
-            burst.push(index);
-            step = self.place_batches(guest, removed, index..index + 1, Wake::Later);
-            if step != Step::Done {
-                break;
-            }
-            bytes += self.schedule.batch(index).pages * BASE_PAGE;
-            // The burst never runs into deferred batches: one-off pages of other inputs.
-            next = if bytes < PULL_FORWARD_BURST_BYTES {
-                self.schedule.next_batch().filter(|&i| !self.schedule.is_deferred(i))
-            } else {
-                None
-            };
+        let overtaken = self.schedule.next_batch().is_some_and(|due| (due..due + FRONTIER_BATCHES).contains(&first));
+        let continued = self.last_pulled.is_some_and(|last| first == last + 1);
+        self.last_pulled = Some(first);
+        if continued {
+            self.schedule.follow(first);
         }
-        for index in burst {
-            let batch = self.schedule.batch(index);
-            let (start, end) = (FileOffset(batch.first_page * BASE_PAGE), FileOffset(batch.end_page() * BASE_PAGE));
-            pieces(guest.regions, start, end).for_each(|piece| guest.placer.wake(&piece));
+        let failed_before = self.failed_pieces;
+        let mut step = self.place_batches(guest, removed, first..first + 1);
+        if step == Step::Done && (overtaken || continued) {
+            step = self.burst(guest, removed);
         }
         let unit = fault.region.page_size.bytes();
         match step {
@@ -203,9 +205,27 @@ impl<'a> Prefetcher<'a> {
         }
     }
 
+    /// The next (not deferred) batches, up to [`PULL_FORWARD_BURST_BYTES`], placed without
+    /// reading events in between: the guest is at the plan's frontier and races it. Each copy
+    /// wakes what waits on its batch (free when nothing does), so a vCPU that faults on one
+    /// meanwhile runs again as soon as it lands.
+    fn burst(&mut self, guest: &Guest<'_>, removed: &RemovedRanges) -> Step {
+        let mut bytes = 0;
+        while bytes < PULL_FORWARD_BURST_BYTES {
+            // The burst never runs into deferred batches: one-off pages of other inputs.
+            let Some(index) = self.schedule.next_batch().filter(|&i| !self.schedule.is_deferred(i)) else { break };
+            let step = self.place_batches(guest, removed, index..index + 1);
+            if step != Step::Done {
+                return step;
+            }
+            bytes += self.schedule.batch(index).pages * BASE_PAGE;
+        }
+        Step::Done
+    }
+
     /// Places plan batches `run` (consecutive, contiguous in the file; one when a loading set
     /// holds their bytes), from where a pending event interrupted the first, if it did.
-    fn place_batches(&mut self, guest: &Guest<'_>, removed: &RemovedRanges, run: Range<usize>, wake: Wake) -> Step {
+    fn place_batches(&mut self, guest: &Guest<'_>, removed: &RemovedRanges, run: Range<usize>) -> Step {
         let index = run.start;
         let batch = *self.schedule.batch(index);
         let end = self.schedule.batch(run.end - 1).end_page() * BASE_PAGE;
@@ -229,7 +249,7 @@ impl<'a> Prefetcher<'a> {
                 count(&guest.stats.prefetch_removed_pages, piece.len / BASE_PAGE);
                 continue;
             }
-            let outcome = guest.placer.fill(piece, source, Access::Read, wake);
+            let outcome = guest.placer.fill(piece, source, Access::Read);
             count(&guest.stats.prefetched_pages, outcome.placed() / BASE_PAGE);
             count(&guest.stats.prefetch_present_pages, outcome.present / BASE_PAGE);
             match outcome.stop {
