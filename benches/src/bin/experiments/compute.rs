@@ -20,11 +20,11 @@ const NONE: usize = 1;
 const REAP: usize = 2;
 const UNION: usize = 3;
 const SHARED: [(&str, f64); 2] = [("100", 1.0), ("70", 0.7)];
-/// Times each measured input is restored under every config.
-const REPEATS: usize = 3;
 
-pub fn run(rounds: &[u64], work: &Path, out: &Path) -> Result<String> {
-    let steps = SHARED.len() * rounds.len() * (1 + CONFIGS.len() * MEASURED.len() * REPEATS);
+/// Experiment 1b at compute levels `rounds`, each measured input restored `repeats` times under
+/// every config.
+pub fn run(rounds: &[u64], repeats: usize, work: &Path, out: &Path) -> Result<String> {
+    let steps = SHARED.len() * rounds.len() * (1 + CONFIGS.len() * MEASURED.len() * repeats);
     let bar = progress(steps, "1b: compute vs warm");
     let mut csv = String::from("shared_percent,compute_rounds,config,input,first_invocation_ms,warm_ms\n");
     let mut series = Series::new(); // (policy, shared) → (warm ms, first invocation / warm)
@@ -41,7 +41,7 @@ pub fn run(rounds: &[u64], work: &Path, out: &Path) -> Result<String> {
             // samples[config][n]: the n-th first invocation of each config, taken in turn.
             let mut samples: [Vec<f64>; CONFIGS.len()] = Default::default();
             let mut warm = Vec::new();
-            for (n, input) in (0..REPEATS).flat_map(|_| MEASURED).enumerate() {
+            for (n, input) in (0..repeats).flat_map(|_| MEASURED).enumerate() {
                 // Each config in turn, starting one further each time, so that neither a slow
                 // spell of the shared machine nor the place in the turn favours one.
                 for k in 0..CONFIGS.len() {
@@ -88,7 +88,8 @@ pub fn run(rounds: &[u64], work: &Path, out: &Path) -> Result<String> {
     };
     line_plot(&out.join("compute.png"), &labels, &series)?;
     let mut md = String::from("## 1b. First invocation vs warm, as the function computes more\n\n");
-    md += "python-like guest, 128 MiB; the invocation computes `rounds` xorshift64 rounds after each of its 4096 pages. Five inputs recorded, three new inputs measured three times each under every config, the configs in turn (the first one rotating); cells are medians of the nine, ratios between configs the median of the nine side-by-side ratios (union / warm: of the medians). Cells: ms of the first invocation alone (first instruction to DONE); warm: the same input again, all resident. `copy` is the resident floor: memory all in place, KVM still maps each page on first touch.\n\n";
+    let samples = repeats * MEASURED.len();
+    md += &format!("python-like guest, 128 MiB; the invocation computes `rounds` xorshift64 rounds after each of its 4096 pages. Five inputs recorded, three new inputs measured {repeats} times each under every config, the configs in turn (the first one rotating); cells are medians of the {samples}, ratios between configs the median of the {samples} side-by-side ratios (union / warm: of the medians). Cells: ms of the first invocation alone (first instruction to DONE); warm: the same input again, all resident. `copy` is the resident floor: memory all in place, KVM still maps each page on first touch.\n\n");
     md += "| shared | rounds | warm | copy | uffd none | uffd reap | uffd union | union / warm | union / copy | none / union | reap / union |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
     md += &table;
     md += "\nGoal: union ≤ 1.1× warm.\n\n![compute](compute.png)\n\n";
