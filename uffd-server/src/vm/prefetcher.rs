@@ -176,8 +176,10 @@ impl<'a> Prefetcher<'a> {
     /// - right after the batch the last such fault placed: the guest goes on in plan order from
     ///   there; the schedule follows it, with a burst;
     /// - anywhere else: a one-off (an input reorders a few accesses); the schedule stays where
-    ///   it was, since the guest comes back to it. Moving on past it, as this did once, left
-    ///   the batches the guest needed next for a second pass: ~2x the faults on a stable set.
+    ///   it was, since the guest comes back to it. Moving on past it, as this once did, left
+    ///   the batches the guest needed next for a second pass, and made the vCPU wait for a
+    ///   burst from the wrong place (experiment 1b: 1.26–1.32× the resident floor on a stable
+    ///   set with no compute, 1.13–1.20× now).
     pub fn pull_forward(&mut self, guest: &Guest<'_>, removed: &RemovedRanges, fault: &Fault) -> Pulled {
         let Some(first) = self.schedule.batch_containing(fault.file_page).filter(|&b| !self.schedule.is_placed(b))
         else {
