@@ -69,38 +69,51 @@ fn main() -> Result<()> {
         } else {
             vec![128, 512, 1024, 3072, 16384]
         };
-        summary += &latency::run(&sizes, work, out)?;
+        add_section(&mut summary, || latency::run(&sizes, work, out))?;
     }
     if wanted("1b") {
         let rounds: &[u64] = if full { &[0, 500, 1000, 2500, 5000, 10_000, 20_000] } else { &[0, 1000, 10_000] };
         // Each input under every config in turn; three times in the full run, twice to keep the
         // quick one within ~5 minutes.
-        summary += &compute::run(rounds, if full { 3 } else { 2 }, work, out)?;
+        add_section(&mut summary, || compute::run(rounds, if full { 3 } else { 2 }, work, out))?;
     }
     if wanted("2") {
-        summary += &disk::run(work, out)?;
+        add_section(&mut summary, || disk::run(work, out))?;
     }
     if wanted("3") {
-        summary += &stability::run(work, out)?;
+        add_section(&mut summary, || stability::run(work, out))?;
     }
     if wanted("4") {
-        summary += &fault_path::run(full, work, out)?;
+        add_section(&mut summary, || fault_path::run(full, work, out))?;
     }
     if wanted("5") {
         let counts: &[usize] = if full { &[1, 4, 16, 64] } else { &[1, 4, 16] };
-        summary += &density::run(counts, work, out)?;
+        add_section(&mut summary, || density::run(counts, work, out))?;
     }
     if wanted("6") {
-        summary += &store::run(work, out)?;
+        add_section(&mut summary, || store::run(work, out))?;
     }
     if wanted("7") {
-        summary += &remote::run(work, out)?;
+        add_section(&mut summary, || remote::run(work, out))?;
     }
     if wanted("8") {
-        summary += &restart::run(work, out)?;
+        add_section(&mut summary, || restart::run(work, out))?;
     }
     std::fs::write(out.join("summary.md"), &summary)?;
     println!("{summary}");
     println!("CSV, PNG plots and summary.md are in {}", out.display());
+    Ok(())
+}
+
+/// Runs one experiment and appends its section, then the host's steal time during it: this
+/// nested VM loses its CPUs to the hypervisor ~100 ms at a time now and then (experiment 8
+/// caught it: docs/results/README.md), which stalls every thread here at once. A section it
+/// hit says so.
+fn add_section(summary: &mut String, run: impl FnOnce() -> Result<String>) -> Result<()> {
+    let before = report::host_steal_ms();
+    summary.push_str(&run()?);
+    if let (Some(before), Some(after)) = (before, report::host_steal_ms()) {
+        writeln!(summary, "Host steal time during this section: {:.0} ms.\n", after - before)?;
+    }
     Ok(())
 }

@@ -109,3 +109,13 @@ pub fn bar_plot(file: &Path, labels: &Labels<'_>, bars: &[(String, f64)]) -> Res
     root.present().context("plot")?;
     Ok(())
 }
+
+/// The machine's steal time so far, in ms (`/proc/stat`: time the hypervisor ran something
+/// else on this VM's CPUs, summed over them); None where the kernel does not say.
+pub fn host_steal_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    // "cpu  user nice system idle iowait irq softirq steal ...", in clock ticks.
+    let steal: f64 = stat.lines().next()?.split_whitespace().nth(8)?.parse().ok()?;
+    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten()?;
+    Some(steal * 1000.0 / ticks_per_s as f64)
+}
