@@ -14,9 +14,8 @@
 //! and the content match the check. That catches damage on disk at ~4 µs per 64 KiB, where
 //! BLAKE3 again took ~40 µs and kept a warm cache from staying ahead of its VMs (experiment 7:
 //! 1.19–1.41× the restore from RAM with BLAKE3, 1.06–1.20× with XXH3, 0.99–1.22× with no check
-//! at all). The
-//! directory is the server's own (mode 0700): a user who can write there can also change
-//! what the server runs. Files without the check (older builds) are checked with BLAKE3.
+//! at all). The directory is the server's own (mode 0700): a user who can write there can also
+//! change what the server runs. Files without the check (older builds) are checked with BLAKE3.
 
 use crate::store::{Store, StoreError};
 use crate::ChunkId;
