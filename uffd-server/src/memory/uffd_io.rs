@@ -8,7 +8,7 @@
 use crate::addr::HostAddr;
 use nix::errno::Errno;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd};
-use userfaultfd::{Event, EventBuffer, Uffd};
+use userfaultfd::Uffd;
 use userfaultfd_sys::{uffdio_copy, uffdio_range, uffdio_zeropage, UFFDIO_COPY, UFFDIO_ZEROPAGE};
 
 /// `struct uffdio_poison` (linux/userfaultfd.h, 6.6+; not in userfaultfd-sys 0.6).
@@ -58,6 +58,9 @@ impl IoctlError {
     }
 }
 
+/// The size of one event as the kernel writes it (`struct uffd_msg`).
+pub const MSG_LEN: usize = std::mem::size_of::<userfaultfd_sys::uffd_msg>();
+
 /// An event read from the uffd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[allow(missing_docs)] // the fields are the kernel's
@@ -71,8 +74,29 @@ pub enum UffdEvent {
     Unmap { start: HostAddr, end: HostAddr },
     /// The VMM moved a range (only with UFFD_FEATURE_EVENT_REMAP).
     Remap { from: HostAddr, to: HostAddr, len: u64 },
-    /// The VMM forked (only with UFFD_FEATURE_EVENT_FORK); the child's uffd was closed.
-    Fork,
+    /// The VMM forked (only with UFFD_FEATURE_EVENT_FORK); the kernel put the child's uffd in
+    /// the reader's fd table as `ufd`.
+    Fork { ufd: i32 },
+}
+
+impl UffdEvent {
+    /// The event in one `struct uffd_msg` (`msg`, [`MSG_LEN`] bytes, as the kernel wrote it);
+    /// None for a zeroed slot or an event this server does not know.
+    pub fn decode(msg: &[u8]) -> Option<UffdEvent> {
+        let word = |at: usize| Some(u64::from_ne_bytes(msg.get(at..at + 8)?.try_into().ok()?));
+        // `struct uffd_msg`: the event's kind in the first byte, its arguments from byte 8.
+        Some(match *msg.first()? {
+            0x12 => UffdEvent::Fault {
+                addr: HostAddr(word(16)?),
+                write: word(8)? & userfaultfd_sys::UFFD_PAGEFAULT_FLAG_WRITE != 0,
+            },
+            0x13 => UffdEvent::Fork { ufd: i32::from_ne_bytes(msg.get(8..12)?.try_into().ok()?) },
+            0x14 => UffdEvent::Remap { from: HostAddr(word(8)?), to: HostAddr(word(16)?), len: word(24)? },
+            0x15 => UffdEvent::Remove { start: HostAddr(word(8)?), end: HostAddr(word(16)?) },
+            0x16 => UffdEvent::Unmap { start: HostAddr(word(8)?), end: HostAddr(word(16)?) },
+            _ => return None,
+        })
+    }
 }
 
 /// Why reading events failed.
@@ -103,29 +127,30 @@ impl Userfaultfd {
         Ok(Userfaultfd { uffd })
     }
 
-    /// Reads every pending event (never blocks) and appends them to `out`.
-    pub fn read_events(&self, buf: &mut EventBuffer, out: &mut Vec<UffdEvent>) -> Result<(), ReadError> {
-        let events = self.uffd.read_events(buf).map_err(|e| match e {
-            userfaultfd::Error::ReadEof => ReadError::Eof,
-            other => ReadError::Read(other.to_string()),
-        })?;
-        for event in events {
-            let event = event.map_err(|e| ReadError::Read(e.to_string()))?;
-            out.push(match event {
-                Event::Pagefault { rw, addr, .. } => {
-                    UffdEvent::Fault { addr: HostAddr(addr as u64), write: rw == userfaultfd::ReadWrite::Write }
+    /// Reads every pending event (never blocks) into `buf` (whole events: a multiple of
+    /// [`MSG_LEN`] bytes) and appends them to `out`. `buf` is where the kernel writes them:
+    /// the VM's events file, when it has a journal (`crate::recovery::events_file`).
+    pub fn read_events(&self, buf: &mut [u8], out: &mut Vec<UffdEvent>) -> Result<(), ReadError> {
+        let len = match nix::unistd::read(self.uffd.as_raw_fd(), buf) {
+            Err(Errno::EAGAIN) => 0,
+            Err(e) => return Err(ReadError::Read(e.to_string())),
+            Ok(0) => return Err(ReadError::Eof),
+            Ok(len) if len % MSG_LEN != 0 => {
+                return Err(ReadError::Read(format!("a read of {len} bytes is not whole events")))
+            }
+            Ok(len) => len,
+        };
+        for msg in buf[..len].chunks_exact(MSG_LEN) {
+            match UffdEvent::decode(msg) {
+                Some(UffdEvent::Fork { ufd }) => {
+                    // SAFETY: the kernel installed `ufd` in our fd table for this read, and
+                    // nothing else knows it: owning it here closes it.
+                    drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(ufd) });
+                    out.push(UffdEvent::Fork { ufd });
                 }
-                Event::Remove { start, end } => {
-                    UffdEvent::Remove { start: HostAddr(start as u64), end: HostAddr(end as u64) }
-                }
-                Event::Unmap { start, end } => {
-                    UffdEvent::Unmap { start: HostAddr(start as u64), end: HostAddr(end as u64) }
-                }
-                Event::Remap { from, to, len } => {
-                    UffdEvent::Remap { from: HostAddr(from as u64), to: HostAddr(to as u64), len: len as u64 }
-                }
-                Event::Fork { .. } => UffdEvent::Fork, // the child's Uffd is dropped (closed) here
-            });
+                Some(event) => out.push(event),
+                None => return Err(ReadError::Read(format!("an event of unknown kind {:#x}", msg[0]))),
+            }
         }
         Ok(())
     }
@@ -196,5 +221,45 @@ impl Userfaultfd {
 impl AsFd for Userfaultfd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.uffd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use userfaultfd::{FeatureFlags, UffdBuilder};
+
+    #[test]
+    fn a_remove_the_kernel_wrote_into_the_buffer_decodes_to_its_range() {
+        let uffd = UffdBuilder::new()
+            .non_blocking(true)
+            .user_mode_only(true)
+            .require_features(FeatureFlags::EVENT_REMOVE)
+            .create()
+            .expect("a userfaultfd with REMOVE events");
+        let len = 16 * 4096;
+        let memory = memmap2::MmapMut::map_anon(len).expect("anonymous memory");
+        let base = memory.as_ptr() as usize;
+        uffd.register(memory.as_ptr() as *mut _, len).expect("register");
+        let uffd = Userfaultfd { uffd };
+        // The madvise waits until its REMOVE is read, as a VMM's balloon does.
+        let remover = std::thread::spawn(move || {
+            // SAFETY: the range lies inside `memory`, which outlives this thread (joined
+            // below); dropping its pages is what the test is about.
+            unsafe { libc::madvise((base + 4 * 4096) as *mut _, 8 * 4096, libc::MADV_DONTNEED) }
+        });
+        let mut buf = [0xffu8; 4 * MSG_LEN];
+        let mut events = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while events.is_empty() && std::time::Instant::now() < deadline {
+            uffd.read_events(&mut buf, &mut events).expect("read");
+            std::thread::yield_now();
+        }
+        assert_eq!(remover.join().expect("madvise thread"), 0);
+        let (start, end) = (HostAddr((base + 4 * 4096) as u64), HostAddr((base + 12 * 4096) as u64));
+        assert_eq!(events, vec![UffdEvent::Remove { start, end }]);
+        assert_eq!(UffdEvent::decode(&buf[..MSG_LEN]), Some(UffdEvent::Remove { start, end }), "the buffer holds it");
+        assert_eq!(UffdEvent::decode(&[0u8; MSG_LEN]), None, "a zeroed slot is no event");
+        drop(memory);
     }
 }

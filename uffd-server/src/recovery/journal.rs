@@ -8,7 +8,12 @@
 //! last line without its newline, which readers ignore: that REMOVE had not been acted on.
 //! The file is removed when the VM ends; a VM whose journal could not be kept is never
 //! recovered (a missing REMOVE would serve snapshot bytes where the guest expects zeros).
+//!
+//! Beside each journal, its events file ([`super::events_file`]): the buffer the fault loop
+//! reads the uffd into. A REMOVE read but not appended yet when the process died is there, and
+//! a reader adds it to the journal's.
 
+use super::events_file::{self, EventsFile};
 use crate::addr::{FileOffset, HostAddr, PageSize};
 use crate::memory::regions::Region;
 use prefetch::identity::SnapshotIdentity;
@@ -111,9 +116,12 @@ impl JournalDir {
         &self.dir
     }
 
-    /// Starts the journal of a VM attaching now: its header in place, atomically.
+    /// Starts the journal of a VM attaching now: its events file, then its header in place,
+    /// each atomically.
     pub fn create(&self, header: &JournalHeader) -> Result<VmJournal, JournalError> {
         let path = self.dir.join(header.file_name());
+        let events_path = events_file::path_beside(&path);
+        let events = EventsFile::create(&self.dir, &events_path).map_err(|e| JournalError::Io(events_path, e))?;
         let io_err = |e| JournalError::Io(path.clone(), e);
         let mut line = serde_json::to_vec(header).map_err(|e| io_err(io::Error::other(e)))?;
         line.push(b'\n');
@@ -122,17 +130,29 @@ impl JournalDir {
         // Replaces the journal of an earlier VM with the same pid and uffd inode: that VM
         // ended (its VMM's uffd is gone), and a journal left behind would be stale.
         let file = tmp.persist(&path).map_err(|e| io_err(e.error))?;
-        Ok(VmJournal { path, file: Some(file) })
+        Ok(VmJournal { path, file: Some(file), events })
     }
 
-    /// Opens the journal of a VM taken over from a predecessor, to append to it.
+    /// Opens the journal of a VM taken over from a predecessor, to append to it, and its
+    /// events file to read into (made anew if the predecessor had none).
     pub fn reopen(&self, path: &Path) -> Result<VmJournal, JournalError> {
         let file = std::fs::OpenOptions::new()
             .append(true)
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| JournalError::Io(path.into(), e))?;
-        Ok(VmJournal { path: path.into(), file: Some(file) })
+        let events_path = events_file::path_beside(path);
+        let events = match EventsFile::open(&events_path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => EventsFile::create(&self.dir, &events_path),
+            opened => opened,
+        }
+        .map_err(|e| JournalError::Io(events_path, e))?;
+        Ok(VmJournal { path: path.into(), file: Some(file), events })
+    }
+
+    /// Removes the journal at `path` (of a VM that is gone) and its events file.
+    pub fn discard(&self, path: &Path) {
+        discard(path);
     }
 
     /// Reads the journal at `path`.
@@ -141,7 +161,7 @@ impl JournalDir {
     }
 
     /// Every journal in the directory, read (a file that cannot be read is reported with its
-    /// error); temp files of a header write cut short are removed.
+    /// error); temp files of a write cut short, and events files without a journal, are removed.
     pub fn scan(&self) -> Result<Vec<ScannedJournal>, JournalError> {
         let entries = std::fs::read_dir(&self.dir).map_err(|e| JournalError::Io(self.dir.clone(), e))?;
         let mut found = Vec::new();
@@ -149,7 +169,10 @@ impl JournalDir {
             let path = entry.path();
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with(".vm-") && name.ends_with(".tmp") {
+            let cut_short = name.starts_with(".vm-") && name.ends_with(".tmp");
+            let orphan =
+                || events_file::is_events_file(&path) && !path.with_extension(SUFFIX.trim_start_matches('.')).exists();
+            if cut_short || orphan() {
                 let _ = std::fs::remove_file(&path);
             } else if name.ends_with(SUFFIX) {
                 let read = read(&path);
@@ -169,8 +192,18 @@ pub type ScannedJournal = (PathBuf, Result<JournalRead, JournalError>);
 pub struct JournalRead {
     /// The VM.
     pub header: JournalHeader,
-    /// The ranges its VMM removed, in the order they were.
+    /// The ranges its VMM removed, in the order they were journaled.
     pub removed: Vec<(HostAddr, HostAddr)>,
+    /// Ranges removed that are in the VM's events file and not in its journal: read by a
+    /// process that died before journaling them. To be journaled before the next read into
+    /// the events file overwrites them.
+    pub read_not_journaled: Vec<(HostAddr, HostAddr)>,
+}
+
+/// The journal first: an events file alone is never read.
+fn discard(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(events_file::path_beside(path));
 }
 
 fn read(path: &Path) -> Result<JournalRead, JournalError> {
@@ -196,15 +229,21 @@ fn read(path: &Path) -> Result<JournalRead, JournalError> {
             Line::Removed([start, end]) => removed.push((HostAddr(start), HostAddr(end))),
         }
     }
-    Ok(JournalRead { header, removed })
+    let events_path = events_file::path_beside(path);
+    let mut read_not_journaled =
+        events_file::removed_ranges(&events_path).map_err(|e| JournalError::Io(events_path, e))?.unwrap_or_default();
+    read_not_journaled.retain(|range| !removed.contains(range));
+    read_not_journaled.dedup();
+    Ok(JournalRead { header, removed, read_not_journaled })
 }
 
-/// One VM's journal, open for appending.
+/// One VM's journal, open for appending, with its events file.
 #[derive(Debug)]
 pub struct VmJournal {
     path: PathBuf,
     /// None once a write failed: the file is gone and nothing more is written.
     file: Option<File>,
+    events: EventsFile,
 }
 
 impl VmJournal {
@@ -228,6 +267,11 @@ impl VmJournal {
         self.file.is_some()
     }
 
+    /// The buffer to read the VM's uffd into: its events file.
+    pub fn read_buffer(&mut self) -> &mut [u8] {
+        self.events.read_buffer()
+    }
+
     /// Where it is.
     pub fn path(&self) -> &Path {
         &self.path
@@ -235,14 +279,17 @@ impl VmJournal {
 
     /// The VM ended: its journal goes.
     pub fn remove(mut self) {
-        self.file = None;
-        let _ = std::fs::remove_file(&self.path);
+        self.delete();
     }
 
     fn fail(&mut self, e: io::Error) -> JournalError {
-        self.file = None;
-        let _ = std::fs::remove_file(&self.path);
+        self.delete();
         JournalError::Io(self.path.clone(), e)
+    }
+
+    fn delete(&mut self) {
+        self.file = None;
+        discard(&self.path);
     }
 }
 
@@ -279,6 +326,47 @@ mod tests {
         assert_eq!(read.header.regions().unwrap()[0].size, 1 << 20);
         journal.remove();
         assert!(dir.scan().unwrap().is_empty());
+    }
+
+    /// A REMOVE as the kernel writes it into the read buffer (`struct uffd_msg`).
+    fn remove_msg(start: u64, end: u64) -> [u8; 32] {
+        let mut msg = [0u8; 32];
+        msg[0] = 0x15; // UFFD_EVENT_REMOVE
+        msg[8..16].copy_from_slice(&start.to_ne_bytes());
+        msg[16..24].copy_from_slice(&end.to_ne_bytes());
+        msg
+    }
+
+    #[test]
+    fn a_remove_read_and_not_journaled_is_found_in_the_events_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = JournalDir::open(&tmp.path().join("journal")).unwrap();
+        let mut journal = dir.create(&header(14)).unwrap();
+        // An older read's REMOVE, journaled; the last read's, not (the process died).
+        journal.read_buffer()[..32].copy_from_slice(&remove_msg(0x1000, 0x3000));
+        journal.note_removed(HostAddr(0x1000), HostAddr(0x3000)).unwrap();
+        journal.read_buffer()[32..64].copy_from_slice(&remove_msg(0x8000, 0xa000));
+        let path = journal.path().to_path_buf();
+        drop(journal); // killed: nothing more is written
+        let read = dir.read(&path).unwrap();
+        assert_eq!(read.removed, vec![(HostAddr(0x1000), HostAddr(0x3000))]);
+        assert_eq!(read.read_not_journaled, vec![(HostAddr(0x8000), HostAddr(0xa000))]);
+        // The successor reads into the same file: what was in it must be journaled first.
+        let mut reopened = dir.reopen(&path).unwrap();
+        assert_eq!(reopened.read_buffer()[32..64], remove_msg(0x8000, 0xa000), "the same file, mapped again");
+        reopened.remove();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "journal and events file are gone");
+    }
+
+    #[test]
+    fn an_events_file_without_its_journal_is_cleaned_up() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = JournalDir::open(&tmp.path().join("journal")).unwrap();
+        let journal = dir.create(&header(15)).unwrap();
+        // Killed between the events file and the header: the events file is alone.
+        std::fs::remove_file(journal.path()).unwrap();
+        assert!(dir.scan().unwrap().is_empty());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the lone events file is removed");
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! Surviving the server's own end: a VM outlives the process that served it.
 //!
 //! - [`journal`]: per attached VM, what a successor needs (pid, uffd, regions, removed ranges);
+//! - [`events_file`]: per journal, the buffer its VM's events are read into, so a REMOVE read
+//!   but not journaled yet when the process died is not lost;
 //! - [`reacquire`]: after a crash, its uffd taken back from the VMM with `pidfd_getfd`;
 //! - [`handover`]: a planned handover, every VM's fds passed to a successor over a socket.
 //!
 //! Either way the successor wakes every registered range, so a fault its predecessor read and
 //! did not answer is raised again, and serves on.
 
+pub mod events_file;
 pub mod handover;
 pub mod journal;
 pub mod reacquire;

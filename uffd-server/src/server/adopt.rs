@@ -62,7 +62,7 @@ pub(super) fn recover_journaled(journal: &JournalDir, services: &[Arc<SnapshotSe
             }
             Err(e @ (ReacquireError::VmmGone(_) | ReacquireError::PidReused(..) | ReacquireError::UffdClosed(_))) => {
                 tracing::info!(journal = %path.display(), "{e}: nothing to recover, journal removed");
-                let _ = std::fs::remove_file(&path);
+                journal.discard(&path);
             }
             Err(e) => tracing::error!(journal = %path.display(), "VM not recovered: {e}"),
         }
@@ -128,9 +128,20 @@ fn ready(service: &SnapshotService, id: u64, adoptee: Adoptee) -> Result<ReadyVm
     let record = Arc::new(VmRecord::new(id, &service.name, header.peer_pid, header.uffd));
     service.registry.add(Arc::clone(&record)).map_err(|other| at(&format!("its uffd already serves VM {other}")))?;
     let journal = service.journal.as_ref().and_then(|dir| dir.reopen(&path).map_err(|e| tracing::error!("{e}")).ok());
-    tracing::info!(peer_pid = header.peer_pid, removed_ranges = read.removed.len(), "VM taken over");
+    tracing::info!(
+        peer_pid = header.peer_pid,
+        removed_ranges = read.removed.len(),
+        read_not_journaled = read.read_not_journaled.len(),
+        "VM taken over"
+    );
     let link = VmmLink { socket, pidfd: Some(pidfd), stop: Some(Arc::clone(&service.lifecycle.stop)) };
-    let removed = RemovedRanges::journaled(journal, &read.removed);
+    let mut removed = RemovedRanges::journaled(journal, &read.removed);
+    // Into the journal before the VM's first read, which overwrites the events file they are in.
+    for &(start, end) in &read.read_not_journaled {
+        if let Err(e) = removed.insert(start, end) {
+            tracing::error!("{e}; this VM cannot be recovered if the server ends");
+        }
+    }
     Ok(ReadyVm { record, snapshot, regions, uffd, link, removed, taken_over: true, carried })
 }
 

@@ -20,20 +20,17 @@ use super::prefetcher::{Prefetcher, Pulled};
 use super::removed::RemovedRanges;
 use super::{contain, Fault, Guest, Step, VmEnd, VmmLink};
 use crate::addr::HostAddr;
-use crate::memory::uffd_io::{ReadError, UffdEvent};
+use crate::memory::uffd_io::{ReadError, UffdEvent, MSG_LEN};
+use crate::recovery::events_file::EVENTS_PER_READ;
 use crate::stats::count;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
-use userfaultfd::EventBuffer;
 
 /// While prefetching, the VMM socket is looked at once every this many turns (~2 MiB of
 /// prefetch): it only tells whether the VM is gone.
 const SOCKET_CHECK_TURNS: u32 = 32;
-
-/// Events read at once.
-const EVENTS_PER_READ: usize = 64;
 
 /// What a wait found.
 enum Ready {
@@ -50,11 +47,9 @@ enum Ready {
 /// has. One `epoll_wait` costs what one poll of a single fd does; a poll of four fds cost ~0.5 µs
 /// more per fault when guest and server share a CPU (measured here).
 ///
-/// Why not a blocking `read` of the uffd, one syscall less: a reader the kernel has woken takes
-/// the next event off the queue when it next runs, even if the process is being killed by then.
-/// A REMOVE taken so is lost with the process, and a successor would serve snapshot bytes where
-/// the guest expects zeros: the crash test (`tests/restart.rs`) caught it in every run.
-/// Waiting in epoll, a killed thread takes nothing.
+/// Why not a blocking `read` of the uffd, one syscall less: the uffd reports nothing when its
+/// VMM dies, so a thread blocked in `read` would never learn that its VM is gone (the socket's
+/// hang-up and the pidfd tell it here), nor that the server asked it to stop.
 struct Waiter {
     epoll: Epoll,
 }
@@ -136,7 +131,8 @@ pub struct FaultLoop<'a> {
     /// Faults read and not served yet: address, write, when the event was read.
     faults: VecDeque<(HostAddr, bool, Instant)>,
     events: Vec<UffdEvent>,
-    buf: EventBuffer,
+    /// Where events are read into when the VM has no journal (and so no events file).
+    unjournaled_buf: Box<[u8]>,
 }
 
 impl<'a> FaultLoop<'a> {
@@ -159,7 +155,7 @@ impl<'a> FaultLoop<'a> {
             removed,
             faults: VecDeque::new(),
             events: Vec::with_capacity(EVENTS_PER_READ),
-            buf: EventBuffer::new(EVENTS_PER_READ),
+            unjournaled_buf: vec![0; EVENTS_PER_READ * MSG_LEN].into_boxed_slice(),
         }
     }
 
@@ -366,7 +362,8 @@ impl<'a> FaultLoop<'a> {
     /// Returns how many were read.
     fn read_events(&mut self) -> Result<usize, VmEnd> {
         self.events.clear();
-        match self.guest.placer.uffd().read_events(&mut self.buf, &mut self.events) {
+        let buf = self.removed.read_buffer().unwrap_or(&mut self.unjournaled_buf);
+        match self.guest.placer.uffd().read_events(buf, &mut self.events) {
             Ok(()) => {}
             Err(ReadError::Eof) => return Err(VmEnd::UffdHangup),
             Err(e) => return Err(VmEnd::Failed(e.to_string())),
@@ -377,6 +374,12 @@ impl<'a> FaultLoop<'a> {
             match event {
                 UffdEvent::Fault { addr, write } => self.faults.push_back((addr, write, read_at)),
                 UffdEvent::Remove { start, end } | UffdEvent::Unmap { start, end } => {
+                    // Tests: the process dies between the read and the journal append (the
+                    // events file must carry the REMOVE to a successor).
+                    fail::fail_point!("remove-read", |_| {
+                        let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+                        Err(VmEnd::Failed("killed by a failpoint".into()))
+                    });
                     count(&self.guest.stats.remove_events, 1);
                     tracing::debug!(%start, %end, "range removed: it will read as zeros");
                     // Journaled before this function returns, so before anything is placed.
@@ -389,7 +392,7 @@ impl<'a> FaultLoop<'a> {
                     // region map update we cannot validate. Refuse loudly.
                     tracing::error!(%from, %to, len, "VMM remapped guest memory; remapped pages are not served");
                 }
-                UffdEvent::Fork => tracing::warn!("VMM forked; the child's userfaultfd is not served"),
+                UffdEvent::Fork { .. } => tracing::warn!("VMM forked; the child's userfaultfd is not served"),
             }
         }
         Ok(read)

@@ -46,6 +46,12 @@ impl RemovedRanges {
         journaled
     }
 
+    /// Where to read the VM's uffd into: its journal's events file (so a REMOVE read is kept
+    /// even if the process dies before it is journaled); None without a journal.
+    pub fn read_buffer(&mut self) -> Option<&mut [u8]> {
+        self.journal.as_mut().map(VmJournal::read_buffer)
+    }
+
     /// The VM's journal, taken out (when the VM ends or is handed over).
     pub fn take_journal(&mut self) -> Option<VmJournal> {
         self.journal.take()
@@ -73,6 +79,33 @@ impl RemovedRanges {
         self.ranges.range(..end).next_back().is_some_and(|(_, &e)| e > start.0)
     }
 
+    /// The parts of `[start, start + len)` that were not removed, as (offset from `start`,
+    /// length), each shrunk to whole `unit`s (a page size).
+    pub fn kept_parts(&self, start: HostAddr, len: u64, unit: u64) -> Vec<(u64, u64)> {
+        if len == 0 {
+            return Vec::new();
+        }
+        let end = start.0 + len;
+        let mut kept = Vec::new();
+        let mut at = start.0;
+        // The removed ranges reaching into [start, end), in order (the first may begin before).
+        let first = self.ranges.range(..=start.0).next_back().map(|(&s, &e)| (s, e));
+        let later = self.ranges.range(start.0 + 1..end).map(|(&s, &e)| (s, e));
+        for (removed_start, removed_end) in first.into_iter().chain(later) {
+            if removed_end <= at {
+                continue;
+            }
+            kept.push((at, removed_start.min(end)));
+            at = at.max(removed_end);
+        }
+        kept.push((at, end));
+        kept.into_iter()
+            .map(|(from, to)| (from.next_multiple_of(unit), to - to % unit))
+            .filter(|(from, to)| from < to)
+            .map(|(from, to)| (from - start.0, to - from))
+            .collect()
+    }
+
     /// Whether nothing was removed.
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty()
@@ -97,5 +130,46 @@ mod tests {
         assert!(r.overlaps(HostAddr(0x6000), 0x1000));
         r.insert(HostAddr(0x7000), HostAddr(0x7000)).unwrap(); // empty: ignored
         assert_eq!(r.ranges.len(), 1);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_page_is_kept_exactly_when_no_removed_range_touches_it(
+            removed in proptest::collection::vec((0u64..64, 1u64..8), 0..6),
+            first in 0u64..64,
+            pages in 0u64..64,
+        ) {
+            let page = 0x1000;
+            let mut r = RemovedRanges::default();
+            for (start, len) in removed {
+                r.insert(HostAddr(start * page), HostAddr((start + len) * page)).unwrap();
+            }
+            let kept = r.kept_parts(HostAddr(first * page), pages * page, page);
+            for n in 0..pages {
+                let offset = n * page;
+                let in_kept = kept.iter().any(|&(at, len)| (at..at + len).contains(&offset));
+                proptest::prop_assert_eq!(in_kept, !r.overlaps(HostAddr((first + n) * page), page), "page {}", n);
+            }
+        }
+    }
+
+    #[test]
+    fn kept_parts_are_what_no_removed_range_covers() {
+        let mut r = RemovedRanges::default();
+        assert_eq!(r.kept_parts(HostAddr(0x10000), 0x4000, 0x1000), vec![(0, 0x4000)], "nothing removed");
+        r.insert(HostAddr(0x3000), HostAddr(0x5000)).unwrap();
+        r.insert(HostAddr(0x8000), HostAddr(0x9000)).unwrap();
+        assert_eq!(
+            r.kept_parts(HostAddr(0x2000), 0x8000, 0x1000),
+            vec![(0, 0x1000), (0x3000, 0x3000), (0x7000, 0x1000)]
+        );
+        assert_eq!(
+            r.kept_parts(HostAddr(0x4000), 0x2000, 0x1000),
+            vec![(0x1000, 0x1000)],
+            "starts inside a removed range"
+        );
+        assert_eq!(r.kept_parts(HostAddr(0x3000), 0x2000, 0x1000), vec![], "wholly removed");
+        assert_eq!(r.kept_parts(HostAddr(0x0), 0x200000, 0x200000), vec![], "a huge page partly removed is not kept");
+        assert_eq!(r.kept_parts(HostAddr(0x200000), 0x200000, 0x200000), vec![(0, 0x200000)]);
     }
 }
