@@ -245,39 +245,42 @@ impl<'a> Prefetcher<'a> {
             None => guest.snapshot,
         };
         let mut step = Step::Done;
-        for piece in pieces(guest.regions, FileOffset(from), FileOffset(end)) {
-            if removed.overlaps(piece.host, piece.len) {
-                // The guest gave (part of) it back; demand faults there are served zeros.
-                count(&guest.stats.prefetch_removed_pages, piece.len / BASE_PAGE);
-                continue;
-            }
-            let outcome = guest.placer.fill(piece, source, Access::Read);
-            count(&guest.stats.prefetched_pages, outcome.placed() / BASE_PAGE);
-            count(&guest.stats.prefetch_present_pages, outcome.present / BASE_PAGE);
-            match outcome.stop {
-                None => {}
-                Some(Stop::NeedEvents) => {
-                    // The batches wholly placed count as placed; the rest resumes from here.
-                    let at = piece.file.0 + outcome.handled();
-                    let mut resume_at = index;
-                    for i in run.clone() {
-                        if self.schedule.batch(i).end_page() * BASE_PAGE <= at {
-                            self.mark_placed(guest, i);
-                            resume_at = i + 1;
+        'pieces: for piece in pieces(guest.regions, FileOffset(from), FileOffset(end)) {
+            // What the guest gave back is left out (demand faults there are served zeros); the
+            // rest is placed, so a fault next to a ballooned page is covered too.
+            let kept = removed.kept_parts(piece.host, piece.len, piece.page_size.bytes());
+            let kept_bytes: u64 = kept.iter().map(|&(_, len)| len).sum();
+            count(&guest.stats.prefetch_removed_pages, (piece.len - kept_bytes) / BASE_PAGE);
+            for (at, len) in kept {
+                let part = piece.part(at, len);
+                let outcome = guest.placer.fill(part, source, Access::Read);
+                count(&guest.stats.prefetched_pages, outcome.placed() / BASE_PAGE);
+                count(&guest.stats.prefetch_present_pages, outcome.present / BASE_PAGE);
+                match outcome.stop {
+                    None => {}
+                    Some(Stop::NeedEvents) => {
+                        // The batches wholly placed count as placed; the rest resumes from here.
+                        let at = part.file.0 + outcome.handled();
+                        let mut resume_at = index;
+                        for i in run.clone() {
+                            if self.schedule.batch(i).end_page() * BASE_PAGE <= at {
+                                self.mark_placed(guest, i);
+                                resume_at = i + 1;
+                            }
                         }
+                        self.resume = (resume_at < run.end).then_some((resume_at, at));
+                        step = Step::NeedEvents;
+                        break 'pieces;
                     }
-                    self.resume = (resume_at < run.end).then_some((resume_at, at));
-                    step = Step::NeedEvents;
-                    break;
-                }
-                Some(Stop::Gone) => {
-                    step = Step::Gone;
-                    break;
-                }
-                Some(Stop::Failed(e)) => {
-                    self.failed_pieces += 1;
-                    if guest.log_limit.allow() {
-                        tracing::warn!(host = %piece.host, len = piece.len, "prefetch of a range failed, left to demand faults: {e}");
+                    Some(Stop::Gone) => {
+                        step = Step::Gone;
+                        break 'pieces;
+                    }
+                    Some(Stop::Failed(e)) => {
+                        self.failed_pieces += 1;
+                        if guest.log_limit.allow() {
+                            tracing::warn!(host = %part.host, len = part.len, "prefetch of a range failed, left to demand faults: {e}");
+                        }
                     }
                 }
             }
