@@ -60,8 +60,10 @@ pub enum ChunkError {
 }
 
 /// `bytes` (at most [`MAX_CHUNK`]) stored with `codec`, header first; stored as they are when
-/// compressing would not make them smaller.
-pub fn encode(bytes: &[u8], codec: Codec) -> Vec<u8> {
+/// compressing would not make them smaller. `id` is `ChunkId::of(bytes)`, which every caller
+/// has already: hashing again would cost ~40 µs per 64 KiB here.
+pub fn encode(bytes: &[u8], id: &ChunkId, codec: Codec) -> Vec<u8> {
+    debug_assert_eq!(*id, ChunkId::of(bytes), "a chunk is encoded under its own id");
     let compressed = compress(bytes, codec);
     let (codec, stored) = match compressed {
         Some(stored) if stored.len() < bytes.len() => (codec, stored),
@@ -74,7 +76,7 @@ pub fn encode(bytes: &[u8], codec: Codec) -> Vec<u8> {
     out.push(0);
     out.extend_from_slice(&u32_of(bytes.len()).to_le_bytes());
     out.extend_from_slice(&u32_of(stored.len()).to_le_bytes());
-    out.extend_from_slice(&ChunkId::of(bytes).0);
+    out.extend_from_slice(&id.0);
     out.extend_from_slice(&stored);
     out
 }
@@ -174,8 +176,8 @@ pub fn read(file: impl std::io::Read, expected: &ChunkId) -> Result<Vec<u8>, Chu
 /// back the check only has to catch damage on disk (bit rot, a torn or truncated write), and
 /// costs ~4 µs per 64 KiB here against BLAKE3's ~40 µs: what decides whether reading a warm
 /// cache keeps ahead of the VMs restoring from it.
-pub fn encode_checked(bytes: &[u8], codec: Codec) -> Vec<u8> {
-    let mut file = encode(bytes, codec);
+pub fn encode_checked(bytes: &[u8], id: &ChunkId, codec: Codec) -> Vec<u8> {
+    let mut file = encode(bytes, id, codec);
     file.extend_from_slice(&xxh3_128(bytes).to_le_bytes());
     file
 }
@@ -266,7 +268,7 @@ mod tests {
         let bytes = sample();
         let id = ChunkId::of(&bytes);
         for codec in [Codec::None, Codec::Lz4, Codec::Zstd] {
-            let file = encode(&bytes, codec);
+            let file = encode(&bytes, &ChunkId::of(&bytes), codec);
             assert_eq!(header(&file).map(|h| h.codec), Ok(codec), "compressible bytes stay compressed");
             assert_eq!(decode(&file, &id).as_deref(), Ok(bytes.as_slice()));
             let other = ChunkId::of(b"other");
@@ -279,7 +281,7 @@ mod tests {
         let bytes = sample();
         let id = ChunkId::of(&bytes);
         for codec in [Codec::None, Codec::Lz4, Codec::Zstd] {
-            let file = encode(&bytes, codec);
+            let file = encode(&bytes, &ChunkId::of(&bytes), codec);
             let truncated = &file[..file.len() - 1];
             assert!(matches!(decode(truncated, &id), Err(ChunkError::Length { .. })), "{codec:?}");
             for at in [HEADER_LEN, HEADER_LEN + 7, file.len() - 1] {
@@ -299,7 +301,7 @@ mod tests {
         let bytes = sample();
         let id = ChunkId::of(&bytes);
         for codec in [Codec::None, Codec::Lz4, Codec::Zstd] {
-            let file = encode(&bytes, codec);
+            let file = encode(&bytes, &ChunkId::of(&bytes), codec);
             assert_eq!(read(&file[..], &id).as_deref(), Ok(bytes.as_slice()), "{codec:?}");
             assert!(matches!(read(&file[..file.len() - 1], &id), Err(ChunkError::Read(_))), "{codec:?}: truncated");
             let longer = [&file[..], b"x"].concat();
@@ -317,8 +319,8 @@ mod tests {
         let bytes = sample();
         let id = ChunkId::of(&bytes);
         for codec in [Codec::None, Codec::Lz4, Codec::Zstd] {
-            let file = encode_checked(&bytes, codec);
-            assert_eq!(file.len(), encode(&bytes, codec).len() + CHECK_LEN);
+            let file = encode_checked(&bytes, &ChunkId::of(&bytes), codec);
+            assert_eq!(file.len(), encode(&bytes, &ChunkId::of(&bytes), codec).len() + CHECK_LEN);
             assert_eq!(read_checked(&file[..], &id).as_deref(), Ok(bytes.as_slice()), "{codec:?}");
             let other = ChunkId::of(b"other");
             assert!(matches!(read_checked(&file[..], &other), Err(ChunkError::Named { .. })), "{codec:?}");
@@ -337,7 +339,7 @@ mod tests {
             let longer = [&file[..], b"x"].concat();
             assert!(matches!(read_checked(&longer[..], &id), Err(ChunkError::Length { .. })), "{codec:?}");
             // A file without the check (an older cache) is checked against its id instead.
-            let plain = encode(&bytes, codec);
+            let plain = encode(&bytes, &ChunkId::of(&bytes), codec);
             assert_eq!(read_checked(&plain[..], &id).as_deref(), Ok(bytes.as_slice()), "{codec:?}");
             assert!(matches!(read_checked(&plain[..], &other), Err(ChunkError::Hash { .. })), "{codec:?}");
         }
@@ -354,6 +356,6 @@ mod tests {
                 x.to_le_bytes()[3]
             })
             .collect();
-        assert_eq!(header(&encode(&noise, Codec::Zstd)).map(|h| h.codec), Ok(Codec::None));
+        assert_eq!(header(&encode(&noise, &ChunkId::of(&noise), Codec::Zstd)).map(|h| h.codec), Ok(Codec::None));
     }
 }

@@ -188,7 +188,7 @@ fn put(store: &Store, budget: u64, index: &Mutex<Index>, id: &ChunkId, bytes: &[
         return Ok(());
     }
     // Kept as LZ4: see the module doc.
-    let file = crate::chunk::encode_checked(bytes, crate::Codec::Lz4);
+    let file = crate::chunk::encode_checked(bytes, id, crate::Codec::Lz4);
     let len = file.len() as u64;
     if len > budget {
         return Ok(());

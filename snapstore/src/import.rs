@@ -80,7 +80,7 @@ pub fn import(store: &Store, name: &str, memfile: &Path, options: &ImportOptions
         }
         let id = ChunkId::of(bytes);
         if !store.has_chunk(&id) {
-            let written = store.put_chunk(&id, &chunk::encode(bytes, options.codec))?;
+            let written = store.put_chunk(&id, &chunk::encode(bytes, &id, options.codec))?;
             report.new_chunks += usize::from(written > 0);
             report.bytes_written += written;
         }

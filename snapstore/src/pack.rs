@@ -128,7 +128,8 @@ mod tests {
         let files: Vec<(ChunkId, Vec<u8>)> = (0u8..3)
             .map(|seed| {
                 let bytes = vec![seed; 65536];
-                (ChunkId::of(&bytes), chunk::encode(&bytes, Codec::Zstd))
+                let id = ChunkId::of(&bytes);
+                (id, chunk::encode(&bytes, &id, Codec::Zstd))
             })
             .collect();
         let pack = encode(&files, 2);

@@ -156,7 +156,7 @@ fn working_set_pack(
     let mut set_bytes = 0;
     for &index in &order {
         let Some(id) = data(index).filter(|id| seen.insert(*id)) else { continue };
-        let file = crate::chunk::encode(&store.read_chunk(&id)?, options.pack_codec);
+        let file = crate::chunk::encode(&store.read_chunk(&id)?, &id, options.pack_codec);
         set_bytes += file.len() as u64;
         files.push((id, file));
     }
@@ -165,7 +165,7 @@ fn working_set_pack(
     let neighbours = order.iter().flat_map(|&i| [i + 1, i.wrapping_sub(1)]).filter(|i| !in_set.contains(i));
     for index in neighbours {
         let Some(id) = data(index).filter(|id| !seen.contains(id)) else { continue };
-        let file = crate::chunk::encode(&store.read_chunk(&id)?, options.pack_codec);
+        let file = crate::chunk::encode(&store.read_chunk(&id)?, &id, options.pack_codec);
         if tail_bytes + file.len() as u64 > tail_limit {
             break;
         }

@@ -79,7 +79,11 @@ fn main() -> anyhow::Result<()> {
     for (i, codec) in [snapstore::Codec::None, snapstore::Codec::Lz4, snapstore::Codec::Zstd].into_iter().enumerate() {
         for size in [4096usize, 65536] {
             let bytes: Vec<u8> = (0..size).map(|b| (b / 7 % 251).to_le_bytes()[0]).collect();
-            write("chunk", format!("{i}-{size}"), &snapstore::chunk::encode(&bytes, codec))?;
+            write(
+                "chunk",
+                format!("{i}-{size}"),
+                &snapstore::chunk::encode(&bytes, &snapstore::ChunkId::of(&bytes), codec),
+            )?;
         }
     }
     Ok(())
