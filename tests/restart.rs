@@ -173,6 +173,41 @@ fn a_server_killed_after_reading_each_remove_and_before_journaling_it_loses_none
 }
 
 #[test]
+fn a_vm_idle_in_a_blocking_read_stops_for_a_handover_and_sigterm_and_sees_its_vmm_end() {
+    // With nothing to prefetch, a VM's loop waits in a blocking read of its uffd, which says
+    // nothing about the VMM or the server: the watcher must interrupt it for each of these.
+    require_userfaultfd();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snap = e2e::snapshot_file::SnapshotFile::random(dir.path(), "vm.mem", 4 << 20, 0.3, 77);
+    let mut server = ServerProcess::start(&[("vm", &snap.path)], &[]);
+    let _watchdog = Watchdog::arm(Duration::from_secs(120), "the idle VMs");
+    let ended = |server: &ServerProcess, how: &str| server.log().matches(&format!("VM ended ({how}")).count();
+    let idle_vm = |socket: PathBuf| {
+        let vmm = e2e::fake_vmm::FakeVmm::attach(&socket, snap.bytes.len()).expect("attach");
+        vmm.touch_all(1, false);
+        std::thread::sleep(Duration::from_millis(50)); // every page served: the loop waits in read
+        vmm
+    };
+    // A handover: the predecessor's loop stops although it waits in a read.
+    let vmm = idle_vm(server.socket("vm"));
+    let started = Instant::now();
+    assert!(server.take_over().success(), "{}", server.log());
+    assert!(started.elapsed() < Duration::from_secs(10), "the idle VM held the handover up:\n{}", server.log());
+    assert_eq!(ended(&server, "stopped for a successor"), 1, "{}", server.log());
+    // Its VMM ends: the successor's loop, idle in a read too, learns it.
+    drop(vmm);
+    wait_until("the successor to see the VMM end", &server, || ended(&server, "VMM closed") == 1);
+    // SIGTERM: a new idle VM stops at once, journaled for the next start.
+    let vmm = idle_vm(server.socket("vm"));
+    let started = Instant::now();
+    assert!(server.terminate().success(), "{}", server.log());
+    assert!(started.elapsed() < Duration::from_secs(10), "the idle VM held the stop up:\n{}", server.log());
+    assert!(!server.log().contains("not every VM stopped"), "{}", server.log());
+    assert_eq!(journals(&server).0, 1, "the idle VM is journaled for the next start");
+    drop(vmm);
+}
+
+#[test]
 fn a_planned_handover_of_sixteen_faulting_guests_loses_no_fault() {
     let fixture = fixture();
     let mut server = fixture.serve();

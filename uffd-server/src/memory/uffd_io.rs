@@ -131,8 +131,19 @@ impl Userfaultfd {
     /// [`MSG_LEN`] bytes) and appends them to `out`. `buf` is where the kernel writes them:
     /// the VM's events file, when it has a journal (`crate::recovery::events_file`).
     pub fn read_events(&self, buf: &mut [u8], out: &mut Vec<UffdEvent>) -> Result<(), ReadError> {
-        let len = match nix::unistd::read(self.uffd.as_raw_fd(), buf) {
-            Err(Errno::EAGAIN) => 0,
+        self.read_events_with(buf, out, |uffd, buf| nix::unistd::read(uffd.as_raw_fd(), buf))
+    }
+
+    /// As [`Userfaultfd::read_events`], reading with `read` (a blocking read that a signal
+    /// interrupts: `EINTR` is no event, like `EAGAIN`).
+    pub fn read_events_with(
+        &self,
+        buf: &mut [u8],
+        out: &mut Vec<UffdEvent>,
+        read: impl FnOnce(BorrowedFd<'_>, &mut [u8]) -> nix::Result<usize>,
+    ) -> Result<(), ReadError> {
+        let len = match read(self.uffd.as_fd(), buf) {
+            Err(Errno::EAGAIN | Errno::EINTR) => 0,
             Err(e) => return Err(ReadError::Read(e.to_string())),
             Ok(0) => return Err(ReadError::Eof),
             Ok(len) if len % MSG_LEN != 0 => {
@@ -153,6 +164,16 @@ impl Userfaultfd {
             }
         }
         Ok(())
+    }
+
+    /// Makes `read` on the uffd block (`blocking`) or return EAGAIN when no event is pending.
+    /// The flag belongs to the open file, which the VMM shares: the VMM never reads its copy,
+    /// and a successor sets it again for itself ([`Userfaultfd::from_owned`]).
+    pub fn set_blocking(&self, blocking: bool) -> Result<(), Errno> {
+        let flags = nix::fcntl::fcntl(self.uffd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+        let mut flags = nix::fcntl::OFlag::from_bits_truncate(flags);
+        flags.set(nix::fcntl::OFlag::O_NONBLOCK, !blocking);
+        nix::fcntl::fcntl(self.uffd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags)).map(drop)
     }
 
     /// Places `src` at `dst` (page aligned, length a multiple of the region's page size) and

@@ -7,13 +7,15 @@
 //! 2. serve the oldest queued fault — a fault read is always served before the loop waits, so
 //!    none is left unanswered while it sleeps;
 //! 3. place the next prefetch batch if the plan has one due and no event is pending;
-//! 4. wait for an event (or for a deferred batch to come due).
+//! 4. wait for an event (or for a deferred batch to come due): with nothing left to prefetch,
+//!    in a blocking `read` of the uffd ([`super::blocked_read`]), else in `epoll_wait`.
 //!
 //! Every event is read here, and every COPY of the VM is issued from this thread, so a REMOVE
 //! is marked before anything is placed after it: a removed page is never filled from the
 //! snapshot. A stage that meets a pending event returns [`Step::NeedEvents`]; the loop reads the
 //! events and asks it again.
 
+use super::blocked_read::BlockedRead;
 use super::demand::Demand;
 use super::learner::Learner;
 use super::prefetcher::{Prefetcher, Pulled};
@@ -47,9 +49,10 @@ enum Ready {
 /// has. One `epoll_wait` costs what one poll of a single fd does; a poll of four fds cost ~0.5 µs
 /// more per fault when guest and server share a CPU (measured here).
 ///
-/// Why not a blocking `read` of the uffd, one syscall less: the uffd reports nothing when its
-/// VMM dies, so a thread blocked in `read` would never learn that its VM is gone (the socket's
-/// hang-up and the pidfd tell it here), nor that the server asked it to stop.
+/// Once nothing is left to prefetch, the loop waits in a blocking `read` instead, one syscall
+/// less per fault; the uffd is then out of this set, and the watcher of
+/// [`super::blocked_read`] watches the set for the loop (the uffd reports nothing when its VMM
+/// dies, nor when the server stops).
 struct Waiter {
     epoll: Epoll,
 }
@@ -82,6 +85,20 @@ impl Waiter {
             epoll.add(stop.as_fd(), readable(Self::STOP))?;
         }
         Ok(Waiter { epoll })
+    }
+
+    /// Whether the VMM's end can be seen without the uffd (a socket or a pidfd is watched).
+    fn sees_the_vmm(link: &VmmLink) -> bool {
+        link.socket.is_some() || link.pidfd.is_some()
+    }
+
+    /// Takes the uffd out of the set (the loop reads it blocking) or puts it back.
+    fn watch_uffd(&self, uffd: BorrowedFd<'_>, watched: bool) -> nix::Result<()> {
+        if watched {
+            self.epoll.add(uffd, EpollEvent::new(EpollFlags::EPOLLIN, Self::UFFD))
+        } else {
+            self.epoll.delete(uffd)
+        }
     }
 
     /// What is ready within `timeout`; None if nothing is.
@@ -133,6 +150,8 @@ pub struct FaultLoop<'a> {
     events: Vec<UffdEvent>,
     /// Where events are read into when the VM has no journal (and so no events file).
     unjournaled_buf: Box<[u8]>,
+    /// Set while the loop waits in a blocking `read` of the uffd.
+    blocked: Option<BlockedRead>,
 }
 
 impl<'a> FaultLoop<'a> {
@@ -156,6 +175,7 @@ impl<'a> FaultLoop<'a> {
             faults: VecDeque::new(),
             events: Vec::with_capacity(EVENTS_PER_READ),
             unjournaled_buf: vec![0; EVENTS_PER_READ * MSG_LEN].into_boxed_slice(),
+            blocked: None,
         }
     }
 
@@ -174,6 +194,9 @@ impl<'a> FaultLoop<'a> {
         loop {
             turn = turn.wrapping_add(1);
             if let Err(end) = self.turn(&waiter, turn) {
+                // Whoever has the uffd next (a successor, this server after a failed handover)
+                // finds it as it came: non-blocking.
+                let _ = self.stop_blocking(&waiter);
                 return end;
             }
         }
@@ -205,11 +228,17 @@ impl<'a> FaultLoop<'a> {
         match due {
             // While prefetching, a non-blocking read is the cheapest look for events: a poll of
             // uffd and socket before every 64 KiB batch measured up to 2× slower prefetch here.
-            Some(Duration::ZERO) if !turn.is_multiple_of(SOCKET_CHECK_TURNS) => match self.read_events()? {
-                0 => self.prefetch_step(),
-                _ => Ok(()),
-            },
-            due => self.wait(waiter, due),
+            Some(Duration::ZERO) if !turn.is_multiple_of(SOCKET_CHECK_TURNS) && self.blocked.is_none() => {
+                match self.read_events()? {
+                    0 => self.prefetch_step(),
+                    _ => Ok(()),
+                }
+            }
+            None if self.start_blocking(waiter) => self.wait_in_read(waiter),
+            due => {
+                self.stop_blocking(waiter)?;
+                self.wait(waiter, due)
+            }
         }
     }
 
@@ -230,6 +259,55 @@ impl<'a> FaultLoop<'a> {
             Ready::VmmClosed => Err(VmEnd::VmmClosed),
             Ready::UffdHangup => Err(VmEnd::UffdHangup),
             Ready::StopRequested => Ok(()), // the next turn stops
+        }
+    }
+
+    /// Switches to waiting in a blocking `read` (nothing left to prefetch): the uffd out of
+    /// the epoll set, which the watcher watches instead. False if this VM cannot (neither
+    /// socket nor pidfd to tell the VMM's end, or the watcher could not take it).
+    fn start_blocking(&mut self, waiter: &Waiter) -> bool {
+        if self.blocked.is_some() {
+            return true;
+        }
+        let uffd = self.guest.placer.uffd();
+        if !Waiter::sees_the_vmm(self.link) || waiter.watch_uffd(uffd.as_fd(), false).is_err() {
+            return false;
+        }
+        match BlockedRead::register(waiter.epoll.0.as_fd()) {
+            Some(blocked) if uffd.set_blocking(true).is_ok() => {
+                self.blocked = Some(blocked);
+                true
+            }
+            _ => {
+                // Waits in epoll after all: the uffd goes back into the set.
+                let _ = waiter.watch_uffd(uffd.as_fd(), true);
+                false
+            }
+        }
+    }
+
+    /// Back to `epoll_wait` and non-blocking reads, if the loop was waiting in `read`.
+    fn stop_blocking(&mut self, waiter: &Waiter) -> Result<(), VmEnd> {
+        let Some(blocked) = self.blocked.take() else { return Ok(()) };
+        drop(blocked);
+        let uffd = self.guest.placer.uffd();
+        uffd.set_blocking(false).map_err(|e| VmEnd::Failed(format!("cannot make the uffd non-blocking again: {e}")))?;
+        waiter.watch_uffd(uffd.as_fd(), true).map_err(|e| VmEnd::Failed(format!("epoll: {e}")))
+    }
+
+    /// Waits in a blocking `read` for the next events. Interrupted by the watcher, the loop
+    /// goes back to its epoll set and looks at what turned ready there.
+    fn wait_in_read(&mut self, waiter: &Waiter) -> Result<(), VmEnd> {
+        self.read_events()?;
+        if !self.blocked.as_ref().is_some_and(BlockedRead::interrupted) {
+            return Ok(());
+        }
+        self.stop_blocking(waiter)?;
+        match self.ready(waiter, EpollTimeout::ZERO)? {
+            Ready::Events => self.read_events().map(drop),
+            Ready::VmmClosed => Err(VmEnd::VmmClosed),
+            Ready::UffdHangup => Err(VmEnd::UffdHangup),
+            Ready::Idle | Ready::StopRequested => Ok(()), // the next turn stops, or blocks again
         }
     }
 
@@ -363,7 +441,12 @@ impl<'a> FaultLoop<'a> {
     fn read_events(&mut self) -> Result<usize, VmEnd> {
         self.events.clear();
         let buf = self.removed.read_buffer().unwrap_or(&mut self.unjournaled_buf);
-        match self.guest.placer.uffd().read_events(buf, &mut self.events) {
+        let uffd = self.guest.placer.uffd();
+        let read = match &self.blocked {
+            Some(blocked) => uffd.read_events_with(buf, &mut self.events, |fd, buf| blocked.read(fd, buf)),
+            None => uffd.read_events(buf, &mut self.events),
+        };
+        match read {
             Ok(()) => {}
             Err(ReadError::Eof) => return Err(VmEnd::UffdHangup),
             Err(e) => return Err(VmEnd::Failed(e.to_string())),

@@ -11,6 +11,7 @@
 //! leaves the VM served on demand; one anywhere else ends that VM with a logged error, and the
 //! server's other VMs go on.
 
+pub mod blocked_read;
 pub mod demand;
 pub mod fault_loop;
 pub mod handshake;
