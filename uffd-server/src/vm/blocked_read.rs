@@ -85,7 +85,7 @@ fn start_watching(watcher: &'static Watcher) {
     static STARTED: std::sync::Once = std::sync::Once::new();
     STARTED.call_once(|| {
         let watch = move || loop {
-            let mut events = [EpollEvent::empty(); 16];
+            let mut events = [EpollEvent::empty(); 64];
             let ready = match watcher.epoll.wait(&mut events, EpollTimeout::NONE) {
                 Ok(ready) => ready,
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -94,12 +94,11 @@ fn start_watching(watcher: &'static Watcher) {
                     return;
                 }
             };
-            for event in &events[..ready] {
-                let reader = watcher.lock().get(&event.data()).cloned();
-                if let Some(reader) = reader {
-                    reader.interrupt();
-                }
-            }
+            let readers: Vec<Arc<Reader>> = {
+                let registered = watcher.lock();
+                events[..ready].iter().filter_map(|event| registered.get(&event.data()).cloned()).collect()
+            };
+            interrupt(&readers);
         };
         if let Err(e) = std::thread::Builder::new().name("read-watch".into()).spawn(watch) {
             tracing::error!("cannot start the read watcher: {e}");
@@ -113,20 +112,27 @@ impl Watcher {
     }
 }
 
-impl Reader {
-    /// Makes the reader's `read` return (or not start), signalling it until it has.
-    fn interrupt(&self) {
-        self.interrupted.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + SIGNAL_FOR;
-        while self.in_read.load(Ordering::SeqCst) && Instant::now() < deadline {
-            {
-                let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner);
-                let Some(thread) = *thread else { return };
+/// Makes the readers' `read`s return (or not start), signalling each until it has: all at
+/// once (a server stopping interrupts every idle VM together).
+fn interrupt(readers: &[Arc<Reader>]) {
+    for reader in readers {
+        reader.interrupted.store(true, Ordering::SeqCst);
+    }
+    let deadline = Instant::now() + SIGNAL_FOR;
+    loop {
+        let mut reading = false;
+        for reader in readers.iter().filter(|reader| reader.in_read.load(Ordering::SeqCst)) {
+            reading = true;
+            let thread = reader.thread.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(thread) = *thread {
                 // Registered, so the thread is alive: it deregisters (under this lock) before it ends.
                 let _ = nix::sys::pthread::pthread_kill(thread, INTERRUPT);
             }
-            std::thread::sleep(Duration::from_micros(50));
         }
+        if !reading || Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(50));
     }
 }
 
