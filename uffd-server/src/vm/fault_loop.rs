@@ -87,11 +87,6 @@ impl Waiter {
         Ok(Waiter { epoll })
     }
 
-    /// Whether the VMM's end can be seen without the uffd (a socket or a pidfd is watched).
-    fn sees_the_vmm(link: &VmmLink) -> bool {
-        link.socket.is_some() || link.pidfd.is_some()
-    }
-
     /// Takes the uffd out of the set (the loop reads it blocking) or puts it back.
     fn watch_uffd(&self, uffd: BorrowedFd<'_>, watched: bool) -> nix::Result<()> {
         if watched {
@@ -270,7 +265,7 @@ impl<'a> FaultLoop<'a> {
             return true;
         }
         let uffd = self.guest.placer.uffd();
-        if !Waiter::sees_the_vmm(self.link) || waiter.watch_uffd(uffd.as_fd(), false).is_err() {
+        if !self.link.shows_its_end() || waiter.watch_uffd(uffd.as_fd(), false).is_err() {
             return false;
         }
         match BlockedRead::register(waiter.epoll.0.as_fd()) {

@@ -48,6 +48,14 @@ pub struct VmmLink {
     pub stop: Option<Arc<crate::recovery::StopSignal>>,
 }
 
+impl VmmLink {
+    /// Whether the VMM's end can be seen without the uffd (which reports nothing of it): a
+    /// socket or a pidfd.
+    pub fn shows_its_end(&self) -> bool {
+        self.socket.is_some() || self.pidfd.is_some()
+    }
+}
+
 /// What every stage places into: one VM's memory, and where its bytes come from.
 pub struct Guest<'a> {
     /// Places pieces through the VM's uffd.
