@@ -3,6 +3,7 @@
 //! chunk that decodes is the chunk its name says (docs/snapshot-store-format.md).
 
 use crate::{ChunkId, Codec};
+use bytes::Bytes;
 use xxhash_rust::xxh3::xxh3_128;
 
 /// A chunk file's first four bytes.
@@ -88,6 +89,12 @@ pub fn compress(bytes: &[u8], codec: Codec) -> Option<Vec<u8>> {
         Codec::Lz4 => lz4::block::compress(bytes, None, false).ok(),
         Codec::Zstd => zstd::bulk::compress(bytes, ZSTD_LEVEL).ok(),
     }
+}
+
+/// `bytes` as one buffer that several owners share without a copy (the RAM pool, the disk
+/// cache's writer), without spare capacity: RAM is accounted by length.
+pub fn shared(bytes: Vec<u8>) -> Bytes {
+    Bytes::from(bytes.into_boxed_slice())
 }
 
 /// Decompresses `stored` (written with `codec`) into `out`, which must be exactly the

@@ -19,6 +19,7 @@
 
 use crate::store::{Store, StoreError};
 use crate::ChunkId;
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -35,7 +36,7 @@ struct Index {
 /// Work done behind the callers' back, at low priority.
 enum Behind {
     /// A chunk (checked) to keep.
-    Keep(ChunkId, Vec<u8>),
+    Keep(ChunkId, Bytes),
     /// A chunk read: its file's time is set, so that the order survives a restart.
     Touch(ChunkId),
 }
@@ -141,7 +142,7 @@ impl DiskCache {
 
     /// As [`DiskCache::put`], later, on a writer thread of the lowest CPU priority: a host
     /// restoring VMs spends its cores on them, and the disk copy is only for next time.
-    pub fn put_behind(&self, id: &ChunkId, bytes: Vec<u8>) {
+    pub fn put_behind(&self, id: &ChunkId, bytes: Bytes) {
         self.send_behind(Behind::Keep(*id, bytes));
     }
 

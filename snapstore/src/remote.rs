@@ -9,6 +9,7 @@ use crate::disk_cache::DiskCache;
 use crate::manifest::{Manifest, ManifestError};
 use crate::store::{chunk_relative, manifest_relative, StoreError};
 use crate::ChunkId;
+use bytes::Bytes;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -85,7 +86,7 @@ impl RemoteStore {
     }
 
     /// Keeps chunk `id`'s checked `bytes` in the disk cache (now, or behind).
-    pub fn keep(&self, id: &ChunkId, bytes: Vec<u8>) {
+    pub fn keep(&self, id: &ChunkId, bytes: Bytes) {
         if self.write_behind {
             self.cache.put_behind(id, bytes);
         } else if let Err(e) = self.cache.put(id, &bytes) {
@@ -114,10 +115,10 @@ impl RemoteStore {
 
     /// Chunk `id`'s bytes: from the disk cache, else from the bucket (kept in the cache), always
     /// checked against `id`. `lane` says whose connections fetch it.
-    pub fn chunk(&self, id: &ChunkId, lane: Lane) -> Result<Vec<u8>, RemoteError> {
+    pub fn chunk(&self, id: &ChunkId, lane: Lane) -> Result<Bytes, RemoteError> {
         if let Some(bytes) = self.cache.get(id) {
             self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(bytes);
+            return Ok(crate::chunk::shared(bytes));
         }
         let key = chunk_relative(id);
         let bytes = retry(&self.retry, RemoteError::worth_retrying, || {
@@ -138,6 +139,7 @@ impl RemoteStore {
             fetched
         })?;
         self.counters.chunk_gets.fetch_add(1, Ordering::Relaxed);
+        let bytes = crate::chunk::shared(bytes);
         self.keep(id, bytes.clone());
         Ok(bytes)
     }

@@ -10,8 +10,9 @@
 //! through a bounded set of fetch threads ([`ChunkPool::prefetch`]) and never delay a fault that
 //! needs a chunk they have not started on.
 
+use bytes::Bytes;
 use snapstore::bucket::Lane;
-use snapstore::chunk::{compress, decompress_into};
+use snapstore::chunk::{compress, decompress_into, shared};
 use snapstore::remote::RemoteStore;
 use snapstore::store::{Store, StoreError};
 use snapstore::{ChunkId, Codec};
@@ -50,21 +51,21 @@ pub struct HeldChunk {
     pub(super) len: usize,
     /// [`Codec::None`] or [`Codec::Lz4`].
     pub(super) codec: Codec,
-    pub(super) bytes: Box<[u8]>,
+    pub(super) bytes: Bytes,
     inflated: OnceLock<Box<[u8]>>,
     budget: Arc<InflateBudget>,
 }
 
 impl HeldChunk {
-    fn new(raw: Vec<u8>, ram_codec: Codec, budget: &Arc<InflateBudget>) -> HeldChunk {
+    fn new(raw: Bytes, ram_codec: Codec, budget: &Arc<InflateBudget>) -> HeldChunk {
         let len = raw.len();
         // Kept compressed only when it saves at least 1/8: a barely compressible chunk would
         // cost a decompression for little RAM.
         let (codec, bytes) = match compress(&raw, ram_codec) {
-            Some(packed) if packed.len() <= len - len / 8 => (ram_codec, packed),
+            Some(packed) if packed.len() <= len - len / 8 => (ram_codec, shared(packed)),
             _ => (Codec::None, raw),
         };
-        HeldChunk { len, codec, bytes: bytes.into_boxed_slice(), inflated: OnceLock::new(), budget: Arc::clone(budget) }
+        HeldChunk { len, codec, bytes, inflated: OnceLock::new(), budget: Arc::clone(budget) }
     }
 
     /// Bytes of RAM it holds.
@@ -289,14 +290,14 @@ impl ChunkPool {
     /// `raw` (checked bytes) as the pool holds them. A remote chunk is held as it is: it was
     /// fetched because a VM or its working set needs it, and compressing it would cost ~100 µs
     /// on the restore's time to save RAM its plain copy would take back at the first use.
-    pub(super) fn hold(&self, raw: Vec<u8>) -> Arc<HeldChunk> {
+    pub(super) fn hold(&self, raw: Bytes) -> Arc<HeldChunk> {
         let codec = if self.is_remote() { Codec::None } else { self.ram_codec };
         Arc::new(HeldChunk::new(raw, codec, &self.inflate))
     }
 
-    fn fetch(&self, id: &ChunkId, lane: Lane) -> Result<Vec<u8>, ChunkUnavailable> {
+    fn fetch(&self, id: &ChunkId, lane: Lane) -> Result<Bytes, ChunkUnavailable> {
         let fetched = match &self.origin {
-            ChunkOrigin::Local(store) => store.read_chunk(id).map_err(|e| {
+            ChunkOrigin::Local(store) => store.read_chunk(id).map(shared).map_err(|e| {
                 if matches!(e, StoreError::Chunk { .. }) {
                     self.corrupt_reads.fetch_add(1, Ordering::Relaxed);
                 }

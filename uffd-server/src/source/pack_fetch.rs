@@ -112,6 +112,7 @@ impl ChunkPool {
             });
             let held = match file.map(|file| snapstore::chunk::decode(file, &id)) {
                 Some(Ok(raw)) => {
+                    let raw = snapstore::chunk::shared(raw);
                     remote.keep(&id, raw.clone());
                     Ok(self.hold(raw))
                 }

@@ -137,6 +137,16 @@ pub fn measure(snapshot: &Path, ws: &Path, config: &str, input: u64) -> Result<T
     }
 }
 
+/// A memory figure of process `pid` from `/proc/PID/status` (`VmRSS`, `VmHWM`: the peak), bytes.
+pub fn proc_memory(pid: u32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.split_whitespace().next()?.parse::<u64>().ok());
+    kib.map(|kib| kib * 1024).with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
 /// Drops the page cache (root only); false if it could not.
 pub fn drop_caches() -> bool {
     // SAFETY: sync takes no arguments and cannot fail.

@@ -8,7 +8,7 @@
 //! cold server's second VM: its chunks already in the pool). First invocation's DONE from the
 //! restore's start, and the bytes the server fetched by the time the VM ended.
 
-use crate::harness::{path, record, restore, uffd_args, MEASURED};
+use crate::harness::{path, proc_memory, record, restore, uffd_args, MEASURED};
 use crate::report::{bar_plot, progress, Labels};
 use anyhow::{Context, Result};
 use benches::delay_proxy::DelayProxy;
@@ -24,11 +24,13 @@ const RTTS_MS: [f64; 2] = [0.5, 2.0];
 const TIERS: [&str; 3] = ["RAM", "disk cache", "cold store"];
 const POLICIES: [&str; 2] = ["none", "union"];
 
-/// One configuration's results: first DONE (ms) and bytes fetched, per run.
+/// One configuration's results per run: first DONE (ms), bytes fetched, and the server's peak
+/// RSS by the end of the run (bytes).
 #[derive(Default)]
 struct Runs {
     first_done: Vec<f64>,
     fetched: Vec<f64>,
+    peak_rss: Vec<f64>,
 }
 
 pub fn run(work: &Path, out: &Path) -> Result<String> {
@@ -61,7 +63,7 @@ pub fn run(work: &Path, out: &Path) -> Result<String> {
         .context("AWS_ENDPOINT_URL is not http://IP:PORT")?;
     let bar = progress(RTTS_MS.len() * MEASURED.len(), "7: object store");
     let mut md = String::from("## 7. Restore from an object store\n\n");
-    md += "`python-image` function 5 (128 MiB guest, real python3 memory; docs/vmm-shim.md), working set recorded over inputs 1–5, imported (64 KiB zstd chunks), pushed with its working set to Ceph RGW on loopback; the server reaches RGW through a proxy that adds the round-trip time below (this kernel has no netem). Each run is a fresh server: **cold store** (empty RAM and disk cache), **disk cache** (empty RAM, disk cache filled by `uffd-server pull --all`), **RAM** (the cold server's second VM, same input). The server loads the named snapshot when it starts (manifest, plan, and the start of the working set's fetch); each VM starts once the server reports it loaded. First invocation's DONE from the restore's start, medians over inputs 101–103; **fetched**: chunk bytes the server received by the time the VM ended (one invocation), against the working set's chunk bytes (the zstd chunks holding its pages: ";
+    md += "`python-image` function 5 (128 MiB guest, real python3 memory; docs/vmm-shim.md), working set recorded over inputs 1–5, imported (64 KiB zstd chunks), pushed with its working set to Ceph RGW on loopback; the server reaches RGW through a proxy that adds the round-trip time below (this kernel has no netem). Each run is a fresh server: **cold store** (empty RAM and disk cache), **disk cache** (empty RAM, disk cache filled by `uffd-server pull --all`), **RAM** (the cold server's second VM, same input). The server loads the named snapshot when it starts (manifest, plan, and the start of the working set's fetch); each VM starts once the server reports it loaded. First invocation's DONE from the restore's start, medians over inputs 101–103; **server peak RSS**: the server's VmHWM when the run ended (RAM: the cold server's, after its second VM); **fetched**: chunk bytes the server received by the time the VM ended (one invocation), against the working set's chunk bytes (the zstd chunks holding its pages: ";
     writeln!(md, "{:.2} MiB).\n", set_bytes / f64::from(1 << 20))?;
     let mut bars = Vec::new();
     let mut goals = String::new();
@@ -130,6 +132,7 @@ fn record_run(server: &ServerProcess, snapshot: &Path, input: u64, runs: &mut Ru
     runs.first_done.push(restore(snapshot, &uffd_args(server), &[input])?.first_done);
     let after = server.stats().remote.map_or(0, |r| r.chunk_bytes);
     runs.fetched.push((after - before) as f64);
+    runs.peak_rss.push(proc_memory(server.pid(), "VmHWM")? as f64);
     Ok(())
 }
 
@@ -153,17 +156,19 @@ fn working_set_chunk_bytes(store: &Path, ws: &Path) -> Result<f64> {
 
 fn table(rtt: f64, runs: &[Runs], set_bytes: f64, bars: &mut Vec<(String, f64)>) -> Result<String> {
     let ram_union = median(&runs[1].first_done);
-    let mut md = format!("**{rtt} ms per round trip**\n\n| tier | policy | first DONE ms | vs RAM union | fetched MiB | vs working set |\n|---|---|---|---|---|---|\n");
+    let mut md = format!("**{rtt} ms per round trip**\n\n| tier | policy | first DONE ms | vs RAM union | fetched MiB | vs working set | server peak RSS MiB |\n|---|---|---|---|---|---|---|\n");
     for (t, tier) in TIERS.iter().enumerate() {
         for (p, policy) in POLICIES.iter().enumerate() {
             let r = &runs[t * POLICIES.len() + p];
             let (done, fetched) = (median(&r.first_done), median(&r.fetched));
+            let mib = f64::from(1 << 20);
             writeln!(
                 md,
-                "| {tier} | {policy} | {done:.1} | {:.2}× | {:.2} | {:.2}× |",
+                "| {tier} | {policy} | {done:.1} | {:.2}× | {:.2} | {:.2}× | {:.1} |",
                 done / ram_union,
-                fetched / f64::from(1 << 20),
-                fetched / set_bytes
+                fetched / mib,
+                fetched / set_bytes,
+                median(&r.peak_rss) / mib
             )?;
             bars.push((format!("{rtt} ms RTT, {tier}, {policy}"), done));
         }

@@ -10,6 +10,7 @@
 //! starts over, so it faults for the whole run. The snapshot is random bytes: nothing here
 //! depends on its contents.
 
+use crate::harness::proc_memory;
 use crate::report::{bar_plot, Labels};
 use anyhow::{ensure, Result};
 use e2e::fake_vmm::{touch, FakeVmm, PAGE};
@@ -209,7 +210,7 @@ fn soak(snap: &SnapshotFile, cycles: usize, out: &Path) -> Result<String> {
         }
         drop(vmm);
         if cycle % 1000 == 0 {
-            let rss = rss_kib(server.pid())?;
+            let rss = proc_memory(server.pid(), "VmRSS")? / 1024;
             let fds = server.open_fds();
             writeln!(csv, "{cycle},{rss},{fds}")?;
             samples.push((cycle, rss, fds));
@@ -231,12 +232,6 @@ fn soak(snap: &SnapshotFile, cycles: usize, out: &Path) -> Result<String> {
     );
     let _ = writeln!(md);
     Ok(md)
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next());
-    Ok(rss.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
 /// What journaling one REMOVE costs the fault loop (a crash during it loses nothing: the

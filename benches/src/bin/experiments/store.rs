@@ -10,7 +10,7 @@
 //!    loop, 4 KiB and 64 KiB faults; prefetch bandwidth from the store against the ceiling.
 //! d. Restore (union, first DONE) from the store against the memory file.
 
-use crate::harness::{self, path, record, restore, uffd_args, MEASURED};
+use crate::harness::{self, path, proc_memory, record, restore, uffd_args, MEASURED};
 use crate::report::{bar_plot, line_plot, progress, Labels, Series};
 use anyhow::{Context, Result};
 use benches::{bandwidth, fault_path, median, percentile};
@@ -193,16 +193,6 @@ fn import(store: &Path, name: &str, memfile: &Path) -> Result<u64> {
     written.context("import did not say what it wrote")
 }
 
-/// Resident memory of process `pid` (VmRSS), bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
-    kib.unwrap_or(0) * 1024
-}
-
 /// The density tables of one data set; pushes the RAM each server held onto `held` (MiB).
 fn density(work: &Path, set: &str, files: &[PathBuf], held: &mut Vec<(String, f64)>) -> Result<String> {
     let store = work.join(format!("density-store-{}", set.replace(['+', ' '], "-")));
@@ -212,11 +202,13 @@ fn density(work: &Path, set: &str, files: &[PathBuf], held: &mut Vec<(String, f6
     let names: Vec<(String, &Path)> = files.iter().enumerate().map(|(i, f)| (format!("fn{i}"), f.as_path())).collect();
     let named: Vec<(&str, &Path)> = names.iter().map(|(n, f)| (n.as_str(), *f)).collect();
     let baseline = SnapshotFile::random(work, "tiny.mem", 1 << 20, 0.0, 7);
-    let measure = |server: &ServerProcess| (server.stats().snapshot_resident_bytes, rss(server.pid()));
-    let (_, base_rss) = measure(&ServerProcess::start(&[("tiny", &baseline.path)], &[]));
-    let (raw_held, raw_rss) = measure(&ServerProcess::start(&named, &[]));
-    let (store_held, store_rss) = measure(&ServerProcess::start_store(&store, &[]));
-    let (flat_held, flat_rss) = measure(&ServerProcess::start_store(&store, &["--store-ram-codec", "none"]));
+    let measure = |server: &ServerProcess| -> Result<(u64, u64)> {
+        Ok((server.stats().snapshot_resident_bytes, proc_memory(server.pid(), "VmRSS")?))
+    };
+    let (_, base_rss) = measure(&ServerProcess::start(&[("tiny", &baseline.path)], &[]))?;
+    let (raw_held, raw_rss) = measure(&ServerProcess::start(&named, &[]))?;
+    let (store_held, store_rss) = measure(&ServerProcess::start_store(&store, &[]))?;
+    let (flat_held, flat_rss) = measure(&ServerProcess::start_store(&store, &["--store-ram-codec", "none"]))?;
     let apparent: u64 = files.iter().map(|f| std::fs::metadata(f).map_or(0, |m| m.len())).sum();
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     let mut md =
