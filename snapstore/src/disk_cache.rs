@@ -45,7 +45,8 @@ enum Behind {
 /// When the writer behind writes the chunks it is given.
 #[derive(Clone, Copy, Debug)]
 struct HoldBack {
-    /// No chunk has come in for this long: the burst that brought them (a restore) is over.
+    /// Nothing (no chunk, no hit) has come in for this long: the burst that brought them (a
+    /// restore) is over.
     quiet: Duration,
     /// Chunk bytes held back at most; past it the oldest are written at once, so that a host
     /// that is never quiet does not hold them all in RAM.
@@ -215,7 +216,7 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, receiver: &Receiver<Behind>) {
-        // Writing: quiet was reached; one chunk at a time, back to holding if another comes.
+        // Writing: quiet was reached; one chunk at a time, back to holding if anything comes.
         let mut writing = false;
         loop {
             let next = if self.held.is_empty() {
@@ -237,7 +238,10 @@ impl Writer {
                         self.write_oldest();
                     }
                 }
-                Ok(Behind::Touch(id)) => touch(&self.store.chunk_path(&id)),
+                Ok(Behind::Touch(id)) => {
+                    writing = false;
+                    touch(&self.store.chunk_path(&id));
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     writing = true;
                     self.write_oldest();
