@@ -164,8 +164,8 @@ impl DiskCache {
         put(&self.store, self.budget, &self.index, id, bytes)
     }
 
-    /// As [`DiskCache::put`], later, on a writer thread of the lowest CPU priority, once no
-    /// chunk has come in for a while (or too many wait): a host restoring VMs spends its cores
+    /// As [`DiskCache::put`], later, on a writer thread of the lowest CPU priority, once
+    /// nothing has come in for a while (or too many wait): a host restoring VMs spends its cores
     /// on them, and the disk copy is only for next time. What is held back when the process
     /// ends is lost, as any cache's: those chunks are fetched again.
     pub fn put_behind(&self, id: &ChunkId, bytes: Bytes) {
