@@ -23,7 +23,7 @@ use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -219,15 +219,10 @@ impl Writer {
         // Writing: quiet was reached; one chunk at a time, back to holding if anything comes.
         let mut writing = false;
         loop {
-            let next = if self.held.is_empty() {
-                receiver.recv().map_err(|_| RecvTimeoutError::Disconnected)
-            } else if writing {
-                receiver.try_recv().map_err(|e| match e {
-                    TryRecvError::Empty => RecvTimeoutError::Timeout,
-                    TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
-                })
-            } else {
-                receiver.recv_timeout(self.hold_back.quiet)
+            let next = match (self.held.is_empty(), writing) {
+                (true, _) => receiver.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                (false, true) => receiver.recv_timeout(Duration::ZERO),
+                (false, false) => receiver.recv_timeout(self.hold_back.quiet),
             };
             match next {
                 Ok(Behind::Keep(id, bytes)) => {
