@@ -305,6 +305,34 @@ fn an_outage_mid_restore_is_ridden_out_within_the_deadline_and_poisons_after_it(
     second.wait_for_log("page poisoned", 1);
 }
 
+/// Chunks a restore fetched are held back from the disk cache until the host is quiet (here:
+/// never), and a server stopped by SIGTERM writes them before it exits: the next start reads
+/// every one from disk and fetches none.
+#[test]
+fn chunks_held_back_from_the_disk_cache_are_written_when_the_server_stops() {
+    let Fixture { bucket, url, dir, store, snap } = fixture("stop-writes", "s", 8 * MIB, 93);
+    push(&store, "s", &url, &[]);
+    let cache = dir.path().join("cache");
+    let cached = || Store::open(&cache).expect("disk cache").chunk_files().expect("list").0.len();
+    let mut server = remote_server(&bucket, "s", &cache, &["--disk-cache-quiet-ms", "3600000"], &[]);
+    assert_every_byte(&server, "s", &snap.bytes);
+    let fetched = server.stats().remote.expect("remote counters");
+    assert!(fetched.chunk_gets > 0, "{fetched:?}");
+    assert_eq!(cached(), 0, "nothing is written while the host is not quiet");
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    let manifest = Store::open(&store).expect("store").read_manifest("s").expect("manifest");
+    let distinct = manifest.chunks.iter().flatten().collect::<std::collections::BTreeSet<_>>().len();
+    assert_eq!(cached(), distinct, "every chunk written as the server stopped:\n{}", server.log());
+    assert!(server.log().contains("disk cache: chunks held back written"), "{}", server.log());
+
+    let again = remote_server(&bucket, "s", &cache, &[], &[]);
+    assert_every_byte(&again, "s", &snap.bytes);
+    let remote = again.stats().remote.expect("remote counters");
+    assert_eq!(remote.chunk_gets, 0, "every chunk from the disk cache: {remote:?}");
+    assert!(remote.disk_hits > 0, "{remote:?}");
+}
+
 #[test]
 fn a_damaged_pack_chunk_is_refused_and_fetched_on_its_own() {
     let Fixture { bucket, url, dir, store, snap } = fixture("damaged-pack", "p", 8 * MIB, 77);

@@ -36,10 +36,22 @@ struct Index {
 
 /// Work done behind the callers' back, at low priority.
 enum Behind {
-    /// A chunk (checked) to keep.
-    Keep(ChunkId, Bytes),
+    /// A chunk was added to those held back.
+    Held,
     /// A chunk read: its file's time is set, so that the order survives a restart.
     Touch(ChunkId),
+    /// Write every chunk held back now, then answer (the server is stopping).
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+/// Chunks given to the writer and not written yet. They are read from here meanwhile, so a
+/// chunk held back is never fetched again.
+#[derive(Default)]
+struct Held {
+    /// Oldest first: the order they are written in.
+    order: VecDeque<ChunkId>,
+    chunks: HashMap<ChunkId, Bytes>,
+    bytes: usize,
 }
 
 /// When the writer behind writes the chunks it is given.
@@ -65,6 +77,7 @@ pub struct DiskCache {
     index: Arc<Mutex<Index>>,
     /// Work done behind, at low priority ([`DiskCache::put_behind`], hits' file times).
     behind: OnceLock<std::sync::mpsc::Sender<Behind>>,
+    held: Arc<Mutex<Held>>,
     hold_back: HoldBack,
 }
 
@@ -95,10 +108,18 @@ impl DiskCache {
             budget,
             index: Arc::new(Mutex::new(index)),
             behind: OnceLock::new(),
+            held: Arc::default(),
             hold_back: HOLD_BACK,
         };
         evict(&cache.store, budget, &mut cache.lock());
         Ok(cache)
+    }
+
+    /// Writes chunks given to [`DiskCache::put_behind`] once nothing has come in for `quiet`
+    /// (100 ms if not set).
+    pub fn write_after_quiet(mut self, quiet: Duration) -> DiskCache {
+        self.hold_back.quiet = quiet;
+        self
     }
 
     /// The directory (also where cached manifests and working sets are kept).
@@ -125,14 +146,24 @@ impl DiskCache {
         self.len() == 0
     }
 
-    /// Whether chunk `id` is cached (its file is checked when it is read).
+    /// Whether chunk `id` is cached: its file (checked when it is read), or held back for the
+    /// writer.
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.lock().files.contains_key(id)
+        self.lock().files.contains_key(id) || lock(&self.held).chunks.contains_key(id)
     }
 
-    /// The bytes of chunk `id` if it is cached and its file matches its name (a bad one is
-    /// removed).
-    pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
+    /// Chunks held back for the writer, and their bytes.
+    pub fn held_back(&self) -> (usize, usize) {
+        let held = lock(&self.held);
+        (held.order.len(), held.bytes)
+    }
+
+    /// The bytes of chunk `id` if it is held back for the writer, or cached in a file that
+    /// matches its name (a bad one is removed).
+    pub fn get(&self, id: &ChunkId) -> Option<Bytes> {
+        if let Some(bytes) = lock(&self.held).chunks.get(id) {
+            return Some(bytes.clone());
+        }
         {
             let mut index = self.lock();
             index.clock += 1;
@@ -146,8 +177,8 @@ impl DiskCache {
             Ok(bytes) => {
                 // Setting a file's time can wait for the file system's journal: not on a
                 // fault's time.
-                self.send_behind(Behind::Touch(*id));
-                Some(bytes)
+                let _ = self.send_behind(Behind::Touch(*id));
+                Some(crate::chunk::shared(bytes))
             }
             Err(e) => {
                 tracing::warn!(chunk = %id, "disk cache: chunk damaged or gone ({e}); removing it");
@@ -166,13 +197,45 @@ impl DiskCache {
 
     /// As [`DiskCache::put`], later, on a writer thread of the lowest CPU priority, once
     /// nothing has come in for a while (or too many wait): a host restoring VMs spends its cores
-    /// on them, and the disk copy is only for next time. What is held back when the process
-    /// ends is lost, as any cache's: those chunks are fetched again.
+    /// on them, and the disk copy is only for next time. Meanwhile the chunk is read from RAM;
+    /// [`DiskCache::flush`] writes what is held back (a server stopping), and so does dropping
+    /// the cache.
     pub fn put_behind(&self, id: &ChunkId, bytes: Bytes) {
-        self.send_behind(Behind::Keep(*id, bytes));
+        if self.lock().files.contains_key(id) {
+            return;
+        }
+        {
+            let mut held = lock(&self.held);
+            if held.chunks.contains_key(id) {
+                return;
+            }
+            held.bytes += bytes.len();
+            held.order.push_back(*id);
+            held.chunks.insert(*id, bytes);
+        }
+        if !self.send_behind(Behind::Held) {
+            // No writer: nothing would ever write or drop it.
+            let mut held = lock(&self.held);
+            if let Some(bytes) = held.chunks.remove(id) {
+                held.bytes -= bytes.len();
+                held.order.retain(|queued| queued != id);
+            }
+        }
     }
 
-    fn send_behind(&self, work: Behind) {
+    /// Writes every chunk held back, waiting at most `within` for it; whether all were
+    /// written. Chunks given meanwhile are written too.
+    pub fn flush(&self, within: Duration) -> bool {
+        let Some(sender) = self.behind.get() else { return true };
+        let (done, finished) = std::sync::mpsc::sync_channel(1);
+        if sender.send(Behind::Flush(done)).is_err() {
+            return false; // the writer could not start
+        }
+        finished.recv_timeout(within).is_ok()
+    }
+
+    /// Gives `work` to the writer (started on first use); false if there is none.
+    fn send_behind(&self, work: Behind) -> bool {
         let sender = self.behind.get_or_init(|| {
             let (sender, receiver) = std::sync::mpsc::channel::<Behind>();
             let writer = Writer {
@@ -180,8 +243,7 @@ impl DiskCache {
                 budget: self.budget,
                 index: Arc::clone(&self.index),
                 hold_back: self.hold_back,
-                held: VecDeque::new(),
-                held_bytes: 0,
+                held: Arc::clone(&self.held),
             };
             let work = move || {
                 lower_priority();
@@ -192,7 +254,7 @@ impl DiskCache {
             }
             sender
         });
-        let _ = sender.send(work);
+        sender.send(work).is_ok()
     }
 
     fn forget(&self, id: &ChunkId) {
@@ -209,27 +271,24 @@ struct Writer {
     budget: u64,
     index: Arc<Mutex<Index>>,
     hold_back: HoldBack,
-    /// Chunks not written yet, oldest first.
-    held: VecDeque<(ChunkId, Bytes)>,
-    held_bytes: usize,
+    held: Arc<Mutex<Held>>,
 }
 
 impl Writer {
-    fn run(mut self, receiver: &Receiver<Behind>) {
+    fn run(self, receiver: &Receiver<Behind>) {
         // Writing: quiet was reached; one chunk at a time, back to holding if anything comes.
         let mut writing = false;
         loop {
-            let next = match (self.held.is_empty(), writing) {
+            let nothing_held = lock(&self.held).order.is_empty();
+            let next = match (nothing_held, writing) {
                 (true, _) => receiver.recv().map_err(|_| RecvTimeoutError::Disconnected),
                 (false, true) => receiver.recv_timeout(Duration::ZERO),
                 (false, false) => receiver.recv_timeout(self.hold_back.quiet),
             };
             match next {
-                Ok(Behind::Keep(id, bytes)) => {
+                Ok(Behind::Held) => {
                     writing = false;
-                    self.held_bytes += bytes.len();
-                    self.held.push_back((id, bytes));
-                    while self.held_bytes > self.hold_back.max_bytes {
+                    while lock(&self.held).bytes > self.hold_back.max_bytes {
                         self.write_oldest();
                     }
                 }
@@ -237,32 +296,45 @@ impl Writer {
                     writing = false;
                     touch(&self.store.chunk_path(&id));
                 }
+                Ok(Behind::Flush(done)) => {
+                    while self.write_oldest() {}
+                    let _ = done.send(());
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     writing = true;
                     self.write_oldest();
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    while !self.held.is_empty() {
-                        self.write_oldest();
-                    }
+                    while self.write_oldest() {}
                     return;
                 }
             }
         }
     }
 
-    fn write_oldest(&mut self) {
-        let Some((id, bytes)) = self.held.pop_front() else { return };
-        self.held_bytes -= bytes.len();
+    /// Writes the oldest chunk held back, if any (whether there was one). It stays readable
+    /// from RAM until its file is in the index.
+    fn write_oldest(&self) -> bool {
+        let oldest = {
+            let held = lock(&self.held);
+            held.order.front().and_then(|id| Some((*id, held.chunks.get(id)?.clone())))
+        };
+        let Some((id, bytes)) = oldest else { return false };
         if let Err(e) = put(&self.store, self.budget, &self.index, &id, &bytes) {
             tracing::warn!(chunk = %id, "disk cache: could not keep the chunk: {e}");
         }
+        let mut held = lock(&self.held);
+        held.order.pop_front();
+        if let Some(bytes) = held.chunks.remove(&id) {
+            held.bytes -= bytes.len();
+        }
+        true
     }
 }
 
-fn lock(index: &Mutex<Index>) -> MutexGuard<'_, Index> {
-    // Updated in whole steps: a poisoned index is consistent.
-    index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Updated in whole steps: a poisoned index or queue is consistent.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn put(store: &Store, budget: u64, index: &Mutex<Index>, id: &ChunkId, bytes: &[u8]) -> Result<(), StoreError> {
@@ -393,6 +465,11 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(!files[3..].iter().any(on_disk), "the two newest are held back");
+        assert_eq!(cache.held_back(), (2, 2 * 65536));
+        for (id, bytes) in &chunks[3..] {
+            assert!(cache.contains(id), "a chunk held back counts as cached");
+            assert_eq!(cache.get(id).as_deref(), Some(bytes.as_slice()), "and is read from RAM meanwhile");
+        }
         drop(cache);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !files.iter().all(on_disk) {
@@ -403,5 +480,28 @@ mod tests {
         for (id, bytes) in &chunks {
             assert_eq!(reopened.get(id).as_deref(), Some(bytes.as_slice()), "chunk {id}");
         }
+    }
+
+    #[test]
+    fn a_flush_writes_what_is_held_back_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cache = DiskCache::open(dir.path(), u64::MAX).expect("open").write_after_quiet(Duration::from_secs(3600));
+        assert!(cache.flush(Duration::from_secs(10)), "nothing given: nothing to wait for");
+        let chunks: Vec<_> = (1..=3).map(chunk).collect();
+        for (id, bytes) in &chunks {
+            cache.put_behind(id, Bytes::from(bytes.clone()));
+        }
+        cache.put_behind(&chunks[0].0, Bytes::from(chunks[0].1.clone()));
+        assert_eq!(cache.held_back(), (3, 3 * 65536), "a chunk given twice is held once");
+        assert_eq!(cache.len(), 0, "never quiet: nothing written yet");
+        assert!(cache.flush(Duration::from_secs(10)), "the flush ends");
+        assert_eq!((cache.held_back(), cache.len()), ((0, 0), 3));
+        for (id, _) in &chunks {
+            assert!(cache.store().chunk_path(id).exists(), "chunk {id} is on disk after the flush");
+        }
+        let (id, bytes) = chunk(4);
+        cache.put_behind(&id, Bytes::from(bytes));
+        assert_eq!(cache.held_back().0, 1, "held back again after a flush");
+        assert!(cache.flush(Duration::from_secs(10)) && cache.contains(&id));
     }
 }

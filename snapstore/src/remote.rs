@@ -118,7 +118,7 @@ impl RemoteStore {
     pub fn chunk(&self, id: &ChunkId, lane: Lane) -> Result<Bytes, RemoteError> {
         if let Some(bytes) = self.cache.get(id) {
             self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(crate::chunk::shared(bytes));
+            return Ok(bytes);
         }
         let key = chunk_relative(id);
         let bytes = retry(&self.retry, RemoteError::worth_retrying, || {

@@ -82,6 +82,8 @@ pub struct RemoteStoreConfig {
     pub disk_cache: PathBuf,
     /// Bytes of chunk files the disk cache may hold.
     pub disk_cache_bytes: u64,
+    /// How long no chunk is fetched or read before the chunks held back are written.
+    pub disk_cache_quiet: std::time::Duration,
     /// How long one chunk is tried before its VM gets an error.
     pub retry: snapstore::bucket::RetryPolicy,
     /// Chunks fetched at once ahead of need (demand fetches have their own connections).
@@ -98,7 +100,8 @@ impl RemoteStoreConfig {
             .and_then(|s3| snapstore::bucket::Bucket::new(&s3, self.address.clone()))
             .map_err(|e| ServerError::Remote(e.to_string()))?;
         let cache = snapstore::disk_cache::DiskCache::open(&self.disk_cache, self.disk_cache_bytes)
-            .map_err(|e| ServerError::ChunkStore(Box::new(e)))?;
+            .map_err(|e| ServerError::ChunkStore(Box::new(e)))?
+            .write_after_quiet(self.disk_cache_quiet);
         Ok(snapstore::remote::RemoteStore::new(bucket, cache, self.retry))
     }
 }

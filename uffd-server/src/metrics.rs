@@ -235,6 +235,11 @@ fn encode_remote(encoder: &mut DescriptorEncoder, store: &SnapshotStore, remote:
     let gauges = [
         ("uffd_disk_cache_bytes", "bytes of chunk files in the disk cache", cache.bytes()),
         ("uffd_disk_cache_chunks", "chunks in the disk cache", cache.len() as u64),
+        (
+            "uffd_disk_cache_held_back_bytes",
+            "bytes of fetched chunks held in RAM until the disk cache writes them",
+            cache.held_back().1 as u64,
+        ),
     ];
     for (name, help, value) in gauges {
         encoder.encode_descriptor(name, help, None, MetricType::Gauge)?.encode_gauge(&value)?;

@@ -81,6 +81,11 @@ pub struct RemoteServeArgs {
     /// Chunks fetched at once ahead of the VMs (demand faults have their own connections).
     #[arg(long, default_value_t = 8)]
     fetch_threads: usize,
+    /// Chunks fetched are written to the disk cache once no chunk was fetched or read for this
+    /// long (a restore's burst is over); until then they are held in RAM (at most 64 MiB) and
+    /// read from there, and a server stopping writes them.
+    #[arg(long, default_value_t = 100)]
+    disk_cache_quiet_ms: u64,
     /// How long one chunk is tried (with backoff) before the VM needing it gets an error.
     #[arg(long, default_value_t = 30_000)]
     remote_deadline_ms: u64,
@@ -169,6 +174,7 @@ pub fn remote_store(
         address,
         disk_cache,
         disk_cache_bytes: args.cache.disk_cache_bytes,
+        disk_cache_quiet: Duration::from_millis(args.disk_cache_quiet_ms),
         retry: retry_policy(args.remote_deadline_ms),
         fetch_threads: args.fetch_threads.clamp(1, 256),
         share_learning: !args.no_share_learning,

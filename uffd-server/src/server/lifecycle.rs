@@ -22,6 +22,10 @@ use std::time::{Duration, Instant};
 /// away; a connection still in its handshake may take up to the handshake timeout).
 const STOP_WAIT: Duration = Duration::from_secs(15);
 
+/// How long a server stopping waits for its disk cache to write the chunks it holds back (at
+/// most 64 MiB: a few hundred ms here; systemd waits 90 s by default).
+pub(super) const FLUSH_WAIT: Duration = Duration::from_secs(10);
+
 /// Every socket a server listens on, and the socket directory's lock.
 pub(super) struct Sockets {
     pub lock: OwnedFd,

@@ -195,6 +195,8 @@ impl Server {
             let _ = std::fs::remove_file(path);
         }
         let _ = std::fs::remove_file(self.config.socket_dir.join(CONTROL_SOCKET));
+        // Under the lock: a server started next indexes the disk cache once this one is done.
+        self.store.flush_disk_cache(lifecycle::FLUSH_WAIT);
         drop(lock);
         Ok(())
     }

@@ -219,6 +219,29 @@ impl SnapshotStore {
         self.pool.as_ref()
     }
 
+    /// Writes the chunks the disk cache of an object store holds back (the server is stopping:
+    /// they would be fetched again), waiting at most `within`.
+    pub fn flush_disk_cache(&self, within: Duration) {
+        let Some(super::chunk_pool::ChunkOrigin::Remote(remote)) = self.pool.as_ref().map(|pool| pool.origin()) else {
+            return;
+        };
+        let (chunks, bytes) = remote.cache().held_back();
+        if chunks == 0 {
+            return;
+        }
+        let started = Instant::now();
+        if remote.cache().flush(within) {
+            let ms = started.elapsed().as_millis();
+            tracing::info!(chunks, bytes, ms, "disk cache: chunks held back written");
+        } else {
+            let (left, _) = remote.cache().held_back();
+            tracing::warn!(
+                left,
+                "disk cache: chunks held back not all written in {within:?}; they will be fetched again"
+            );
+        }
+    }
+
     /// The object store snapshot `name` is served from, if it is.
     pub fn remote_of(&self, name: &str) -> Option<&snapstore::remote::RemoteStore> {
         let slot = self.slots.get(name).filter(|slot| slot.stored)?;
