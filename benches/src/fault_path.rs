@@ -13,6 +13,7 @@
 //! other ~45 µs here: a cross-CPU wake-up), so both are pinned, and each placement is measured
 //! on its own: the handler on CPU 0 and the faulting thread on CPU 0 (same) or CPU 1 (cross).
 
+use crate::{median, percentile};
 use anyhow::{bail, Context, Result};
 use e2e::fake_vmm::{FakeVmm, GuestMemory, PAGE};
 use e2e::server_process::ServerProcess;
@@ -42,7 +43,8 @@ impl Placement {
     }
 }
 
-/// Per-touch times in µs of every round, for each handler.
+/// Per-touch times in µs of every round, for each handler (round after round, each the same
+/// number of touches).
 #[derive(Default)]
 pub struct FaultTimes {
     /// The raw loop as a thread of the faulting process.
@@ -50,6 +52,23 @@ pub struct FaultTimes {
     /// The raw loop as a process of its own.
     pub raw_process_us: Vec<f64>,
     pub server_us: Vec<f64>,
+    /// Touches per round and handler.
+    pub touches_per_round: usize,
+}
+
+impl FaultTimes {
+    /// Handler times `a`'s `q` quantile over `b`'s, round by round, and the median over the
+    /// rounds. Handlers take turns within a round (~0.1 s), and this machine goes through
+    /// spells that slow every handler alike: across CPUs, whole rounds run at ~13 or ~18 µs a
+    /// fault. Pooling the rounds lets the number of slow rounds each handler drew decide a
+    /// pooled quantile (1.00–1.29× across runs of the same build); the median of round ratios
+    /// does not.
+    pub fn ratio(&self, a: &[f64], b: &[f64], q: f64) -> f64 {
+        let rounds = self.touches_per_round.max(1);
+        let ratios: Vec<f64> =
+            a.chunks(rounds).zip(b.chunks(rounds)).map(|(a, b)| percentile(a, q) / percentile(b, q)).collect();
+        median(&ratios)
+    }
 }
 
 /// `rounds` alternating rounds of `pages` faults for each handler, placed as `placement` says.
@@ -57,7 +76,7 @@ pub fn measure(pages: usize, rounds: usize, placement: Placement) -> Result<Faul
     let dir = tempfile::tempdir()?;
     let snapshot = SnapshotFile::random(dir.path(), "fault-path.mem", pages * PAGE, 0.0, 42);
     let server = ServerProcess::start(&[("bench", &snapshot.path)], &["--fault-around", "1"]);
-    let mut times = FaultTimes::default();
+    let mut times = FaultTimes { touches_per_round: pages, ..FaultTimes::default() };
     for _ in 0..rounds {
         times.raw_us.extend(raw_round(&snapshot.bytes, placement)?);
         times.raw_process_us.extend(raw_process_round(&snapshot.path, snapshot.bytes.len(), placement)?);

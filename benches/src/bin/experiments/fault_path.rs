@@ -12,7 +12,7 @@ use std::path::Path;
 const PAGES: usize = 4096;
 
 pub fn run(full: bool, work: &Path, out: &Path) -> Result<String> {
-    let (fault_rounds, bandwidth_rounds, mib) = if full { (7, 5, 256) } else { (3, 3, 128) };
+    let (fault_rounds, bandwidth_rounds, mib) = if full { (15, 5, 256) } else { (9, 3, 128) };
     let bar = progress(3 + bandwidth_rounds, "4: fault path, bandwidth");
     let same = fault_path::measure(PAGES, fault_rounds, fault_path::Placement::SameCpu)?;
     bar.inc(1);
@@ -65,7 +65,7 @@ pub fn run(full: bool, work: &Path, out: &Path) -> Result<String> {
     let mut md = String::from("## 4. Fault path\n\n");
     writeln!(
         md,
-        "One thread touches {PAGES} pages of a random snapshot once each and times every touch, {fault_rounds} alternating rounds ({} faults each), served by:\n\n- the raw loop (blocking `read` + one UFFDIO_COPY per fault) in a process of its own, taking the VM over the same handshake as the server: **the floor** of any memory server;\n- the same loop as a thread of the faulting process, which skips the switch between address spaces no memory server can skip;\n- `uffd-server --fault-around 1`.\n\nThe handler is pinned to CPU 0 and the faulting thread to CPU 0 (one CPU) or CPU 1 (two CPUs): where they run decides the figure, so each placement is its own ratio.\n",
+        "One thread touches {PAGES} pages of a random snapshot once each and times every touch, {fault_rounds} alternating rounds ({} faults each), served by:\n\n- the raw loop (blocking `read` + one UFFDIO_COPY per fault) in a process of its own, taking the VM over the same handshake as the server: **the floor** of any memory server;\n- the same loop as a thread of the faulting process, which skips the switch between address spaces no memory server can skip;\n- `uffd-server --fault-around 1`.\n\nThe handler is pinned to CPU 0 and the faulting thread to CPU 0 (one CPU) or CPU 1 (two CPUs): where they run decides the figure, so each placement is its own ratio. Times are pooled over the rounds; each ratio is the median of the rounds' own ratios, since whole rounds fall into faster or slower spells of the machine (across CPUs ~13 or ~18 µs a fault) that slow every handler of the round alike.\n",
         same.raw_us.len()
     )?;
     md += "| placement | handler | p50 µs | p90 µs | p99 µs |\n|---|---|---|---|---|\n";
@@ -80,7 +80,7 @@ pub fn run(full: bool, work: &Path, out: &Path) -> Result<String> {
             ("**server / floor**", srv, floor),
             ("floor / raw loop in the faulting process (the address-space switch)", floor, thread),
         ] {
-            let [p50, p90, p99] = [0.5, 0.9, 0.99].map(|p| q(a, p) / q(b, p));
+            let [p50, p90, p99] = [0.5, 0.9, 0.99].map(|p| times.ratio(a, b, p));
             writeln!(md, "| {placement} | {name} | {p50:.3}× | {p90:.3}× | {p99:.3}× |")?;
         }
     }
