@@ -7,9 +7,8 @@
 
 use crate::addr::HostAddr;
 use nix::errno::Errno;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd};
-use userfaultfd::Uffd;
-use userfaultfd_sys::{uffdio_copy, uffdio_range, uffdio_zeropage, UFFDIO_COPY, UFFDIO_ZEROPAGE};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use userfaultfd_sys::{uffdio_copy, uffdio_range, uffdio_zeropage, UFFDIO_COPY, UFFDIO_WAKE, UFFDIO_ZEROPAGE};
 
 /// `struct uffdio_poison` (linux/userfaultfd.h, 6.6+; not in userfaultfd-sys 0.6).
 #[repr(C)]
@@ -110,9 +109,13 @@ pub enum ReadError {
     Read(String),
 }
 
-/// A VM's userfaultfd. Always non-blocking: the fault loop polls it together with the VMM socket.
+/// A VM's userfaultfd. Non-blocking but while the fault loop waits in a blocking `read`
+/// ([`Userfaultfd::set_blocking`]).
+///
+/// Held as a plain fd, every ioctl issued here: of the `userfaultfd` crate's `Uffd` the server
+/// used only `wake`, and its `into_raw_fd` still closes the fd when the `Uffd` drops.
 pub struct Userfaultfd {
-    uffd: Uffd,
+    fd: OwnedFd,
 }
 
 impl Userfaultfd {
@@ -122,9 +125,7 @@ impl Userfaultfd {
         let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
         let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
         nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
-        // SAFETY: `into_raw_fd` hands over sole ownership of an open fd, which `Uffd` closes on drop.
-        let uffd = unsafe { <Uffd as std::os::fd::FromRawFd>::from_raw_fd(fd.into_raw_fd()) };
-        Ok(Userfaultfd { uffd })
+        Ok(Userfaultfd { fd })
     }
 
     /// Reads every pending event (never blocks) into `buf` (whole events: a multiple of
@@ -142,7 +143,7 @@ impl Userfaultfd {
         out: &mut Vec<UffdEvent>,
         read: impl FnOnce(BorrowedFd<'_>, &mut [u8]) -> nix::Result<usize>,
     ) -> Result<(), ReadError> {
-        let len = match read(self.uffd.as_fd(), buf) {
+        let len = match read(self.fd.as_fd(), buf) {
             Err(Errno::EAGAIN | Errno::EINTR) => 0,
             Err(e) => return Err(ReadError::Read(e.to_string())),
             Ok(0) => return Err(ReadError::Eof),
@@ -170,10 +171,10 @@ impl Userfaultfd {
     /// The flag belongs to the open file, which the VMM shares: the VMM never reads its copy,
     /// and a successor sets it again for itself ([`Userfaultfd::from_owned`]).
     pub fn set_blocking(&self, blocking: bool) -> Result<(), Errno> {
-        let flags = nix::fcntl::fcntl(self.uffd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+        let flags = nix::fcntl::fcntl(self.fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
         let mut flags = nix::fcntl::OFlag::from_bits_truncate(flags);
         flags.set(nix::fcntl::OFlag::O_NONBLOCK, !blocking);
-        nix::fcntl::fcntl(self.uffd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags)).map(drop)
+        nix::fcntl::fcntl(self.fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags)).map(drop)
     }
 
     /// Places `src` at `dst` (page aligned, length a multiple of the region's page size) and
@@ -184,7 +185,7 @@ impl Userfaultfd {
         // SAFETY: `arg` is a valid uffdio_copy for the duration of the call; the kernel reads
         // `src.len()` bytes from a live slice and writes only `arg.copy`. Destination pages are
         // populated only if missing (see the module comment), so no observable memory changes.
-        let ret = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_COPY as _, &mut arg) };
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut arg) };
         if ret == 0 {
             Ok(u64::try_from(arg.copy).unwrap_or(0))
         } else {
@@ -197,7 +198,7 @@ impl Userfaultfd {
     pub fn zeropage(&self, dst: HostAddr, len: u64) -> Result<u64, IoctlError> {
         let mut arg = uffdio_zeropage { range: uffdio_range { start: dst.0, len }, mode: 0, zeropage: 0 };
         // SAFETY: as for `copy`: a valid argument struct, and only missing pages are populated.
-        let ret = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut arg) };
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut arg) };
         if ret == 0 {
             Ok(u64::try_from(arg.zeropage).unwrap_or(0))
         } else {
@@ -212,7 +213,7 @@ impl Userfaultfd {
         let mut arg = UffdioPoison { range: uffdio_range { start: dst.0, len }, mode: 0, updated: 0 };
         // SAFETY: a valid uffdio_poison for the duration of the call; like COPY, it only fills
         // missing pages of ranges registered on this uffd (with poison markers).
-        let ret = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_POISON as _, &mut arg) };
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_POISON as _, &mut arg) };
         if ret == 0 {
             Ok(u64::try_from(arg.updated).unwrap_or(0))
         } else {
@@ -221,27 +222,29 @@ impl Userfaultfd {
     }
 
     /// Wakes threads waiting for faults in `[dst, dst + len)`.
-    #[allow(clippy::cast_possible_truncation)] // host addresses are pointers of a 64-bit VMM
-    pub fn wake(&self, dst: HostAddr, len: u64) -> Result<(), userfaultfd::Error> {
-        let len = usize::try_from(len).unwrap_or(usize::MAX);
-        self.uffd.wake(dst.0 as usize as *mut std::ffi::c_void, len)
+    pub fn wake(&self, dst: HostAddr, len: u64) -> Result<(), IoctlError> {
+        let mut range = uffdio_range { start: dst.0, len };
+        // SAFETY: a valid uffdio_range for the duration of the call, which the kernel only
+        // reads; waking changes no memory.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE as _, &mut range) };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(IoctlError::from_errno(Errno::last(), 0))
+        }
     }
 }
 
 impl Userfaultfd {
     /// The fd itself, for a successor to take over.
     pub fn into_owned(self) -> OwnedFd {
-        // Not `IntoRawFd`: userfaultfd 0.9's `into_raw_fd` returns the fd and still closes it
-        // when the `Uffd` drops.
-        let uffd = std::mem::ManuallyDrop::new(self.uffd);
-        // SAFETY: the `Uffd` will never drop, so the fd it owned is now owned here alone.
-        unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(uffd.as_raw_fd()) }
+        self.fd
     }
 }
 
 impl AsFd for Userfaultfd {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.uffd.as_fd()
+        self.fd.as_fd()
     }
 }
 
@@ -262,7 +265,11 @@ mod tests {
         let memory = memmap2::MmapMut::map_anon(len).expect("anonymous memory");
         let base = memory.as_ptr() as usize;
         uffd.register(memory.as_ptr() as *mut _, len).expect("register");
-        let uffd = Userfaultfd { uffd };
+        // Not `into_raw_fd`: userfaultfd 0.9's still closes the fd when the `Uffd` drops.
+        let uffd = std::mem::ManuallyDrop::new(uffd);
+        // SAFETY: the `Uffd` never drops, so its fd is owned here alone.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(uffd.as_raw_fd()) };
+        let uffd = Userfaultfd::from_owned(fd).expect("non-blocking");
         // The madvise waits until its REMOVE is read, as a VMM's balloon does.
         let remover = std::thread::spawn(move || {
             // SAFETY: the range lies inside `memory`, which outlives this thread (joined
