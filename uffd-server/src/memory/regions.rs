@@ -113,17 +113,20 @@ impl RegionMap {
         Ok(RegionMap { regions })
     }
 
-    /// Checks each region's page size against the page size of the VMM's mapping at its start
-    /// (`KernelPageSize` in `/proc/PID/smaps`): a 2 MiB page size declared for 4 KiB memory
-    /// would have every fault filled in 2 MiB pieces over 4 KiB pages. A VMM whose smaps cannot
-    /// be read (another pid namespace) is not checked.
+    /// Checks each region's page size against the page size of the VMM's mapping at its start:
+    /// a 2 MiB page size declared for 4 KiB memory would have every fault filled in 2 MiB
+    /// pieces over 4 KiB pages. A VMM whose maps cannot be read (another pid namespace) is not
+    /// checked.
     pub fn check_page_sizes(&self, peer_pid: i32) -> Result<(), RegionError> {
-        let Ok(smaps) = std::fs::read_to_string(format!("/proc/{peer_pid}/smaps")) else {
-            tracing::warn!(peer_pid, "cannot read the VMM's smaps: region page sizes not checked");
-            return Ok(());
+        let mapped = match mapping_page_sizes(peer_pid, &self.regions) {
+            Ok(mapped) => mapped,
+            Err(e) => {
+                tracing::warn!(peer_pid, "cannot read the VMM's mappings ({e}): region page sizes not checked");
+                return Ok(());
+            }
         };
-        for region in &self.regions {
-            let mapped = kernel_page_size(&smaps, region.host).ok_or(RegionError::NotMapped { host: region.host })?;
+        for (region, mapped) in self.regions.iter().zip(mapped) {
+            let mapped = mapped.ok_or(RegionError::NotMapped { host: region.host })?;
             let declared = region.page_size.bytes();
             if mapped != declared {
                 return Err(RegionError::PageSizeMismatch { host: region.host, declared, mapped });
@@ -145,6 +148,70 @@ impl RegionMap {
     /// Guest memory bytes over all regions.
     pub fn total_bytes(&self) -> u64 {
         self.regions.iter().map(|r| r.size).sum()
+    }
+}
+
+/// The page size of process `pid`'s mapping holding each region's start (None: no mapping
+/// there). Asked with PROCMAP_QUERY (Linux 6.11+): ~3 µs a lookup here. Before it, read from
+/// `/proc/PID/smaps`, whose read walks the page tables of every mapping: 2.4 ms for a process
+/// with 128 MiB resident, 12 ms with 1 GiB, here — on the way from a VMM's handshake to its
+/// first page.
+fn mapping_page_sizes(pid: i32, regions: &[Region]) -> std::io::Result<Vec<Option<u64>>> {
+    let maps = std::fs::File::open(format!("/proc/{pid}/maps"))?;
+    match regions.iter().map(|region| query_page_size(&maps, region.host)).collect() {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL)) => {
+            let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+            Ok(regions.iter().map(|region| kernel_page_size(&smaps, region.host)).collect())
+        }
+        asked => asked,
+    }
+}
+
+/// `struct procmap_query` (linux/fs.h, 6.11+): what PROCMAP_QUERY is asked and answers.
+#[repr(C)]
+#[derive(Default)]
+struct ProcmapQuery {
+    size: u64,
+    query_flags: u64,
+    query_addr: u64,
+    vma_start: u64,
+    vma_end: u64,
+    vma_flags: u64,
+    vma_page_size: u64,
+    vma_offset: u64,
+    inode: u64,
+    dev_major: u32,
+    dev_minor: u32,
+    vma_name_size: u32,
+    build_id_size: u32,
+    vma_name_addr: u64,
+    build_id_addr: u64,
+}
+
+/// `PROCMAP_QUERY = _IOWR('f', 17, struct procmap_query)`, an ioctl on `/proc/PID/maps`.
+const PROCMAP_QUERY: u64 = 0xC068_6611;
+
+/// The page size of the mapping holding `addr` in the process whose `/proc/PID/maps` is
+/// `maps`; None if no mapping holds it.
+fn query_page_size(maps: &std::fs::File, addr: HostAddr) -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    // Flags 0: only the mapping covering the address. No name or build id asked for.
+    let mut query = ProcmapQuery {
+        size: std::mem::size_of::<ProcmapQuery>() as u64,
+        query_addr: addr.0,
+        ..ProcmapQuery::default()
+    };
+    // SAFETY: `query` is a valid procmap_query whose size field says so, alive for the call;
+    // with no name or build id buffers the kernel writes only into `query`.
+    let ret = unsafe { libc::ioctl(maps.as_raw_fd(), PROCMAP_QUERY as _, &raw mut query) };
+    if ret == 0 {
+        return Ok(Some(query.vma_page_size));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        Ok(None)
+    } else {
+        Err(e)
     }
 }
 
@@ -245,6 +312,38 @@ mod tests {
         assert_eq!(kernel_page_size(smaps, HostAddr(0x7f00_0010_0000)), Some(4096));
         assert_eq!(kernel_page_size(smaps, HostAddr(0x7f00_0040_0000)), Some(HUGE_PAGE));
         assert_eq!(kernel_page_size(smaps, HostAddr(0x7f00_0030_0000)), None, "between mappings");
+    }
+
+    #[test]
+    fn page_sizes_are_checked_against_the_process_mappings() {
+        let memory = memmap2::MmapMut::map_anon(8 << 20).expect("anonymous memory"); // 4 huge pages
+        let huge_aligned = (memory.as_ptr() as u64).next_multiple_of(HUGE_PAGE);
+        let pid = std::process::id().cast_signed();
+        let base = RegionMap::new(vec![region(huge_aligned, HUGE_PAGE, 0)], HUGE_PAGE).expect("regions");
+        assert_eq!(base.check_page_sizes(pid), Ok(()));
+        let mut declared_huge = region(huge_aligned, HUGE_PAGE, 0);
+        declared_huge.page_size = PageSize::Huge;
+        let huge = RegionMap::new(vec![declared_huge], HUGE_PAGE).expect("regions");
+        let mismatch =
+            RegionError::PageSizeMismatch { host: HostAddr(huge_aligned), declared: HUGE_PAGE, mapped: BASE_PAGE };
+        assert_eq!(huge.check_page_sizes(pid), Err(mismatch));
+        // Page 1 of the address space is never mapped.
+        let nowhere = RegionMap::new(vec![region(BASE_PAGE, BASE_PAGE, 0)], BASE_PAGE).expect("regions");
+        assert_eq!(nowhere.check_page_sizes(pid), Err(RegionError::NotMapped { host: HostAddr(BASE_PAGE) }));
+
+        // PROCMAP_QUERY and smaps agree (a kernel before 6.11 has only smaps: not in CI).
+        let maps = std::fs::File::open(format!("/proc/{pid}/maps")).expect("maps");
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+        for addr in [HostAddr(huge_aligned), HostAddr(BASE_PAGE), HostAddr(memory.as_ptr() as u64)] {
+            match query_page_size(&maps, addr) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOTTY) && std::env::var_os("CI").is_none() => {
+                    eprintln!("no PROCMAP_QUERY on this kernel: only smaps was checked");
+                    break;
+                }
+                asked => assert_eq!(asked.expect("PROCMAP_QUERY"), kernel_page_size(&smaps, addr), "{addr}"),
+            }
+        }
+        drop(memory);
     }
 
     #[test]
