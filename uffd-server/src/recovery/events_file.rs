@@ -20,7 +20,7 @@
 use crate::addr::HostAddr;
 use crate::memory::uffd_io::{UffdEvent, MSG_LEN};
 use memmap2::MmapMut;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -43,10 +43,7 @@ impl EventsFile {
     /// A zeroed file at `path` (written under a random name in `dir` and renamed there, so a
     /// reader never sees part of it), mapped and locked.
     pub(super) fn create(dir: &Path, path: &Path) -> io::Result<EventsFile> {
-        let mut tmp = tempfile::Builder::new().prefix(".vm-").suffix(".tmp").tempfile_in(dir)?;
-        tmp.write_all(&[0u8; FILE_LEN])?;
-        let file = tmp.persist(path).map_err(|e| e.error)?;
-        Self::map(&file)
+        Self::map(&super::create_whole(dir, path, &[0u8; FILE_LEN])?)
     }
 
     /// The file at `path` of a VM taken over, mapped and locked; it must be one this server

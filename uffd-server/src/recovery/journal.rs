@@ -125,11 +125,9 @@ impl JournalDir {
         let io_err = |e| JournalError::Io(path.clone(), e);
         let mut line = serde_json::to_vec(header).map_err(|e| io_err(io::Error::other(e)))?;
         line.push(b'\n');
-        let mut tmp = tempfile::Builder::new().prefix(".vm-").suffix(".tmp").tempfile_in(&self.dir).map_err(io_err)?;
-        tmp.write_all(&line).map_err(io_err)?;
         // Replaces the journal of an earlier VM with the same pid and uffd inode: that VM
         // ended (its VMM's uffd is gone), and a journal left behind would be stale.
-        let file = tmp.persist(&path).map_err(|e| io_err(e.error))?;
+        let file = super::create_whole(&self.dir, &path, &line).map_err(io_err)?;
         Ok(VmJournal { path, file: Some(file), events })
     }
 

@@ -15,7 +15,19 @@ pub mod journal;
 pub mod reacquire;
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A new file at `path` holding `bytes`, written under a random name in `dir` (its
+/// directory) and renamed over `path`: a successor reading the directory never sees part of
+/// one. Returns it open for writing. Not synced: a journal outlives the server's process, not
+/// the host.
+fn create_whole(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<std::fs::File> {
+    use std::io::Write as _;
+    let mut tmp = tempfile::Builder::new().prefix(".vm-").suffix(".tmp").tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path).map_err(|e| e.error)
+}
 
 /// Asks every VM's fault loop to stop at its next safe point: a flag for loops that are busy
 /// (checked each turn), and a pipe that wakes the ones waiting in `poll`.
