@@ -333,6 +333,22 @@ fn chunks_held_back_from_the_disk_cache_are_written_when_the_server_stops() {
     assert!(remote.disk_hits > 0, "{remote:?}");
 }
 
+/// `pull` pre-warming the disk cache of a host whose server already runs (it indexed the cache
+/// when it started): the server finds the pulled chunks when it needs them and fetches none.
+#[test]
+fn a_pull_into_a_running_servers_disk_cache_is_used_without_a_restart() {
+    let Fixture { bucket, url, dir, store, snap } = fixture("pull-live", "w", 8 * MIB, 94);
+    push(&store, "w", &url, &[]);
+    let cache = dir.path().join("cache");
+    let server = remote_server(&bucket, "w", &cache, &[], &[]);
+    let pulled = run("uffd-server", &["pull", "--from", &url, "--name", "w", "--all", "--disk-cache", utf8(&cache)]);
+    assert!(pulled.contains(" chunks cached"), "{pulled}");
+    assert_every_byte(&server, "w", &snap.bytes);
+    let remote = server.stats().remote.expect("remote counters");
+    assert_eq!(remote.chunk_gets, 0, "every chunk from the disk cache pulled meanwhile: {remote:?}");
+    assert!(remote.disk_hits > 0, "{remote:?}");
+}
+
 #[test]
 fn a_damaged_pack_chunk_is_refused_and_fetched_on_its_own() {
     let Fixture { bucket, url, dir, store, snap } = fixture("damaged-pack", "p", 8 * MIB, 77);

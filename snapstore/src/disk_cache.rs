@@ -149,7 +149,29 @@ impl DiskCache {
     /// Whether chunk `id` is cached: its file (checked when it is read), or held back for the
     /// writer.
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.lock().files.contains_key(id) || lock(&self.held).chunks.contains_key(id)
+        // One lock at a time (a guard in the condition would live to the end of it).
+        let indexed = self.lock().files.contains_key(id);
+        let held = indexed || lock(&self.held).chunks.contains_key(id);
+        held || self.adopt(id)
+    }
+
+    /// Indexes chunk `id`'s file if another process wrote it since this cache was opened
+    /// (`uffd-server pull` pre-warming a host whose server runs, a predecessor's last writes
+    /// after a handover); whether there is one. Its content is checked when it is read.
+    fn adopt(&self, id: &ChunkId) -> bool {
+        // A failed lookup costs ~2 µs; only chunks about to be fetched get here.
+        let Ok(meta) = std::fs::symlink_metadata(self.store.chunk_path(id)) else { return false };
+        if !meta.is_file() {
+            return false;
+        }
+        let mut index = self.lock();
+        index.clock += 1;
+        let now = index.clock;
+        if index.files.insert(*id, (meta.len(), now)).is_none() {
+            index.bytes += meta.len();
+        }
+        evict(&self.store, self.budget, &mut index);
+        index.files.contains_key(id)
     }
 
     /// Chunks held back for the writer, and their bytes.
@@ -164,11 +186,14 @@ impl DiskCache {
         if let Some(bytes) = lock(&self.held).chunks.get(id) {
             return Some(bytes.clone());
         }
-        {
+        let known = {
             let mut index = self.lock();
             index.clock += 1;
             let now = index.clock;
-            index.files.get_mut(id)?.1 = now;
+            index.files.get_mut(id).map(|(_, used)| *used = now).is_some()
+        };
+        if !known && !self.adopt(id) {
+            return None;
         }
         let path = self.store.chunk_path(id);
         let file = std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW).open(&path);
@@ -503,5 +528,21 @@ mod tests {
         cache.put_behind(&id, Bytes::from(bytes));
         assert_eq!(cache.held_back().0, 1, "held back again after a flush");
         assert!(cache.flush(Duration::from_secs(10)) && cache.contains(&id));
+    }
+
+    #[test]
+    fn a_chunk_file_another_process_wrote_is_found_and_indexed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let serving = DiskCache::open(dir.path(), u64::MAX).expect("open");
+        // `pull` into the same directory while a server runs.
+        let pulling = DiskCache::open(dir.path(), u64::MAX).expect("open");
+        let [(a, a_bytes), (b, b_bytes), (c, _)] = [chunk(1), chunk(2), chunk(3)];
+        pulling.put(&a, &a_bytes).expect("put");
+        pulling.put(&b, &b_bytes).expect("put");
+        assert!(serving.contains(&a), "found on disk");
+        assert_eq!(serving.get(&b).as_deref(), Some(b_bytes.as_slice()), "read without a contains first");
+        assert_eq!(serving.get(&a).as_deref(), Some(a_bytes.as_slice()));
+        assert_eq!(serving.len(), 2, "both indexed (counted in the budget) from now on");
+        assert!(!serving.contains(&c) && serving.get(&c).is_none(), "a chunk nobody wrote is not there");
     }
 }

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 /// away; a connection still in its handshake may take up to the handshake timeout).
 const STOP_WAIT: Duration = Duration::from_secs(15);
 
-/// How long a server stopping waits for its disk cache to write the chunks it holds back (at
-/// most 64 MiB: a few hundred ms here; systemd waits 90 s by default).
+/// How long a server stopping (or handing over) waits for its disk cache to write the chunks
+/// it holds back (at most 64 MiB: a few hundred ms here; systemd waits 90 s by default).
 pub(super) const FLUSH_WAIT: Duration = Duration::from_secs(10);
 
 /// Every socket a server listens on, and the socket directory's lock.
@@ -118,14 +118,16 @@ impl Lifecycle {
 }
 
 /// The predecessor's side of a handover (control command `handover`), on `stream`: stops
-/// everything, sends the sockets and VMs, and exits the process once the successor confirms.
-/// If the successor fails first, `resume` serves every VM again (their fds and journals are
-/// still ours) and this server goes on.
+/// everything, sends the sockets and VMs, and once the successor confirms, runs `before_exit`
+/// (the successor serves by then) and exits the process. If the successor fails first,
+/// `resume` serves every VM again (their fds and journals are still ours) and this server
+/// goes on.
 pub(super) fn hand_over(
     stream: &UnixStream,
     lifecycle: &Lifecycle,
     fds: &HandoverFds,
     resume: &dyn Fn(Vec<HandedVm<Carried>>),
+    before_exit: &dyn Fn(),
 ) {
     let started = Instant::now();
     if lifecycle.ending.swap(true, Ordering::SeqCst) {
@@ -139,6 +141,7 @@ pub(super) fn hand_over(
         Ok(()) => {
             let handed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             tracing::info!(vms = vms.len(), handed_us, "handed over; exiting");
+            before_exit();
             std::process::exit(0);
         }
         Err(e) => {

@@ -160,6 +160,7 @@ impl Server {
         }
         let handover = {
             let (lifecycle, services, config) = (Arc::clone(lifecycle), services.to_vec(), self.config.clone());
+            let store = Arc::clone(&self.store);
             move |stream: &std::os::unix::net::UnixStream| {
                 // A failed handover: every VM served again, every socket accepted again.
                 let resume = |vms| {
@@ -173,7 +174,9 @@ impl Server {
                         Err(e) => tracing::error!("cannot accept again after a failed handover: {e}"),
                     }
                 };
-                lifecycle::hand_over(stream, &lifecycle, &handover_fds, &resume);
+                // The successor finds the files written now when it needs them (DiskCache).
+                let flush = || store.flush_disk_cache(lifecycle::FLUSH_WAIT);
+                lifecycle::hand_over(stream, &lifecycle, &handover_fds, &resume, &flush);
             }
         };
         let (store, registry) = (Arc::clone(&self.store), Arc::clone(&self.registry));
