@@ -75,6 +75,20 @@ fn assert_every_byte(server: &ServerProcess, name: &str, bytes: &[u8]) {
     vm.assert_matches(bytes);
 }
 
+/// The distinct chunks holding data in snapshot `name` of the store at `store`.
+fn distinct_chunks(store: &Path, name: &str) -> usize {
+    let manifest = Store::open(store).expect("store").read_manifest(name).expect("manifest");
+    manifest.chunks.iter().flatten().collect::<std::collections::BTreeSet<_>>().len()
+}
+
+/// Asserts that `server` fetched no chunk from the bucket and read some from its disk cache
+/// (`why`: where they came from).
+fn assert_only_disk_cache_read(server: &ServerProcess, why: &str) {
+    let remote = server.stats().remote.expect("remote counters");
+    assert_eq!(remote.chunk_gets, 0, "{why}: no chunk fetched: {remote:?}");
+    assert!(remote.disk_hits > 0, "{why}: chunks read from the disk cache: {remote:?}");
+}
+
 /// Runs a fake VMM touching every page of `name` as a child process: how it ended.
 fn victim_vm(server: &ServerProcess, name: &str, len: usize, limit: Duration) -> std::process::ExitStatus {
     let mut victim = Command::new(workspace_binary("fake-vmm"))
@@ -142,8 +156,7 @@ fn a_second_host_restores_from_the_bucket_alone_with_none_and_union() {
     let pushed = push(&store, "py", &s3_url(&bucket), &["--working-set", utf8(&working_set)]);
     assert!(pushed.contains(" uploaded (0 already there)"), "{pushed}");
 
-    let manifest = Store::open(&store).expect("store").read_manifest("py").expect("manifest");
-    let distinct = manifest.chunks.iter().flatten().collect::<std::collections::BTreeSet<_>>().len();
+    let distinct = distinct_chunks(&store, "py");
     for policy in ["none", "union"] {
         let cache = dir.path().join(format!("cache-{policy}"));
         let server = remote_server(&bucket, "py", &cache, &["--prefetch", policy], &[]);
@@ -199,11 +212,9 @@ fn two_hosts_restore_at_once_one_warm_one_cold_while_a_third_pushes() {
         }
         scope.spawn(|| push(&store, "b", &url, &[]));
     });
-    let (warm_fetched, cold_fetched) = (warm.stats().remote.expect("warm"), cold.stats().remote.expect("cold"));
-    assert_eq!(warm_fetched.chunk_gets, 0, "the warm host reads its disk cache only: {warm_fetched:?}");
-    assert!(warm_fetched.disk_hits > 0, "{warm_fetched:?}");
-    let manifest = Store::open(&store).expect("store").read_manifest("a").expect("a");
-    let distinct = manifest.chunks.iter().flatten().collect::<std::collections::BTreeSet<_>>().len() as u64;
+    assert_only_disk_cache_read(&warm, "the warm host reads its disk cache only");
+    let cold_fetched = cold.stats().remote.expect("cold");
+    let distinct = distinct_chunks(&store, "a") as u64;
     assert!(
         cold_fetched.chunk_gets <= distinct,
         "two VMs faulting on the same chunk cause one GET: {} GETs for {distinct} chunks",
@@ -321,16 +332,12 @@ fn chunks_held_back_from_the_disk_cache_are_written_when_the_server_stops() {
     assert_eq!(cached(), 0, "nothing is written while the host is not quiet");
     let status = server.terminate();
     assert!(status.success(), "{status:?}\n{}", server.log());
-    let manifest = Store::open(&store).expect("store").read_manifest("s").expect("manifest");
-    let distinct = manifest.chunks.iter().flatten().collect::<std::collections::BTreeSet<_>>().len();
-    assert_eq!(cached(), distinct, "every chunk written as the server stopped:\n{}", server.log());
+    assert_eq!(cached(), distinct_chunks(&store, "s"), "every chunk written as the server stopped:\n{}", server.log());
     assert!(server.log().contains("disk cache: chunks held back written"), "{}", server.log());
 
     let again = remote_server(&bucket, "s", &cache, &[], &[]);
     assert_every_byte(&again, "s", &snap.bytes);
-    let remote = again.stats().remote.expect("remote counters");
-    assert_eq!(remote.chunk_gets, 0, "every chunk from the disk cache: {remote:?}");
-    assert!(remote.disk_hits > 0, "{remote:?}");
+    assert_only_disk_cache_read(&again, "the next start reads what the stop wrote");
 }
 
 /// `pull` pre-warming the disk cache of a host whose server already runs (it indexed the cache
@@ -344,9 +351,7 @@ fn a_pull_into_a_running_servers_disk_cache_is_used_without_a_restart() {
     let pulled = run("uffd-server", &["pull", "--from", &url, "--name", "w", "--all", "--disk-cache", utf8(&cache)]);
     assert!(pulled.contains(" chunks cached"), "{pulled}");
     assert_every_byte(&server, "w", &snap.bytes);
-    let remote = server.stats().remote.expect("remote counters");
-    assert_eq!(remote.chunk_gets, 0, "every chunk from the disk cache pulled meanwhile: {remote:?}");
-    assert!(remote.disk_hits > 0, "{remote:?}");
+    assert_only_disk_cache_read(&server, "every chunk from the disk cache pulled meanwhile");
 }
 
 #[test]
