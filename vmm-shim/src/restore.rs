@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Where guest memory comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -55,6 +55,8 @@ pub struct RestoreReport {
     pub memory_us: f64,
     /// The Firecracker handshake with the memory server (`uffd` only).
     pub handshake_us: f64,
+    /// The VMM's own load time before the vCPUs (`--vmm-load-ms`).
+    pub vmm_load_us: f64,
     /// Creating the VM and its vCPUs.
     pub vm_create_us: f64,
     /// From the start of the restore until the first invocation's first instruction ran.
@@ -134,11 +136,14 @@ pub struct RestoreOptions<'a> {
     pub balloon: Option<(u64, u64)>,
     /// vCPUs running invocations at once (inputs dealt round-robin); 1 or 2.
     pub vcpus: u8,
+    /// How long the VMM's own snapshot load takes between guest memory and the vCPUs (see
+    /// `vmm-shim restore --vmm-load-ms`); zero: the vCPUs are created at once.
+    pub vmm_load: Duration,
 }
 
 /// Restores the snapshot in `dir` and runs its invocations, checking each checksum.
 pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport, RestoreError> {
-    let RestoreOptions { backend, socket, inputs, balloon, vcpus } = *options;
+    let RestoreOptions { backend, socket, inputs, balloon, vcpus, vmm_load } = *options;
     if vcpus == 0 || u64::from(vcpus) > MAX_VCPUS || (vcpus > 1 && balloon.is_some()) {
         return Err(RestoreError::Options(format!(
             "--vcpus {vcpus}: 1..={MAX_VCPUS} vCPUs, and --balloon-range only with one"
@@ -169,6 +174,11 @@ pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport
     };
     let handshake_us = handshake_started.map_or(0.0, micros);
     let memory_us = micros(started) - handshake_us;
+    // What a real VMM does here (restore devices and vCPU state) is not modelled, only its
+    // duration: the memory server may already be placing pages.
+    let load_started = Instant::now();
+    std::thread::sleep(vmm_load);
+    let vmm_load_us = micros(load_started);
     let vm_started = Instant::now();
     let mut vm = Vm::with_vcpus(&memory, vcpus)?;
     // The vCPU state at READY: control registers from the state file (the segments are the
@@ -270,6 +280,7 @@ pub fn restore(dir: &Path, options: &RestoreOptions<'_>) -> Result<RestoreReport
         mem_mib: state.workload.mem_mib,
         memory_us,
         handshake_us,
+        vmm_load_us,
         vm_create_us,
         first_instruction_us,
         invocations,

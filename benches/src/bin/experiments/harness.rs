@@ -128,11 +128,19 @@ pub fn uffd_args(server: &ServerProcess) -> [String; 4] {
 /// One restore of `input` (then the same input again, for warm) under `config` (one of
 /// [`CONFIGS`]), uffd configurations from a fresh server.
 pub fn measure(snapshot: &Path, ws: &Path, config: &str, input: u64) -> Result<Timed> {
+    measure_after_load(snapshot, ws, config, input, 0)
+}
+
+/// As [`measure`], with the VMM spending `vmm_load_ms` on its own load between guest memory
+/// and the vCPUs (`vmm-shim restore --vmm-load-ms`), as Firecracker does.
+pub fn measure_after_load(snapshot: &Path, ws: &Path, config: &str, input: u64, vmm_load_ms: u64) -> Result<Timed> {
+    let load = ["--vmm-load-ms".to_string(), vmm_load_ms.to_string()];
+    let load = if vmm_load_ms > 0 { &load[..] } else { &[] };
     match config.strip_prefix("uffd ") {
-        None => restore(snapshot, &["--mem-backend", config], &[input, input]),
+        None => restore(snapshot, &[&["--mem-backend".into(), config.into()][..], load].concat(), &[input, input]),
         Some(policy) => {
             let server = server(snapshot, ws, policy, &[])?;
-            restore(snapshot, &uffd_args(&server), &[input, input])
+            restore(snapshot, &[&uffd_args(&server)[..], load].concat(), &[input, input])
         }
     }
 }
