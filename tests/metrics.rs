@@ -136,6 +136,68 @@ fn the_chunk_pool_counts_a_shared_chunk_once_and_promtool_accepts_it() {
     assert!(promtool.status.success(), "promtool check metrics:\n{}", String::from_utf8_lossy(&promtool.stdout));
 }
 
+/// The object-store family against what the server did: a cold start fetches every chunk
+/// (held back from the disk cache while never quiet), a start after a stop reads them all from
+/// the disk cache's files; promtool accepts both.
+#[test]
+fn the_object_store_metrics_count_fetches_and_disk_cache_reads_and_promtool_accepts_them() {
+    require_userfaultfd();
+    let bucket = e2e::object_store::test_bucket(&e2e::object_store::require_s3(), "metrics");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snap = SnapshotFile::random(dir.path(), "r.mem", 4 << 20, 0.3, 84);
+    let store = dir.path().join("store");
+    e2e::server_process::import_to_store(&store, "r", &snap.path).expect("import");
+    let url = bucket.address().to_string();
+    let store_arg = store.to_str().expect("utf-8");
+    e2e::server_process::run_binary("uffd-server", &["push", "--store", store_arg, "--name", "r", "--to", &url])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let manifest = snapstore::store::Store::open(&store).expect("store").read_manifest("r").expect("manifest");
+    let distinct = manifest.chunks.iter().flatten().collect::<std::collections::BTreeSet<_>>().len() as f64;
+    let snapshot = format!("r={url}/r");
+    let cache = dir.path().join("cache");
+    let args = [
+        "--snapshot",
+        &snapshot,
+        "--disk-cache",
+        cache.to_str().expect("utf-8"),
+        "--disk-cache-quiet-ms",
+        "3600000",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let scrape = |server: &ServerProcess| {
+        let vmm = FakeVmm::attach(&server.socket("r"), snap.bytes.len()).expect("attach");
+        vmm.touch_all(2, false);
+        vmm.assert_matches(&snap.bytes);
+        let text = http_get(metrics_port(server), "/metrics", "text/plain");
+        let promtool = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .output_with_stdin(text.as_bytes());
+        assert!(promtool.status.success(), "promtool check metrics:\n{}", String::from_utf8_lossy(&promtool.stdout));
+        (samples(&text), text)
+    };
+
+    let mut cold = ServerProcess::start_with_env("serve", &[], &args, &[]);
+    let (m, text) = scrape(&cold);
+    let get = |name: &str| *m.get(name).unwrap_or_else(|| panic!("{name} missing from:\n{text}"));
+    assert_eq!(get("uffd_remote_chunk_gets_total"), distinct, "every chunk fetched once");
+    assert_eq!(get("uffd_remote_failed_gets_total"), 0.0);
+    assert!(get("uffd_remote_chunk_bytes_total") > 0.0);
+    assert_eq!(get("uffd_disk_cache_hits_total") + get("uffd_disk_cache_held_back_hits_total"), 0.0);
+    assert_eq!(get("uffd_disk_cache_chunks"), 0.0, "never quiet: nothing written yet");
+    assert!(get("uffd_disk_cache_held_back_bytes") > 0.0, "what was fetched is held back");
+    assert!(cold.terminate().success(), "{}", cold.log());
+
+    let warm = ServerProcess::start_with_env("serve", &[], &args, &[]);
+    let (m, text) = scrape(&warm);
+    let get = |name: &str| *m.get(name).unwrap_or_else(|| panic!("{name} missing from:\n{text}"));
+    assert_eq!(get("uffd_remote_chunk_gets_total"), 0.0);
+    assert_eq!(get("uffd_disk_cache_hits_total"), distinct, "every chunk read from the file the stop wrote");
+    assert_eq!(get("uffd_disk_cache_held_back_hits_total"), 0.0, "none was held back in this process");
+    assert_eq!((get("uffd_disk_cache_chunks"), get("uffd_disk_cache_held_back_bytes")), (distinct, 0.0));
+}
+
 /// `Command::output`, feeding `input` on stdin.
 trait OutputWithStdin {
     fn output_with_stdin(&mut self, input: &[u8]) -> std::process::Output;

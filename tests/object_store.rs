@@ -171,11 +171,10 @@ fn a_second_host_restores_from_the_bucket_alone_with_none_and_union() {
         assert!(remote.chunk_gets > 0 && remote.failed_gets == 0, "{policy}: {remote:?}");
         // Every chunk came (the last VM touched every page), and is kept on disk (written behind).
         let deadline = Instant::now() + Duration::from_secs(20);
-        let cached = || Store::open(&cache).expect("disk cache").chunk_files().expect("list").0.len();
-        while cached() < distinct && Instant::now() < deadline {
+        while cached_chunks(&cache) < distinct && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        assert_eq!(cached(), distinct, "{policy}: every chunk fetched is kept in the disk cache");
+        assert_eq!(cached_chunks(&cache), distinct, "{policy}: every chunk fetched is kept in the disk cache");
         let prefetched: u64 = stats.vms.iter().map(|vm| vm.counters.prefetched_pages).sum();
         match policy {
             "none" => assert_eq!(prefetched, 0),
@@ -316,28 +315,58 @@ fn an_outage_mid_restore_is_ridden_out_within_the_deadline_and_poisons_after_it(
     second.wait_for_log("page poisoned", 1);
 }
 
-/// Chunks a restore fetched are held back from the disk cache until the host is quiet (here:
-/// never), and a server stopped by SIGTERM writes them before it exits: the next start reads
-/// every one from disk and fetches none.
+/// A server of a fresh snapshot `name` that fetched every chunk and, never quiet, held all of
+/// them back from its disk cache: the fixture, the cache's directory, and the server.
+fn server_holding_back_every_chunk(test: &str, name: &str, seed: u64) -> (Fixture, PathBuf, ServerProcess) {
+    let fixture = fixture(test, name, 8 * MIB, seed);
+    push(&fixture.store, name, &fixture.url, &[]);
+    let cache = fixture.dir.path().join("cache");
+    let server = remote_server(&fixture.bucket, name, &cache, &["--disk-cache-quiet-ms", "3600000"], &[]);
+    assert_every_byte(&server, name, &fixture.snap.bytes);
+    let fetched = server.stats().remote.expect("remote counters");
+    assert_eq!(fetched.chunk_gets, distinct_chunks(&fixture.store, name) as u64, "{fetched:?}");
+    assert_eq!(cached_chunks(&cache), 0, "nothing is written while the host is not quiet");
+    (fixture, cache, server)
+}
+
+/// Chunk files in the disk cache at `cache`.
+fn cached_chunks(cache: &Path) -> usize {
+    Store::open(cache).expect("disk cache").chunk_files().expect("list").0.len()
+}
+
+/// A server stopped by SIGTERM writes the chunks it held back before it exits: the next start
+/// reads every one from disk and fetches none.
 #[test]
 fn chunks_held_back_from_the_disk_cache_are_written_when_the_server_stops() {
-    let Fixture { bucket, url, dir, store, snap } = fixture("stop-writes", "s", 8 * MIB, 93);
-    push(&store, "s", &url, &[]);
-    let cache = dir.path().join("cache");
-    let cached = || Store::open(&cache).expect("disk cache").chunk_files().expect("list").0.len();
-    let mut server = remote_server(&bucket, "s", &cache, &["--disk-cache-quiet-ms", "3600000"], &[]);
-    assert_every_byte(&server, "s", &snap.bytes);
-    let fetched = server.stats().remote.expect("remote counters");
-    assert!(fetched.chunk_gets > 0, "{fetched:?}");
-    assert_eq!(cached(), 0, "nothing is written while the host is not quiet");
+    let (Fixture { bucket, store, snap, dir: _dir, .. }, cache, mut server) =
+        server_holding_back_every_chunk("stop-writes", "s", 93);
     let status = server.terminate();
     assert!(status.success(), "{status:?}\n{}", server.log());
-    assert_eq!(cached(), distinct_chunks(&store, "s"), "every chunk written as the server stopped:\n{}", server.log());
+    assert_eq!(
+        cached_chunks(&cache),
+        distinct_chunks(&store, "s"),
+        "every chunk written at the stop:\n{}",
+        server.log()
+    );
     assert!(server.log().contains("disk cache: chunks held back written"), "{}", server.log());
 
     let again = remote_server(&bucket, "s", &cache, &[], &[]);
     assert_every_byte(&again, "s", &snap.bytes);
     assert_only_disk_cache_read(&again, "the next start reads what the stop wrote");
+}
+
+/// A handover writes what its writer held back once the successor serves, and the successor
+/// (whose index was built before) reads those files instead of fetching the chunks again.
+#[test]
+fn chunks_held_back_from_the_disk_cache_are_written_when_the_server_hands_over() {
+    let (Fixture { store, snap, dir: _dir, .. }, cache, mut server) =
+        server_holding_back_every_chunk("handover-writes", "h", 95);
+    let status = server.take_over();
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    assert_eq!(cached_chunks(&cache), distinct_chunks(&store, "h"), "the predecessor wrote them:\n{}", server.log());
+    assert!(server.log().contains("disk cache: chunks held back written"), "{}", server.log());
+    assert_every_byte(&server, "h", &snap.bytes);
+    assert_only_disk_cache_read(&server, "the successor reads what its predecessor wrote");
 }
 
 /// `pull` pre-warming the disk cache of a host whose server already runs (it indexed the cache

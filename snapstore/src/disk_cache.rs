@@ -70,6 +70,15 @@ struct HoldBack {
 /// Held-back chunks are mostly the RAM pool's own buffers (shared), not copies.
 const HOLD_BACK: HoldBack = HoldBack { quiet: Duration::from_millis(100), max_bytes: 64 << 20 };
 
+/// Where [`DiskCache::get`] found a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// In its file, read and checked.
+    File,
+    /// Still in RAM, held back for the writer (a fetch made earlier, not on disk yet).
+    HeldBack,
+}
+
 /// Chunk files on local disk, within a budget.
 pub struct DiskCache {
     store: Store,
@@ -181,10 +190,10 @@ impl DiskCache {
     }
 
     /// The bytes of chunk `id` if it is held back for the writer, or cached in a file that
-    /// matches its name (a bad one is removed).
-    pub fn get(&self, id: &ChunkId) -> Option<Bytes> {
+    /// matches its name (a bad one is removed); and which of the two it was.
+    pub fn get(&self, id: &ChunkId) -> Option<(Bytes, Found)> {
         if let Some(bytes) = lock(&self.held).chunks.get(id) {
-            return Some(bytes.clone());
+            return Some((bytes.clone(), Found::HeldBack));
         }
         let known = {
             let mut index = self.lock();
@@ -203,7 +212,7 @@ impl DiskCache {
                 // Setting a file's time can wait for the file system's journal: not on a
                 // fault's time.
                 let _ = self.send_behind(Behind::Touch(*id));
-                Some(crate::chunk::shared(bytes))
+                Some((crate::chunk::shared(bytes), Found::File))
             }
             Err(e) => {
                 tracing::warn!(chunk = %id, "disk cache: chunk damaged or gone ({e}); removing it");
@@ -433,6 +442,11 @@ mod tests {
         (ChunkId::of(&bytes), bytes)
     }
 
+    /// What `get` returns, as plain bytes.
+    fn read(cache: &DiskCache, id: &ChunkId) -> Option<(Vec<u8>, Found)> {
+        cache.get(id).map(|(bytes, found)| (bytes.to_vec(), found))
+    }
+
     fn modified(cache: &DiskCache, id: &ChunkId) -> SystemTime {
         std::fs::metadata(cache.store().chunk_path(id)).and_then(|m| m.modified()).expect("chunk file")
     }
@@ -449,7 +463,7 @@ mod tests {
             file.set_modified(an_hour_ago + Duration::from_secs(n as u64)).expect("set time");
         }
         let [(a, a_bytes), (b, _), (c, _)] = &chunks;
-        assert_eq!(cache.get(a).as_deref(), Some(a_bytes.as_slice()));
+        assert_eq!(read(&cache, a), Some((a_bytes.clone(), Found::File)));
         // The hit's file time is set behind the reader: wait for it.
         let deadline = Instant::now() + Duration::from_secs(10);
         while modified(&cache, a) <= modified(&cache, c) {
@@ -467,9 +481,9 @@ mod tests {
         let last = damaged.len() - 1;
         damaged[last] ^= 1;
         std::fs::write(&path, damaged).expect("write");
-        assert_eq!(reopened.get(c), None, "a damaged chunk is never returned");
+        assert_eq!(read(&reopened, c), None, "a damaged chunk is never returned");
         assert!(!reopened.contains(c) && !path.exists(), "and it is removed, to be fetched again");
-        assert_eq!(reopened.get(a).as_deref(), Some(a_bytes.as_slice()));
+        assert_eq!(read(&reopened, a), Some((a_bytes.clone(), Found::File)));
     }
 
     #[test]
@@ -493,7 +507,7 @@ mod tests {
         assert_eq!(cache.held_back(), (2, 2 * 65536));
         for (id, bytes) in &chunks[3..] {
             assert!(cache.contains(id), "a chunk held back counts as cached");
-            assert_eq!(cache.get(id).as_deref(), Some(bytes.as_slice()), "and is read from RAM meanwhile");
+            assert_eq!(read(&cache, id), Some((bytes.clone(), Found::HeldBack)), "and is read from RAM meanwhile");
         }
         drop(cache);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -503,7 +517,7 @@ mod tests {
         }
         let reopened = DiskCache::open(dir.path(), u64::MAX).expect("reopen");
         for (id, bytes) in &chunks {
-            assert_eq!(reopened.get(id).as_deref(), Some(bytes.as_slice()), "chunk {id}");
+            assert_eq!(read(&reopened, id), Some((bytes.clone(), Found::File)), "chunk {id}");
         }
     }
 
@@ -540,8 +554,8 @@ mod tests {
         pulling.put(&a, &a_bytes).expect("put");
         pulling.put(&b, &b_bytes).expect("put");
         assert!(serving.contains(&a), "found on disk");
-        assert_eq!(serving.get(&b).as_deref(), Some(b_bytes.as_slice()), "read without a contains first");
-        assert_eq!(serving.get(&a).as_deref(), Some(a_bytes.as_slice()));
+        assert_eq!(read(&serving, &b), Some((b_bytes.clone(), Found::File)), "read without a contains first");
+        assert_eq!(read(&serving, &a), Some((a_bytes.clone(), Found::File)));
         assert_eq!(serving.len(), 2, "both indexed (counted in the budget) from now on");
         assert!(!serving.contains(&c) && serving.get(&c).is_none(), "a chunk nobody wrote is not there");
     }

@@ -5,7 +5,7 @@
 
 use crate::bucket::{retry, Bucket, BucketError, Lane, RetryPolicy};
 use crate::chunk::ChunkError;
-use crate::disk_cache::DiskCache;
+use crate::disk_cache::{DiskCache, Found};
 use crate::manifest::{Manifest, ManifestError};
 use crate::store::{chunk_relative, manifest_relative, StoreError};
 use crate::ChunkId;
@@ -53,8 +53,11 @@ pub struct FetchCounters {
     pub chunk_gets: AtomicU64,
     /// Bytes of chunk objects received.
     pub chunk_bytes: AtomicU64,
-    /// Chunks found intact in the disk cache.
+    /// Chunks read intact from the disk cache's files.
     pub disk_hits: AtomicU64,
+    /// Chunks read back from what the disk cache holds for its writer (fetched before, not
+    /// written yet): RAM, not disk.
+    pub held_back_hits: AtomicU64,
     /// GETs that failed (each retry counts).
     pub failed_gets: AtomicU64,
     /// Ranged GETs of working-set packs.
@@ -116,8 +119,12 @@ impl RemoteStore {
     /// Chunk `id`'s bytes: from the disk cache, else from the bucket (kept in the cache), always
     /// checked against `id`. `lane` says whose connections fetch it.
     pub fn chunk(&self, id: &ChunkId, lane: Lane) -> Result<Bytes, RemoteError> {
-        if let Some(bytes) = self.cache.get(id) {
-            self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
+        if let Some((bytes, found)) = self.cache.get(id) {
+            let counter = match found {
+                Found::File => &self.counters.disk_hits,
+                Found::HeldBack => &self.counters.held_back_hits,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
             return Ok(bytes);
         }
         let key = chunk_relative(id);

@@ -48,8 +48,11 @@ pub struct RemoteReport {
     pub chunk_bytes: u64,
     /// Chunk GETs that failed or returned a bad chunk (each retry).
     pub failed_gets: u64,
-    /// Chunks read intact from the disk cache.
+    /// Chunks read intact from the disk cache's files.
     pub disk_hits: u64,
+    /// Chunks read back from those the disk cache held for its writer (in RAM).
+    #[serde(default)]
+    pub held_back_hits: u64,
 }
 
 impl RemoteReport {
@@ -64,6 +67,7 @@ impl RemoteReport {
             chunk_bytes: load(&counters.chunk_bytes),
             failed_gets: load(&counters.failed_gets),
             disk_hits: load(&counters.disk_hits),
+            held_back_hits: load(&counters.held_back_hits),
         })
     }
 }

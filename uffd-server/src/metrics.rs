@@ -224,7 +224,12 @@ fn encode_remote(encoder: &mut DescriptorEncoder, store: &SnapshotStore, remote:
         ("uffd_remote_chunk_gets", "chunks fetched from the object store", report.chunk_gets),
         ("uffd_remote_chunk_bytes", "bytes of chunk objects received", report.chunk_bytes),
         ("uffd_remote_failed_gets", "chunk GETs that failed or returned a bad chunk (each retry)", report.failed_gets),
-        ("uffd_disk_cache_hits", "chunks read intact from the disk cache", report.disk_hits),
+        ("uffd_disk_cache_hits", "chunks read intact from the disk cache's files", report.disk_hits),
+        (
+            "uffd_disk_cache_held_back_hits",
+            "chunks read back from RAM while the disk cache held them for its writer",
+            report.held_back_hits,
+        ),
     ];
     for (name, help, value) in counters {
         encoder
