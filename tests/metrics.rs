@@ -196,6 +196,15 @@ fn the_object_store_metrics_count_fetches_and_disk_cache_reads_and_promtool_acce
     assert_eq!(get("uffd_disk_cache_hits_total"), distinct, "every chunk read from the file the stop wrote");
     assert_eq!(get("uffd_disk_cache_held_back_hits_total"), 0.0, "none was held back in this process");
     assert_eq!((get("uffd_disk_cache_chunks"), get("uffd_disk_cache_held_back_bytes")), (distinct, 0.0));
+    let stats = e2e::server_process::run_binary(
+        "uffd-server",
+        &["stats", "--socket-dir", warm.socket_dir.to_str().expect("utf-8")],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let line = format!(
+        "object store: 0 chunks fetched (0 MiB), 0 failed GETs; disk cache: {distinct} chunks read from files, 0 from those held back"
+    );
+    assert!(stats.contains(&line), "`uffd-server stats` says so too:\n{stats}");
 }
 
 /// `Command::output`, feeding `input` on stdin.

@@ -205,9 +205,19 @@ impl DiskCache {
             return None;
         }
         let path = self.store.chunk_path(id);
-        let file = std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW).open(&path);
+        let file = match std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW).open(&path) {
+            Ok(file) => Ok(file),
+            // Removed behind this index's back: by another process sharing the directory (a
+            // handover's other side, a `pull`) making room in its own budget. Not damage.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::debug!(chunk = %id, "disk cache: chunk file gone; it will be fetched");
+                self.forget(id);
+                return None;
+            }
+            Err(e) => Err(e.to_string()),
+        };
         let read = |file| crate::chunk::read_checked(file, id).map_err(|e| e.to_string());
-        match file.map_err(|e| e.to_string()).and_then(read) {
+        match file.and_then(read) {
             Ok(bytes) => {
                 // Setting a file's time can wait for the file system's journal: not on a
                 // fault's time.
@@ -215,7 +225,7 @@ impl DiskCache {
                 Some((crate::chunk::shared(bytes), Found::File))
             }
             Err(e) => {
-                tracing::warn!(chunk = %id, "disk cache: chunk damaged or gone ({e}); removing it");
+                tracing::warn!(chunk = %id, "disk cache: chunk damaged or unreadable ({e}); removing it");
                 let _ = std::fs::remove_file(&path);
                 self.forget(id);
                 None
@@ -542,6 +552,20 @@ mod tests {
         cache.put_behind(&id, Bytes::from(bytes));
         assert_eq!(cache.held_back().0, 1, "held back again after a flush");
         assert!(cache.flush(Duration::from_secs(10)) && cache.contains(&id));
+    }
+
+    #[test]
+    fn a_chunk_file_another_process_removed_is_forgotten() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cache = DiskCache::open(dir.path(), u64::MAX).expect("open");
+        let (id, bytes) = chunk(7);
+        cache.put(&id, &bytes).expect("put");
+        let file_len = std::fs::metadata(cache.store().chunk_path(&id)).expect("chunk file").len();
+        assert_eq!((cache.len(), cache.bytes()), (1, file_len));
+        std::fs::remove_file(cache.store().chunk_path(&id)).expect("remove");
+        assert_eq!(read(&cache, &id), None, "gone: fetched again by the caller");
+        assert!(!cache.contains(&id));
+        assert_eq!((cache.len(), cache.bytes()), (0, 0), "and out of the index and its budget");
     }
 
     #[test]

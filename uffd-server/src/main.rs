@@ -269,6 +269,17 @@ fn stats(socket_dir: &Path, json: bool) -> Result<()> {
 fn print_stats(out: &mut impl Write, response: &uffd_server::control::StatsResponse) -> std::io::Result<()> {
     let resident_mib = response.snapshot_resident_bytes >> 20;
     writeln!(out, "snapshots loaded: {:?} ({resident_mib} MiB resident)", response.snapshots_loaded)?;
+    if let Some(remote) = &response.remote {
+        writeln!(
+            out,
+            "object store: {} chunks fetched ({} MiB), {} failed GETs; disk cache: {} chunks read from files, {} from those held back for its writer",
+            remote.chunk_gets,
+            remote.chunk_bytes >> 20,
+            remote.failed_gets,
+            remote.disk_hits,
+            remote.held_back_hits
+        )?;
+    }
     for vm in &response.vms {
         let state = vm.ended.as_deref().unwrap_or("running");
         writeln!(out, "vm {} snapshot {} pid {} {:.3}s {state}", vm.id, vm.snapshot, vm.peer_pid, vm.seconds)?;
