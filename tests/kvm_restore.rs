@@ -91,6 +91,16 @@ fn restore(snapshot: &std::path::Path, args: &[&str]) -> Vec<u64> {
         .collect()
 }
 
+/// Records the run of `input` from the snapshot in `snapshot` into the working-set file `ws`.
+fn record(snapshot: &std::path::Path, ws: &std::path::Path, input: u64) {
+    let ws = ws.to_str().expect("utf-8");
+    let recorder = ServerProcess::start_command("record", &[("vm", &snapshot.join("mem"))], &["--working-set", ws]);
+    let socket = recorder.socket("vm");
+    let input = input.to_string();
+    restore(snapshot, &["--mem-backend", "uffd", "--uffd-socket", socket.to_str().expect("utf-8"), "--input", &input]);
+    recorder.wait_for_log("run merged into the working set", 1);
+}
+
 #[test]
 fn snapshot_then_restore_through_every_backend_and_policy_verifies_every_invocation() {
     let (dir, snap_dir) = snapshot(&["--workload", "hello", "--seed", "5"]);
@@ -133,12 +143,7 @@ fn snapshot_then_restore_through_every_backend_and_policy_verifies_every_invocat
     // record, then serve --working-set with every prefetch policy.
     let ws = dir.path().join("hello.ws");
     let ws_arg = ws.to_str().expect("utf-8");
-    let recorder = ServerProcess::start_command("record", &[("vm", &mem)], &["--working-set", ws_arg]);
-    let socket = recorder.socket("vm");
-    let record_args = ["--mem-backend", "uffd", "--uffd-socket", socket.to_str().expect("utf-8"), "--input", "7"];
-    restore(&snap_dir, &record_args);
-    recorder.wait_for_log("run merged into the working set", 1);
-    drop(recorder);
+    record(&snap_dir, &ws, 7);
     for policy in ["none", "eager", "reap", "union"] {
         let server = ServerProcess::start(&[("vm", &mem)], &["--working-set", ws_arg, "--prefetch", policy]);
         let socket = server.socket("vm");
@@ -272,11 +277,7 @@ fn a_union_server_places_the_plan_while_the_vmm_loads_so_the_guest_takes_no_faul
     let mem = snap.join("mem");
     let ws = dir.path().join("python.ws");
     let ws_arg = ws.to_str().expect("utf-8");
-    let recorder = ServerProcess::start_command("record", &[("vm", &mem)], &["--working-set", ws_arg]);
-    let socket = recorder.socket("vm");
-    restore(&snap, &["--mem-backend", "uffd", "--uffd-socket", socket.to_str().expect("utf-8"), "--input", "7"]);
-    recorder.wait_for_log("run merged into the working set", 1);
-    drop(recorder);
+    record(&snap, &ws, 7);
 
     let server = ServerProcess::start(&[("vm", &mem)], &["--working-set", ws_arg, "--prefetch", "union"]);
     let socket = server.socket("vm");

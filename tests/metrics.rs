@@ -89,11 +89,7 @@ fn metrics_count_what_the_vms_got_and_promtool_accepts_them() {
     let counters = server.stats().vms[0].counters.clone();
     assert!(counters.stall_total_ms > 0.0 && counters.stall_p50_us > 0.0, "{counters:?}");
 
-    let promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .output_with_stdin(text.as_bytes());
-    assert!(promtool.status.success(), "promtool check metrics:\n{}", String::from_utf8_lossy(&promtool.stdout));
+    assert_promtool_accepts(&text);
 }
 
 #[test]
@@ -129,11 +125,7 @@ fn the_chunk_pool_counts_a_shared_chunk_once_and_promtool_accepts_it() {
         "the shared half counted once: pool {pool}, per snapshot {per_snapshot}"
     );
     assert_eq!(get("uffd_chunk_corrupt_reads_total"), 0.0);
-    let promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .output_with_stdin(text.as_bytes());
-    assert!(promtool.status.success(), "promtool check metrics:\n{}", String::from_utf8_lossy(&promtool.stdout));
+    assert_promtool_accepts(&text);
 }
 
 /// The object-store family against what the server did: a cold start fetches every chunk
@@ -170,11 +162,7 @@ fn the_object_store_metrics_count_fetches_and_disk_cache_reads_and_promtool_acce
         vmm.touch_all(2, false);
         vmm.assert_matches(&snap.bytes);
         let text = http_get(metrics_port(server), "/metrics", "text/plain");
-        let promtool = std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .output_with_stdin(text.as_bytes());
-        assert!(promtool.status.success(), "promtool check metrics:\n{}", String::from_utf8_lossy(&promtool.stdout));
+        assert_promtool_accepts(&text);
         (samples(&text), text)
     };
 
@@ -205,6 +193,15 @@ fn the_object_store_metrics_count_fetches_and_disk_cache_reads_and_promtool_acce
         "object store: 0 chunks fetched (0 MiB), 0 failed GETs; disk cache: {distinct} chunks read from files, 0 from those held back"
     );
     assert!(stats.contains(&line), "`uffd-server stats` says so too:\n{stats}");
+}
+
+/// `promtool check metrics` (Debian's prometheus package) accepts the exposition `text`.
+fn assert_promtool_accepts(text: &str) {
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .output_with_stdin(text.as_bytes());
+    assert!(promtool.status.success(), "promtool check metrics:\n{}", String::from_utf8_lossy(&promtool.stdout));
 }
 
 /// `Command::output`, feeding `input` on stdin.
