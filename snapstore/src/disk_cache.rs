@@ -34,6 +34,29 @@ struct Index {
     clock: u64,
 }
 
+impl Index {
+    /// The next use's time.
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// Chunk `id`'s file of `len` bytes, used now (counted once in the bytes).
+    fn insert(&mut self, id: ChunkId, len: u64) {
+        let now = self.tick();
+        if let Some((old, _)) = self.files.insert(id, (len, now)) {
+            self.bytes -= old;
+        }
+        self.bytes += len;
+    }
+
+    /// Marks chunk `id` used now; whether it is indexed.
+    fn mark_used(&mut self, id: &ChunkId) -> bool {
+        let now = self.tick();
+        self.files.get_mut(id).map(|(_, used)| *used = now).is_some()
+    }
+}
+
 /// Work done behind the callers' back, at low priority.
 enum Behind {
     /// A chunk was added to those held back.
@@ -108,9 +131,7 @@ impl DiskCache {
         found.sort_unstable();
         let mut index = Index { files: HashMap::new(), bytes: 0, clock: 0 };
         for (_, id, len) in found {
-            index.clock += 1;
-            index.files.insert(id, (len, index.clock));
-            index.bytes += len;
+            index.insert(id, len);
         }
         let cache = DiskCache {
             store,
@@ -174,11 +195,7 @@ impl DiskCache {
             return false;
         }
         let mut index = self.lock();
-        index.clock += 1;
-        let now = index.clock;
-        if index.files.insert(*id, (meta.len(), now)).is_none() {
-            index.bytes += meta.len();
-        }
+        index.insert(*id, meta.len());
         evict(&self.store, self.budget, &mut index);
         index.files.contains_key(id)
     }
@@ -195,12 +212,7 @@ impl DiskCache {
         if let Some(bytes) = lock(&self.held).chunks.get(id) {
             return Some((bytes.clone(), Found::HeldBack));
         }
-        let known = {
-            let mut index = self.lock();
-            index.clock += 1;
-            let now = index.clock;
-            index.files.get_mut(id).map(|(_, used)| *used = now).is_some()
-        };
+        let known = self.lock().mark_used(id);
         if !known && !self.adopt(id) {
             return None;
         }
@@ -393,11 +405,7 @@ fn put(store: &Store, budget: u64, index: &Mutex<Index>, id: &ChunkId, bytes: &[
     }
     store.put_chunk(id, &file)?;
     let mut index = lock(index);
-    index.clock += 1;
-    let now = index.clock;
-    if index.files.insert(*id, (len, now)).is_none() {
-        index.bytes += len;
-    }
+    index.insert(*id, len);
     evict(store, budget, &mut index);
     Ok(())
 }
