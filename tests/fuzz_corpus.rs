@@ -42,3 +42,8 @@ fn manifest_corpus() {
 fn chunk_corpus() {
     replay("chunk", e2e::fuzz_checks::chunk);
 }
+
+#[test]
+fn pack_corpus() {
+    replay("pack", e2e::fuzz_checks::pack);
+}

@@ -35,6 +35,8 @@ pub enum PackError {
     BadLength { index: usize, len: u32 },
     #[error("pack header: {working} working-set entries of {count}")]
     BadWorking { working: u32, count: u32 },
+    #[error("pack header and index: {have} bytes of {need} (truncated?)")]
+    Truncated { have: usize, need: usize },
 }
 
 /// Where one chunk file of a pack is.
@@ -81,7 +83,7 @@ pub fn encode(files: &[(ChunkId, Vec<u8>)], working: usize) -> Vec<u8> {
 
 /// The bytes a pack's header and index take, from its first [`HEADER_LEN`] bytes.
 pub fn index_len(head: &[u8]) -> Result<usize, PackError> {
-    let head = head.get(..HEADER_LEN).ok_or(PackError::BadMagic)?;
+    let head = head.get(..HEADER_LEN).ok_or(PackError::Truncated { have: head.len(), need: HEADER_LEN })?;
     if head[..8] != MAGIC {
         return Err(PackError::BadMagic);
     }
@@ -100,7 +102,7 @@ pub fn index_len(head: &[u8]) -> Result<usize, PackError> {
 /// The index of a pack from its first [`index_len`] bytes.
 pub fn decode_index(head: &[u8]) -> Result<PackIndex, PackError> {
     let len = index_len(head)?;
-    let index = head.get(HEADER_LEN..len).ok_or(PackError::BadMagic)?;
+    let index = head.get(HEADER_LEN..len).ok_or(PackError::Truncated { have: head.len(), need: len })?;
     let mut offset = len as u64;
     let mut entries = Vec::with_capacity(index.len() / ENTRY_LEN);
     for (i, entry) in index.chunks_exact(ENTRY_LEN).enumerate() {
@@ -147,13 +149,18 @@ mod tests {
             index_len(b"USPACK\0\0\x01\0\0\0\x01\0\0\0\x02\0\0\0"),
             Err(PackError::BadWorking { working: 2, count: 1 })
         );
-        assert_eq!(index_len(b"not a pack at all"), Err(PackError::BadMagic));
+        assert_eq!(index_len(b"not a pack, though long enough"), Err(PackError::BadMagic));
+        assert_eq!(index_len(b"USPACK\0\0"), Err(PackError::Truncated { have: 8, need: HEADER_LEN }));
         let mut bad = pack.clone();
         bad[HEADER_LEN + 32..HEADER_LEN + 36].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             decode_index(&bad[..index_len(&bad).expect("len")]),
             Err(PackError::BadLength { index: 0, .. })
         ));
-        assert!(decode_index(&pack[..HEADER_LEN + 10]).is_err(), "a short index is refused");
+        assert_eq!(
+            decode_index(&pack[..HEADER_LEN + 10]),
+            Err(PackError::Truncated { have: HEADER_LEN + 10, need: HEADER_LEN + 3 * ENTRY_LEN }),
+            "a short index is refused"
+        );
     }
 }

@@ -86,5 +86,16 @@ fn main() -> anyhow::Result<()> {
             )?;
         }
     }
+    for chunks in 1..=4usize {
+        let files: Vec<(snapstore::ChunkId, Vec<u8>)> = (0..chunks)
+            .map(|c| {
+                let bytes: Vec<u8> = (0..4096usize << c).map(|b| (b / (c + 3) % 251).to_le_bytes()[0]).collect();
+                let id = snapstore::ChunkId::of(&bytes);
+                let codec = [snapstore::Codec::Zstd, snapstore::Codec::Lz4, snapstore::Codec::None][c % 3];
+                (id, snapstore::chunk::encode(&bytes, &id, codec))
+            })
+            .collect();
+        write("pack", format!("{chunks}-chunks"), &snapstore::pack::encode(&files, chunks.div_ceil(2)))?;
+    }
     Ok(())
 }

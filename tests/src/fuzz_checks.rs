@@ -84,3 +84,26 @@ pub fn chunk(data: &[u8]) {
         assert_eq!(bytes.len(), header.len);
     }
 }
+
+/// A working-set pack as a bucket serves it: its header and index read as the server's pack
+/// fetch reads them (the index from the bytes the header asks for); an accepted index lays its
+/// chunk files back to back right after itself, within the chunk-file bounds, and a chunk file
+/// taken from the pack decodes only to the chunk its entry names.
+pub fn pack(data: &[u8]) {
+    use snapstore::pack::{decode_index, index_len};
+    let Ok(len) = index_len(data) else { return };
+    let Ok(index) = decode_index(data.get(..len).unwrap_or(data)) else { return };
+    assert!(index.working <= index.entries.len());
+    let mut offset = len as u64;
+    for entry in &index.entries {
+        assert_eq!(entry.offset, offset, "chunk files follow the index back to back");
+        let chunk_file = snapstore::chunk::HEADER_LEN..=snapstore::chunk::MAX_CHUNK + snapstore::chunk::HEADER_LEN;
+        assert!(usize::try_from(entry.len).is_ok_and(|len| chunk_file.contains(&len)));
+        offset += entry.len;
+        let (Ok(start), Ok(end)) = (usize::try_from(entry.offset), usize::try_from(offset)) else { continue };
+        let Some(file) = data.get(start..end) else { continue };
+        if let Ok(bytes) = snapstore::chunk::decode(file, &entry.id) {
+            assert_eq!(snapstore::ChunkId::of(&bytes), entry.id);
+        }
+    }
+}
