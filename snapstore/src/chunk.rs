@@ -230,6 +230,32 @@ pub fn read_checked(file: impl std::io::Read, expected: &ChunkId) -> Result<Vec<
     Ok(bytes)
 }
 
+/// Where the bytes of chunk `expected` lie in `file`, a disk cache's file that
+/// [`encode_checked`] wrote uncompressed, checked as [`read_checked`] checks them; None when the
+/// file holds them compressed, or has no check (an older cache's): read it with [`read_checked`].
+pub fn raw_checked(file: &[u8], expected: &ChunkId) -> Result<Option<std::ops::Range<usize>>, ChunkError> {
+    let header = header(file)?;
+    if header.codec != Codec::None {
+        return Ok(None);
+    }
+    if header.id != *expected {
+        return Err(ChunkError::Named { expected: *expected, named: header.id });
+    }
+    let end = HEADER_LEN + header.len;
+    if header.stored_len == header.len && file.len() == end {
+        return Ok(None);
+    }
+    if header.stored_len != header.len || file.len() != end + CHECK_LEN {
+        return Err(ChunkError::Length { expected: end + CHECK_LEN, actual: file.len() });
+    }
+    let mut check = [0u8; CHECK_LEN];
+    check.copy_from_slice(&file[end..]);
+    if xxh3_128(&file[HEADER_LEN..end]) != u128::from_le_bytes(check) {
+        return Err(ChunkError::Check);
+    }
+    Ok(Some(HEADER_LEN..end))
+}
+
 /// A chunk file's header, its stored bytes, and what follows them: nothing, or exactly
 /// `trailer` bytes.
 fn read_parts(mut file: impl std::io::Read, trailer: usize) -> Result<(Header, Vec<u8>, Vec<u8>), ChunkError> {
@@ -399,6 +425,32 @@ mod tests {
             assert_eq!(read_checked(&plain[..], &id).as_deref(), Ok(bytes.as_slice()), "{codec:?}");
             assert!(matches!(read_checked(&plain[..], &other), Err(ChunkError::Hash { .. })), "{codec:?}");
         }
+    }
+
+    #[test]
+    fn a_raw_checked_file_is_found_in_place_and_any_damage_is_refused() {
+        let bytes = sample();
+        let (id, other) = (ChunkId::of(&bytes), ChunkId::of(b"other"));
+        let file = encode_checked(&bytes, &id, Codec::None);
+        let range = raw_checked(&file, &id).expect("checked").expect("stored raw");
+        assert_eq!(&file[range], bytes.as_slice());
+        assert_eq!(raw_checked(&encode_checked(&bytes, &id, Codec::Lz4), &id), Ok(None), "compressed: read instead");
+        assert!(matches!(raw_checked(&file, &other), Err(ChunkError::Named { .. })));
+        for at in [HEADER_LEN, HEADER_LEN + 7, file.len() - CHECK_LEN - 1, file.len() - 1] {
+            let mut flipped = file.clone();
+            flipped[at] ^= 0x10;
+            assert_eq!(raw_checked(&flipped, &id), Err(ChunkError::Check), "bit flip at {at} accepted");
+        }
+        for cut in [1, CHECK_LEN - 1, CHECK_LEN + 1, file.len() - HEADER_LEN] {
+            assert!(
+                matches!(raw_checked(&file[..file.len() - cut], &id), Err(ChunkError::Length { .. })),
+                "cut by {cut}"
+            );
+        }
+        let longer = [&file[..], b"x"].concat();
+        assert!(matches!(raw_checked(&longer, &id), Err(ChunkError::Length { .. })));
+        // Without the check (an older cache's file): left to `read_checked`, which hashes it.
+        assert_eq!(raw_checked(&encode(&bytes, &id, Codec::None), &id), Ok(None));
     }
 
     #[test]

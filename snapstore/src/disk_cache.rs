@@ -1,12 +1,20 @@
 //! A host's disk cache of chunks fetched from an object store: a store directory (same layout,
 //! same chunk files) kept within a byte budget, least recently used chunks removed first.
 //!
-//! Chunks are kept LZ4-compressed, whatever the bucket holds: a hit decompresses ~3× faster
-//! than zstd, and 2.3× fewer bytes than raw chunks let the same budget hold 2.3× more of them
-//! (a miss costs a GET: 100× a hit). Raw files restored only ~4% faster (16 restores each,
-//! python-image). It survives restarts: at open the files found are indexed, ordered by
-//! modification time, and a hit sets the file's time (behind, off the reader's time: setting it
-//! can wait for the file system's journal), so the order is kept across runs.
+//! Chunks are kept uncompressed, and a hit maps its file (the page cache's pages, locked)
+//! instead of reading it into new memory: a chunk read from disk is held in RAM for every VM
+//! that needs it, and holding it in fresh memory cost its first touch, 16 page faults per
+//! 64 KiB (~50 µs here, a third of a hit), plus the decompression (docs/results, section 7).
+//! Mapped, a warm cache restored as fast as RAM (by hand: median ~30 against ~60 ms when hits
+//! were LZ4-decompressed into new buffers). The price is disk: raw files take ~2.3× the bytes
+//! of LZ4 ones on runtime memory, so a budget holds fewer chunks. Files of older builds (LZ4,
+//! or without the check) are still read and decompressed. Mappings are capped (a quarter of
+//! `vm.max_map_count`), and a hit that cannot be mapped or locked (`RLIMIT_MEMLOCK` without
+//! `CAP_IPC_LOCK`) is read instead.
+//!
+//! It survives restarts: at open the files found are indexed, ordered by modification time,
+//! and a hit sets the file's time (behind, off the reader's time: setting it can wait for the
+//! file system's journal), so the order is kept across runs.
 //!
 //! Every chunk read from it is checked; one that fails is removed and fetched again. A chunk
 //! comes in checked against its id (BLAKE3, from the bucket), and its file carries the
@@ -14,8 +22,10 @@
 //! and the content match the check. That catches damage on disk at ~4 µs per 64 KiB, where
 //! BLAKE3 again took ~40 µs and kept a warm cache from staying ahead of its VMs (experiment 7:
 //! 1.19–1.41× the restore from RAM with BLAKE3, 1.06–1.20× with XXH3, 0.99–1.22× with no check
-//! at all). The directory is the server's own (mode 0700): a user who can write there can also
-//! change what the server runs. Files without the check (older builds) are checked with BLAKE3.
+//! at all). A mapped file is locked before it is checked, so the page cache cannot drop what
+//! was checked and read it back from disk unchecked. The directory is the server's own (mode
+//! 0700): a user who can write there can also change what the server runs. Files without the
+//! check (older builds) are checked with BLAKE3.
 
 use crate::store::{Store, StoreError};
 use crate::ChunkId;
@@ -23,6 +33,7 @@ use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -88,7 +99,7 @@ struct HoldBack {
     max_bytes: usize,
 }
 
-/// A cold restore's chunks land in ~100 ms (experiment 7); LZ4-compressing and writing them
+/// A cold restore's chunks land in ~100 ms (experiment 7); compressing (LZ4, then) and writing them
 /// meanwhile, even at nice 19, made it ~1.15× slower on 2 cores (docs/results, section 7).
 /// Held-back chunks are mostly the RAM pool's own buffers (shared), not copies.
 const HOLD_BACK: HoldBack = HoldBack { quiet: Duration::from_millis(100), max_bytes: 64 << 20 };
@@ -96,7 +107,7 @@ const HOLD_BACK: HoldBack = HoldBack { quiet: Duration::from_millis(100), max_by
 /// Where [`DiskCache::get`] found a chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Found {
-    /// In its file, read and checked.
+    /// In its file, mapped (or read) and checked.
     File,
     /// Still in RAM, held back for the writer (a fetch made earlier, not on disk yet).
     HeldBack,
@@ -111,6 +122,8 @@ pub struct DiskCache {
     behind: OnceLock<std::sync::mpsc::Sender<Behind>>,
     held: Arc<Mutex<Held>>,
     hold_back: HoldBack,
+    /// The files mapped for hits still held, and how many may be.
+    maps: Arc<MapSlots>,
 }
 
 impl DiskCache {
@@ -140,6 +153,7 @@ impl DiskCache {
             behind: OnceLock::new(),
             held: Arc::default(),
             hold_back: HOLD_BACK,
+            maps: Arc::new(MapSlots { live: AtomicUsize::new(0), max: max_map_count() / 4 }),
         };
         evict(&cache.store, budget, &mut cache.lock());
         Ok(cache)
@@ -228,13 +242,13 @@ impl DiskCache {
             }
             Err(e) => Err(e.to_string()),
         };
-        let read = |file| crate::chunk::read_checked(file, id).map_err(|e| e.to_string());
+        let read = |file| self.read(file, id);
         match file.and_then(read) {
             Ok(bytes) => {
                 // Setting a file's time can wait for the file system's journal: not on a
                 // fault's time.
                 let _ = self.send_behind(Behind::Touch(*id));
-                Some((crate::chunk::shared(bytes), Found::File))
+                Some((bytes, Found::File))
             }
             Err(e) => {
                 tracing::warn!(chunk = %id, "disk cache: chunk damaged or unreadable ({e}); removing it");
@@ -245,7 +259,48 @@ impl DiskCache {
         }
     }
 
-    /// Keeps `bytes` (chunk `id`'s bytes, already checked against it) as an LZ4 chunk file,
+    /// Chunk `id`'s bytes from its open file: in place, mapped, when it is stored raw; else read
+    /// and decompressed (an older build's file, or no mapping to be had).
+    fn read(&self, file: std::fs::File, id: &ChunkId) -> Result<Bytes, String> {
+        if let Some(mapped) = self.map(&file, id)? {
+            return Ok(Bytes::from_owner(mapped));
+        }
+        crate::chunk::read_checked(file, id).map(crate::chunk::shared).map_err(|e| e.to_string())
+    }
+
+    /// Chunk `id`'s file mapped and locked, its content checked; None if it is not stored raw
+    /// or cannot be mapped (the cap reached, or locking refused): then it is read.
+    fn map(&self, file: &std::fs::File, id: &ChunkId) -> Result<Option<MappedChunk>, String> {
+        let Some(slot) = MapSlot::take(&self.maps) else { return Ok(None) };
+        // SAFETY: memmap2 marks mapping unsafe because a file changed in place while mapped
+        // changes the bytes under their reader. The cache's files never are: they are written
+        // whole under a temporary name and renamed (by this process, by another server or a
+        // `pull` sharing the directory), and removed by unlinking, which leaves a mapping
+        // intact. The directory is the server's own (see the module doc).
+        let map = match unsafe { memmap2::Mmap::map(file) } {
+            Ok(map) => map,
+            Err(e) => {
+                tracing::debug!(chunk = %id, "disk cache: file not mapped ({e}); reading it");
+                return Ok(None);
+            }
+        };
+        if crate::chunk::header(&map).map_err(|e| e.to_string())?.codec != crate::Codec::None {
+            return Ok(None);
+        }
+        if let Err(e) = map.lock() {
+            tracing::debug!(chunk = %id, "disk cache: file not locked in memory ({e}); reading it");
+            return Ok(None);
+        }
+        let Some(range) = crate::chunk::raw_checked(&map, id).map_err(|e| e.to_string())? else { return Ok(None) };
+        Ok(Some(MappedChunk { map, range, _slot: slot }))
+    }
+
+    /// Files mapped for hits whose bytes are still held.
+    pub fn mapped(&self) -> usize {
+        self.maps.live.load(Ordering::Acquire)
+    }
+
+    /// Keeps `bytes` (chunk `id`'s bytes, already checked against it) as a raw chunk file,
     /// making room within the budget. A zero budget keeps nothing.
     pub fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<(), StoreError> {
         put(&self.store, self.budget, &self.index, id, bytes)
@@ -388,6 +443,46 @@ impl Writer {
     }
 }
 
+/// A cache file mapped and locked in memory: its chunk's bytes, served in place.
+struct MappedChunk {
+    map: memmap2::Mmap,
+    range: std::ops::Range<usize>,
+    _slot: MapSlot,
+}
+
+impl AsRef<[u8]> for MappedChunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.map[self.range.clone()]
+    }
+}
+
+/// How many files a cache may hold mapped, and how many it does.
+struct MapSlots {
+    live: AtomicUsize,
+    max: usize,
+}
+
+/// One mapping of [`MapSlots`], given back when dropped.
+struct MapSlot(Arc<MapSlots>);
+
+impl MapSlot {
+    fn take(slots: &Arc<MapSlots>) -> Option<MapSlot> {
+        let taken = slots.live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < slots.max).then_some(n + 1));
+        taken.ok().map(|_| MapSlot(Arc::clone(slots)))
+    }
+}
+
+impl Drop for MapSlot {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The mappings a process may have (`vm.max_map_count`; the kernel's default if unreadable).
+fn max_map_count() -> usize {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|n| n.trim().parse().ok()).unwrap_or(65_530)
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Updated in whole steps: a poisoned index or queue is consistent.
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -397,8 +492,8 @@ fn put(store: &Store, budget: u64, index: &Mutex<Index>, id: &ChunkId, bytes: &[
     if lock(index).files.contains_key(id) {
         return Ok(());
     }
-    // Kept as LZ4: see the module doc.
-    let file = crate::chunk::encode_checked(bytes, id, crate::Codec::Lz4);
+    // Kept raw, to be mapped: see the module doc.
+    let file = crate::chunk::encode_checked(bytes, id, crate::Codec::None);
     let len = file.len() as u64;
     if len > budget {
         return Ok(());
@@ -502,6 +597,34 @@ mod tests {
         assert_eq!(read(&reopened, c), None, "a damaged chunk is never returned");
         assert!(!reopened.contains(c) && !path.exists(), "and it is removed, to be fetched again");
         assert_eq!(read(&reopened, a), Some((a_bytes.clone(), Found::File)));
+    }
+
+    #[test]
+    fn a_hit_maps_its_raw_file_and_files_it_cannot_map_are_read() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cache = DiskCache::open(dir.path(), u64::MAX).expect("open");
+        cache.maps = Arc::new(MapSlots { live: AtomicUsize::new(0), max: 1 });
+        let [(a, a_bytes), (b, b_bytes), (c, c_bytes)] = [chunk(1), chunk(2), chunk(3)];
+        cache.put(&a, &a_bytes).expect("put a");
+        cache.put(&b, &b_bytes).expect("put b");
+        let a_path = cache.store().chunk_path(&a);
+        let header = crate::chunk::header(&std::fs::read(&a_path).expect("a's file")).expect("header");
+        assert_eq!(header.codec, crate::Codec::None, "kept raw, to be mapped");
+        // An older build's file: LZ4, written by another process.
+        cache.store().put_chunk(&c, &crate::chunk::encode_checked(&c_bytes, &c, crate::Codec::Lz4)).expect("put c");
+
+        let (held_a, _) = cache.get(&a).expect("a hit");
+        assert_eq!((&held_a[..], cache.mapped()), (&a_bytes[..], 1), "served from its mapped file");
+        std::fs::remove_file(&a_path).expect("evict a's file");
+        assert_eq!(&held_a[..], &a_bytes[..], "a mapping outlives its file's removal");
+        let (held_b, _) = cache.get(&b).expect("b hit");
+        assert_eq!((&held_b[..], cache.mapped()), (&b_bytes[..], 1), "beyond the cap, read");
+        let (held_c, _) = cache.get(&c).expect("c hit");
+        assert_eq!((&held_c[..], cache.mapped()), (&c_bytes[..], 1), "an LZ4 file is read and decompressed");
+        drop(held_a);
+        assert_eq!(cache.mapped(), 0, "the mapping goes with the last holder of its bytes");
+        let (held_b, _) = cache.get(&b).expect("b hit");
+        assert_eq!((&held_b[..], cache.mapped()), (&b_bytes[..], 1));
     }
 
     #[test]

@@ -64,7 +64,8 @@ pub struct DiskCacheArgs {
     /// This host's disk cache of fetched chunks (created if missing; kept across restarts).
     #[arg(long)]
     disk_cache: Option<PathBuf>,
-    /// Bytes of chunks the disk cache may hold (least recently used removed first).
+    /// Bytes of chunk files the disk cache may hold, kept uncompressed (a 64 KiB chunk takes
+    /// 64 KiB); least recently used removed first.
     #[arg(long, default_value = "8G", value_parser = crate::parse_bytes)]
     disk_cache_bytes: u64,
 }
