@@ -175,6 +175,7 @@ fn the_object_store_metrics_count_fetches_and_disk_cache_reads_and_promtool_acce
     assert_eq!(get("uffd_disk_cache_hits_total") + get("uffd_disk_cache_held_back_hits_total"), 0.0);
     assert_eq!(get("uffd_disk_cache_chunks"), 0.0, "never quiet: nothing written yet");
     assert!(get("uffd_disk_cache_held_back_bytes") > 0.0, "what was fetched is held back");
+    assert_eq!(get("uffd_disk_cache_mapped_chunks"), 0.0, "nothing read from disk");
     assert!(cold.terminate().success(), "{}", cold.log());
 
     let warm = ServerProcess::start_with_env("serve", &[], &args, &[]);
@@ -184,6 +185,7 @@ fn the_object_store_metrics_count_fetches_and_disk_cache_reads_and_promtool_acce
     assert_eq!(get("uffd_disk_cache_hits_total"), distinct, "every chunk read from the file the stop wrote");
     assert_eq!(get("uffd_disk_cache_held_back_hits_total"), 0.0, "none was held back in this process");
     assert_eq!((get("uffd_disk_cache_chunks"), get("uffd_disk_cache_held_back_bytes")), (distinct, 0.0));
+    assert_eq!(get("uffd_disk_cache_mapped_chunks"), distinct, "each hit held as its file, mapped in place");
     let stats = e2e::server_process::run_binary(
         "uffd-server",
         &["stats", "--socket-dir", warm.socket_dir.to_str().expect("utf-8")],

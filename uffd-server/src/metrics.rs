@@ -245,6 +245,11 @@ fn encode_remote(encoder: &mut DescriptorEncoder, store: &SnapshotStore, remote:
             "bytes of fetched chunks held in RAM until the disk cache writes them",
             cache.held_back().1 as u64,
         ),
+        (
+            "uffd_disk_cache_mapped_chunks",
+            "disk-cache hits held as their files mapped in place (the others were read into memory)",
+            cache.mapped() as u64,
+        ),
     ];
     for (name, help, value) in gauges {
         encoder.encode_descriptor(name, help, None, MetricType::Gauge)?.encode_gauge(&value)?;
