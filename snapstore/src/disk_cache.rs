@@ -5,7 +5,7 @@
 //! instead of reading it into new memory: a chunk read from disk is held in RAM for every VM
 //! that needs it, and holding it in fresh memory cost its first touch, 16 page faults per
 //! 64 KiB (~50 µs here, a third of a hit), plus the decompression (docs/results, section 7).
-//! Mapped, a warm cache restored as fast as RAM (by hand: median ~30 against ~60 ms when hits
+//! Mapped, a warm cache restored as fast as RAM (by hand: median ~30 against ~56 ms when hits
 //! were LZ4-decompressed into new buffers). The price is disk: raw files take ~2.3× the bytes
 //! of LZ4 ones on runtime memory, so a budget holds fewer chunks. Files of older builds (LZ4,
 //! or without the check) are still read and decompressed. Mappings are capped (a quarter of
