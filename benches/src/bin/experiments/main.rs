@@ -110,10 +110,15 @@ fn main() -> Result<()> {
 /// caught it: docs/results/README.md), which stalls every thread here at once. A section it
 /// hit says so.
 fn add_section(summary: &mut String, run: impl FnOnce() -> Result<String>) -> Result<()> {
-    let before = report::host_steal_ms();
+    let (before, started) = (report::host_steal_ms(), std::time::Instant::now());
     summary.push_str(&run()?);
-    if let (Some(before), Some(after)) = (before, report::host_steal_ms()) {
-        writeln!(summary, "Host steal time during this section: {:.0} ms.\n", after - before)?;
+    // How long each section takes, so that the README's run time can be kept true.
+    let took = started.elapsed().as_secs_f64();
+    match (before, report::host_steal_ms()) {
+        (Some(before), Some(after)) => {
+            writeln!(summary, "Section run time: {took:.0} s; host steal time during it: {:.0} ms.\n", after - before)?
+        }
+        _ => writeln!(summary, "Section run time: {took:.0} s.\n")?,
     }
     Ok(())
 }
